@@ -1,0 +1,1 @@
+"""Activation-range calibration: data readers and observers."""

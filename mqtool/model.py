@@ -1,0 +1,252 @@
+"""Loading ONNX models safely, naming their nodes stably, and reading their constant tensors.
+
+Loading never trusts the file: external-data locations that are absolute or escape the model's folder
+(`..`, symlinks) are refused before any byte is read (the ONNX external-data path-traversal CVEs), and
+every failure becomes an `InputError` that names the file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+from mqtool.errors import InputError
+
+log = logging.getLogger(__name__)
+
+# Protobuf cannot serialise a ModelProto of 2 GiB or more; onnx checks such models by path instead.
+_PROTOBUF_LIMIT = 2**31 - 1
+
+
+def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProto:
+    """Read the model at `path` (with its external data, if any), run the ONNX checker, return it.
+
+    Raises `InputError` naming `path` for a missing/empty/corrupt file, unsafe or missing external data,
+    or a graph that fails the checker.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise InputError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise InputError(f"{path}: is a directory, expected an .onnx file")
+    if os.path.getsize(path) == 0:
+        raise InputError(f"{path}: empty file, expected an ONNX model")
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception as e:  # protobuf raises DecodeError, RuntimeWarning-ish errors, ValueError...
+        raise InputError(f"{path}: not a valid ONNX model (truncated or corrupt protobuf: {_short(e)})") from e
+    if not model.HasField("graph") or model.ir_version == 0:
+        raise InputError(f"{path}: not an ONNX model (no graph or IR version in the protobuf)")
+    base = os.path.dirname(os.path.abspath(path))
+    external = list(_external_tensors(model))
+    for tensor in external:
+        _check_external_location(path, base, tensor)
+    if external:
+        try:
+            onnx.external_data_helper.load_external_data_for_model(model, base)
+        except Exception as e:
+            raise InputError(f"{path}: cannot read external data ({_short(e)})") from e
+    if check:
+        check_model(model, path)
+    return model
+
+
+def check_model(model: onnx.ModelProto, source: str = "model") -> None:
+    """Run `onnx.checker.check_model`; raise `InputError` naming `source` when it fails."""
+    try:
+        if model.ByteSize() < _PROTOBUF_LIMIT:
+            onnx.checker.check_model(model)
+        else:
+            onnx.checker.check_model(source)
+    except Exception as e:
+        raise InputError(f"{source}: fails the ONNX checker: {_short(e)}") from e
+
+
+def _short(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _external_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
+    for tensor in _all_tensors(model):
+        if tensor.data_location == TensorProto.EXTERNAL:
+            yield tensor
+
+
+def _all_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
+    def graph_tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
+        yield from graph.initializer
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+                if attr.HasField("g"):
+                    yield from graph_tensors(attr.g)
+                for g in attr.graphs:
+                    yield from graph_tensors(g)
+
+    yield from graph_tensors(model.graph)
+
+
+def _check_external_location(path: str, base: str, tensor: TensorProto) -> None:
+    info = {e.key: e.value for e in tensor.external_data}
+    location = info.get("location", "")
+    where = f"{path}: tensor '{tensor.name}' external data location '{location}'"
+    if not location:
+        raise InputError(f"{where}: missing")
+    if os.path.isabs(location) or location.startswith(("/", "\\")) or ":" in location:
+        raise InputError(f"{where}: absolute paths are refused")
+    target = os.path.normpath(os.path.join(base, location))
+    real_base = os.path.realpath(base)
+    real_target = os.path.realpath(target)
+    if os.path.commonpath([real_base, real_target]) != real_base or real_target == real_base:
+        raise InputError(f"{where}: escapes the model's folder (refused)")
+    if not os.path.isfile(real_target):
+        raise InputError(f"{where}: no such file next to the model")
+    size = os.path.getsize(real_target)
+    try:
+        offset = int(info.get("offset", 0) or 0)
+        length = int(info["length"]) if info.get("length") else size - offset
+    except ValueError as e:
+        raise InputError(f"{where}: offset/length are not integers") from e
+    if offset < 0 or length < 0 or offset + length > size:
+        raise InputError(f"{where}: offset {offset} + length {length} exceeds the file size {size}")
+
+
+def node_names(graph: onnx.GraphProto) -> list[str]:
+    """A unique, stable name for every node of `graph`, in node order.
+
+    Named nodes keep their name; unnamed ones get `<OpType>_<index>`; a repeated name gets `__<k>`
+    appended. The same file always yields the same names, so a policy written against `inspect`'s
+    names applies to the emitted model.
+    """
+    taken = {n.name for n in graph.node if n.name}
+    seen: set[str] = set()
+    names = []
+    for i, node in enumerate(graph.node):
+        name = node.name or f"{node.op_type}_{i}"
+        if not node.name:
+            while name in taken:
+                name += "_"
+        base, k = name, 1
+        while name in seen:
+            name = f"{base}__{k}"
+            k += 1
+        seen.add(name)
+        names.append(name)
+    return names
+
+
+def assign_node_names(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Write `node_names` into the nodes of `model` (in place) and return it."""
+    for node, name in zip(model.graph.node, node_names(model.graph)):
+        node.name = name
+    return model
+
+
+# Ops that are deterministic and cheap to evaluate once at load time when all their inputs are constant.
+_FOLDABLE = {
+    "Constant", "ConstantOfShape", "Identity", "Cast", "Reshape", "Transpose", "Squeeze", "Unsqueeze",
+    "Concat", "Add", "Sub", "Mul", "Div", "Neg", "Sqrt", "Pow", "Flatten", "Slice", "Gather", "Expand",
+    "Tile", "Range", "Shape", "Size", "DequantizeLinear", "Clip", "Abs", "Exp", "Log", "Reciprocal",
+}
+
+
+def constant_values(model: onnx.ModelProto, *, fold: bool = True) -> dict[str, np.ndarray]:
+    """Values of every tensor known without running the model.
+
+    Initializers, `Constant` outputs and, when `fold`, the outputs of deterministic nodes whose inputs are
+    all constant (e.g. the zoo models' `ConstantOfShape` weights). Graph inputs that shadow an initializer
+    (old IR) count as constants: that is how ONNX Runtime runs them by default.
+    """
+    from onnx.reference import ReferenceEvaluator
+
+    values: dict[str, np.ndarray] = {}
+    for init in model.graph.initializer:
+        values[init.name] = numpy_helper.to_array(init)
+    opset = _default_opset(model)
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            values[node.output[0]] = _constant_attr_value(node)
+            continue
+        if not fold or node.domain not in ("", "ai.onnx") or node.op_type not in _FOLDABLE:
+            continue
+        inputs = [i for i in node.input if i]
+        if not inputs or not all(i in values for i in inputs):
+            continue
+        try:
+            evaluator = ReferenceEvaluator(_single_node_model(node, opset))
+            feeds = {i: values[i] for i in inputs}
+            outs = evaluator.run(None, feeds)
+        except Exception as e:  # an odd node stays unfolded; the backend will run it instead
+            log.debug("not folding %s (%s): %s", node.name, node.op_type, e)
+            continue
+        for name, val in zip(node.output, outs):
+            if name:
+                values[name] = np.asarray(val)
+    return values
+
+
+def _constant_attr_value(node: onnx.NodeProto) -> np.ndarray:
+    attr = node.attribute[0]
+    if attr.name == "value":
+        return numpy_helper.to_array(attr.t)
+    if attr.name == "value_float":
+        return np.array(attr.f, dtype=np.float32)
+    if attr.name == "value_floats":
+        return np.array(list(attr.floats), dtype=np.float32)
+    if attr.name == "value_int":
+        return np.array(attr.i, dtype=np.int64)
+    if attr.name == "value_ints":
+        return np.array(list(attr.ints), dtype=np.int64)
+    if attr.name == "value_string":
+        return np.array(attr.s.decode())
+    if attr.name == "value_strings":
+        return np.array([s.decode() for s in attr.strings])
+    raise InputError(f"node '{node.name}': Constant with unsupported attribute '{attr.name}'")
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    return onnx.defs.onnx_opset_version()
+
+
+def _single_node_model(node: onnx.NodeProto, opset: int) -> onnx.ModelProto:
+    graph = onnx.helper.make_graph(
+        [node],
+        "fold",
+        [onnx.helper.make_empty_tensor_value_info(i) for i in node.input if i],
+        [onnx.helper.make_empty_tensor_value_info(o) for o in node.output if o],
+    )
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+
+
+def infer_shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
+    """Inferred shape of every tensor (None for unknown dims); the model is not modified."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as e:
+        log.debug("shape inference failed: %s", e)
+        inferred = model
+    shapes: dict[str, list[int | None]] = {}
+    g = inferred.graph
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        t = vi.type.tensor_type
+        if t.HasField("shape"):
+            shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+    for init in g.initializer:
+        shapes[init.name] = list(init.dims)
+    return shapes
+
+
+def graph_ops(model: onnx.ModelProto) -> Iterable[tuple[str, str]]:
+    """(domain, op_type) of every node in the main graph."""
+    return [(n.domain or "", n.op_type) for n in model.graph.node]
