@@ -2,18 +2,18 @@
 
 Only the example training scripts import this module; it is not part of mqtool.
 """
+
 from __future__ import annotations
 
 import os
 import random
 import time
 
+import mnist_data
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import mnist_data
 
 OPSET = 17
 THREADS = 2
@@ -33,8 +33,7 @@ def load_data(folder: str):
     mnist_data.ensure_data()
     xtr, ytr = mnist_data.load("train", folder)
     xte, yte = mnist_data.load("test", folder)
-    return (torch.from_numpy(xtr), torch.from_numpy(ytr),
-            torch.from_numpy(xte), torch.from_numpy(yte))
+    return (torch.from_numpy(xtr), torch.from_numpy(ytr), torch.from_numpy(xte), torch.from_numpy(yte))
 
 
 def random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
@@ -55,21 +54,35 @@ def random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bs: int = 500):
     model.eval()
-    logits = torch.cat([model(x[i:i + bs]) for i in range(0, len(x), bs)])
-    return (logits.argmax(1) == y).float().mean().item(), logits
+    logits = torch.cat([model(x[i : i + bs]) for i in range(0, len(x), bs)])
+    return int((logits.argmax(1) == y).sum()) / len(y), logits
 
 
-def train(model: nn.Module, xtr, ytr, xte, yte, *, epochs: int, batch_size: int,
-          lr: float, weight_decay: float, max_shift: int, seed: int,
-          label_smoothing: float = 0.0, warmup_epochs: int = 0,
-          no_decay=lambda name, p: p.ndim <= 1) -> float:
+def train(
+    model: nn.Module,
+    xtr,
+    ytr,
+    xte,
+    yte,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    max_shift: int,
+    seed: int,
+    label_smoothing: float = 0.0,
+    warmup_epochs: int = 0,
+    no_decay=lambda name, p: p.ndim <= 1,
+) -> float:
     """AdamW + linear warmup + cosine decay; returns wall-clock seconds."""
     gen = torch.Generator().manual_seed(seed)
     decay, other = [], []
     for name, p in model.named_parameters():
         (other if no_decay(name, p) else decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": other, "weight_decay": 0.0}], lr=lr)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}], lr=lr
+    )
     steps_per_epoch = (len(xtr) + batch_size - 1) // batch_size
     total = epochs * steps_per_epoch
     warm = warmup_epochs * steps_per_epoch
@@ -87,7 +100,7 @@ def train(model: nn.Module, xtr, ytr, xte, yte, *, epochs: int, batch_size: int,
         perm = torch.randperm(len(xtr), generator=gen)
         tot_loss, n_ok = 0.0, 0
         for i in range(0, len(xtr), batch_size):
-            idx = perm[i:i + batch_size]
+            idx = perm[i : i + batch_size]
             xb = random_shift(xtr[idx], max_shift, gen)
             yb = ytr[idx]
             out = model(xb)
@@ -100,29 +113,79 @@ def train(model: nn.Module, xtr, ytr, xte, yte, *, epochs: int, batch_size: int,
             n_ok += (out.argmax(1) == yb).sum().item()
         if ep % 5 == 4 or ep == epochs - 1:
             acc, _ = evaluate(model, xte, yte)
-            print(f"epoch {ep + 1:3d}  loss {tot_loss / len(xtr):.4f}  "
-                  f"train acc {n_ok / len(xtr):.4f}  test acc {acc:.4f}  "
-                  f"({time.perf_counter() - t0:.0f}s)", flush=True)
+            print(
+                f"epoch {ep + 1:3d}  loss {tot_loss / len(xtr):.4f}  "
+                f"train acc {n_ok / len(xtr):.4f}  test acc {acc:.4f}  "
+                f"({time.perf_counter() - t0:.0f}s)",
+                flush=True,
+            )
     return time.perf_counter() - t0
 
 
-def export_onnx(model: nn.Module, path: str) -> None:
+def export_onnx(model: nn.Module, path: str, graph_name: str, doc: str = "") -> None:
     import onnx
 
     model.eval()
     dummy = torch.zeros(1, 1, 28, 28)
     tmp = path + ".tmp"
     torch.onnx.export(
-        model, (dummy,), tmp, dynamo=False, opset_version=OPSET,
-        input_names=["input"], output_names=["logits"],
+        model,
+        (dummy,),
+        tmp,
+        dynamo=False,
+        opset_version=OPSET,
+        input_names=["input"],
+        output_names=["logits"],
         dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
         do_constant_folding=True,
     )
     m = onnx.load(tmp)
     os.remove(tmp)
-    m.producer_name = "mqtool-examples"
+    rename_initializers(m)
+    m.graph.name = graph_name
+    m.doc_string = doc
     onnx.checker.check_model(m, full_check=True)
     onnx.save(m, path)  # single file, no external data
+
+
+def rename_initializers(m) -> None:
+    """Give exporter-generated initializers (``onnx::Conv_157``) readable names.
+
+    An anonymous initializer consumed by a single node ``/blocks.0/dw/conv/Conv``
+    becomes ``blocks.0.dw.conv.weight`` (or ``.bias``).  Names already set by
+    the exporter (e.g. ``fc.weight``) are kept.
+    """
+    consumers: dict[str, list] = {}
+    for n in m.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    taken = {i.name for i in m.graph.initializer}
+    mapping = {}
+    for init in m.graph.initializer:
+        users = consumers.get(init.name, [])
+        if not init.name.startswith("onnx::") or len(users) != 1:
+            continue
+        node = users[0]
+        scope = node.name.rsplit("/", 1)[0].strip("/").replace("/", ".") or node.op_type
+        pos = list(node.input).index(init.name)
+        if node.op_type in ("Conv", "Gemm"):
+            role = "weight" if pos == 1 else "bias"
+        elif node.op_type == "MatMul":
+            role = "weight"  # stored transposed: (in_features, out_features)
+        elif node.op_type == "Add":
+            role = "bias"
+        else:
+            role = f"{node.op_type}_{pos}"
+        new = f"{scope}.{role}"
+        if new in taken:
+            continue
+        taken.add(new)
+        mapping[init.name] = new
+        init.name = new
+    for n in m.graph.node:
+        for k, i in enumerate(n.input):
+            if i in mapping:
+                n.input[k] = mapping[i]
 
 
 def check_onnx(path: str, model: nn.Module, xte, yte) -> tuple[float, float]:
@@ -139,13 +202,16 @@ def check_onnx(path: str, model: nn.Module, xte, yte) -> tuple[float, float]:
     so.inter_op_num_threads = 1
     sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     x = xte.numpy()
-    ort_logits = np.concatenate([sess.run(["logits"], {"input": x[i:i + 500]})[0]
-                                 for i in range(0, len(x), 500)])
+    ort_logits = np.concatenate(
+        [sess.run(["logits"], {"input": x[i : i + 500]})[0] for i in range(0, len(x), 500)]
+    )
     torch_acc, torch_logits = evaluate(model, xte, yte)
-    ort_acc = float((ort_logits.argmax(1) == yte.numpy()).mean())
+    ort_acc = int((ort_logits.argmax(1) == yte.numpy()).sum()) / len(yte)
     max_diff = float(np.abs(ort_logits - torch_logits.numpy()).max())
-    print(f"fp32 test accuracy: torch {torch_acc:.4f}  onnxruntime {ort_acc:.4f}  "
-          f"(max |logit diff| {max_diff:.2e})")
+    print(
+        f"fp32 test accuracy: torch {torch_acc:.4f}  onnxruntime {ort_acc:.4f}  "
+        f"(max |logit diff| {max_diff:.2e})"
+    )
     assert ort_acc == torch_acc, (ort_acc, torch_acc)
     assert (ort_logits.argmax(1) == torch_logits.numpy().argmax(1)).all()
     for bs in (1, 37):
@@ -172,15 +238,28 @@ def param_table(path: str) -> list[dict]:
         if w is None:
             continue
         b = inits[n.input[2]] if len(n.input) > 2 and n.input[2] in inits else None
-        rows.append(dict(name=n.name, op=n.op_type, shape=tuple(w.shape), weight=int(w.size),
-                         bias=0 if b is None else int(b.size)))
+        if n.op_type == "MatMul":  # Linear on 3-D input = MatMul + Add(bias)
+            nxt = [c for c in m.graph.node if c.op_type == "Add" and n.output[0] in c.input]
+            bias = [i for c in nxt for i in c.input if i in inits]
+            b = inits[bias[0]] if len(nxt) == 1 and len(bias) == 1 else None
+        rows.append(
+            dict(
+                name=n.name,
+                op=n.op_type,
+                shape=tuple(w.shape),
+                weight=int(w.size),
+                bias=0 if b is None else int(b.size),
+            )
+        )
     print(f"ONNX initializer parameters: {total}")
     print(f"{'node':32s} {'op':6s} {'weight shape':16s} {'weight':>7s} {'bias':>5s} {'share':>6s}")
     for r in rows:
         share = (r["weight"] + r["bias"]) / total
         r["share"] = share
-        print(f"{r['name']:32s} {r['op']:6s} {str(list(r['shape'])):16s} "
-              f"{r['weight']:7d} {r['bias']:5d} {100 * share:5.1f}%")
+        print(
+            f"{r['name']:32s} {r['op']:6s} {str(list(r['shape'])):16s} "
+            f"{r['weight']:7d} {r['bias']:5d} {100 * share:5.1f}%"
+        )
     others = total - sum(r["weight"] + r["bias"] for r in rows)
     print(f"{'(other initializers)':32s} {'':6s} {'':16s} {others:7d} {'':5s} {100 * others / total:5.1f}%")
     return rows

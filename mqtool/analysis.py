@@ -104,7 +104,9 @@ def analyze(model: onnx.ModelProto) -> ModelInfo:
     init_names = {i.name for i in model.graph.initializer}
     graph_inputs = [i.name for i in model.graph.input if i.name not in init_names]
     # Float constants read by the live (non-folded) graph: weights, biases, BN parameters, embeddings...
-    live_inputs = {i for n in model.graph.node if not all(o in consts for o in n.output if o) for i in n.input}
+    live_inputs = {
+        i for n in model.graph.node if not all(o in consts for o in n.output if o) for i in n.input
+    }
     model_params = sum(int(v.size) for k, v in consts.items() if v.dtype.kind == "f" and k in live_inputs)
     macs = [layer.macs for layer in layers]
     totals = Totals(
@@ -157,8 +159,19 @@ def _layer(node, name, consts, const_shapes, shapes) -> LayerInfo | None:
             macs = params * spatial_in if spatial_in is not None else None
             axis = 1
         return LayerInfo(
-            name, op, ins[1], w, params, ins[0], out, macs, bias,
-            math.prod(const_shapes[bias]) if bias in const_shapes else 0, axis, 1, groups,
+            name,
+            op,
+            ins[1],
+            w,
+            params,
+            ins[0],
+            out,
+            macs,
+            bias,
+            math.prod(const_shapes[bias]) if bias in const_shapes else 0,
+            axis,
+            1,
+            groups,
         )
     if op == "Gemm":
         if len(ins) < 2 or ins[1] not in consts or ins[0] in consts:
@@ -171,8 +184,18 @@ def _layer(node, name, consts, const_shapes, shapes) -> LayerInfo | None:
         # B is [K, N] (or [N, K] with transB); output channels are N.
         axis = 0 if trans_b else 1
         return LayerInfo(
-            name, op, ins[1], w, math.prod(w), ins[0], out, math.prod(w), bias,
-            math.prod(const_shapes[bias]) if bias in const_shapes else 0, axis, 1,
+            name,
+            op,
+            ins[1],
+            w,
+            math.prod(w),
+            ins[0],
+            out,
+            math.prod(w),
+            bias,
+            math.prod(const_shapes[bias]) if bias in const_shapes else 0,
+            axis,
+            1,
         )
     if op == "MatMul":
         const_in = [i for i, t in enumerate(ins[:2]) if t in consts]

@@ -39,7 +39,9 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
     try:
         model = onnx.load(path, load_external_data=False)
     except Exception as e:  # protobuf raises DecodeError, RuntimeWarning-ish errors, ValueError...
-        raise InputError(f"{path}: not a valid ONNX model (truncated or corrupt protobuf: {_short(e)})") from e
+        raise InputError(
+            f"{path}: not a valid ONNX model (truncated or corrupt protobuf: {_short(e)})"
+        ) from e
     if not model.HasField("graph") or model.ir_version == 0:
         raise InputError(f"{path}: not an ONNX model (no graph or IR version in the protobuf)")
     base = os.path.dirname(os.path.abspath(path))
@@ -152,9 +154,36 @@ def assign_node_names(model: onnx.ModelProto) -> onnx.ModelProto:
 
 # Ops that are deterministic and cheap to evaluate once at load time when all their inputs are constant.
 _FOLDABLE = {
-    "Constant", "ConstantOfShape", "Identity", "Cast", "Reshape", "Transpose", "Squeeze", "Unsqueeze",
-    "Concat", "Add", "Sub", "Mul", "Div", "Neg", "Sqrt", "Pow", "Flatten", "Slice", "Gather", "Expand",
-    "Tile", "Range", "Shape", "Size", "DequantizeLinear", "Clip", "Abs", "Exp", "Log", "Reciprocal",
+    "Constant",
+    "ConstantOfShape",
+    "Identity",
+    "Cast",
+    "Reshape",
+    "Transpose",
+    "Squeeze",
+    "Unsqueeze",
+    "Concat",
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Neg",
+    "Sqrt",
+    "Pow",
+    "Flatten",
+    "Slice",
+    "Gather",
+    "Expand",
+    "Tile",
+    "Range",
+    "Shape",
+    "Size",
+    "DequantizeLinear",
+    "Clip",
+    "Abs",
+    "Exp",
+    "Log",
+    "Reciprocal",
 }
 
 

@@ -88,7 +88,7 @@ class Policy:
                 hint = ", ".join(sorted(known_set)[:5])
                 raise InputError(f"{where}: unknown layer (the model's quantizable layers include {hint}...)")
             if not isinstance(entry, dict):
-                raise InputError(f"{where}: expected an object like {{\"weight_bits\": 4, \"act_bits\": 8}}")
+                raise InputError(f'{where}: expected an object like {{"weight_bits": 4, "act_bits": 8}}')
             extra = set(entry) - {"weight_bits", "act_bits"}
             if extra:
                 raise InputError(f"{where}: unknown field '{sorted(extra)[0]}'")

@@ -6,8 +6,10 @@ from __future__ import annotations
 def format_table(header: list[str], rows: list[list[object]]) -> str:
     """Left-align text columns, right-align numeric ones."""
     cells = [[str(c) for c in header]] + [[_cell(c) for c in row] for row in rows]
-    numeric = [all(isinstance(r[i], int | float) or r[i] is None for r in rows) if rows else False
-               for i in range(len(header))]
+    numeric = [
+        all(isinstance(r[i], int | float) or r[i] is None for r in rows) if rows else False
+        for i in range(len(header))
+    ]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     lines = []
     for k, r in enumerate(cells):

@@ -1,0 +1,155 @@
+"""Library entry points of the search, wrapped by `mqtool search` and `mqtool convert --target-*`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+import onnx
+
+from mqtool.errors import InputError
+from mqtool.fileio import atomic_path, atomic_write_text
+from mqtool.search.budgets import Budget
+from mqtool.search.engine import BudgetResult, Dataset, Progress, SearchConfig, SearchEngine
+
+
+def default_workdir(model_path: str, data_path: str) -> str:
+    """A per-model-and-data folder under the user's cache directory (XDG_CACHE_HOME or ~/.cache)."""
+    h = hashlib.sha256()
+    for p in (model_path, data_path):
+        with open(p, "rb") as f:
+            for chunk in iter(lambda f=f: f.read(1 << 20), b""):
+                h.update(chunk)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    stem = os.path.splitext(os.path.basename(model_path))[0]
+    return os.path.join(base, "mqtool", f"{stem}-{h.hexdigest()[:12]}")
+
+
+def load_dataset(path: str, model: onnx.ModelProto) -> Dataset:
+    from mqtool.data import load_labelled
+
+    inputs, y = load_labelled(path, model)
+    return Dataset(inputs, y)
+
+
+@dataclass
+class SearchOutcome:
+    results: list[BudgetResult]
+    engine: SearchEngine
+
+
+def search_policies(
+    model: onnx.ModelProto,
+    data: Dataset,
+    budgets: list[Budget],
+    config: SearchConfig,
+    workdir: str,
+    progress: Progress | None = None,
+) -> SearchOutcome:
+    """Train (or reload) MetaQuantNet, then run one genetic search per budget."""
+    if not budgets:
+        raise InputError("search: give --target-bits or --target-bitops")
+    engine = SearchEngine(model, data, config, workdir, progress)
+    for b in budgets:  # fail fast on an infeasible budget, before the long training
+        engine.check_budget(b)
+    engine.train_metaquantnet()
+    results = [engine.search(b) for b in budgets]
+    return SearchOutcome(results, engine)
+
+
+def search_and_finetune(
+    model: onnx.ModelProto,
+    data: Dataset,
+    budget: Budget,
+    config: SearchConfig,
+    workdir: str,
+    progress: Progress | None = None,
+):
+    """Search one budget and finetune its winner: (policy, QuantParams, prepared model, summary dict)."""
+    outcome = search_policies(model, data, [budget], config, workdir, progress)
+    res = outcome.results[0]
+    params, final_fitness = outcome.engine.finetune(res.policy)
+    res.policy.meta["finetuned_fitness"] = final_fitness
+    summary = {
+        "budget": budget.label,
+        "avg_weight_bits": res.avg_bits,
+        "bitops_ratio": res.bitops_ratio,
+        "predicted_fitness": res.fitness,
+        "finetuned_fitness": final_fitness,
+        "metric": outcome.engine.metric,
+        "note": res.note,
+    }
+    return res.policy, params, outcome.engine.model, summary
+
+
+def pareto_front(results: list[BudgetResult]) -> list[dict]:
+    rows = sorted(
+        (
+            {
+                "budget": r.budget.label,
+                "kind": r.budget.kind,
+                "value": r.budget.value,
+                "avg_weight_bits": r.avg_bits,
+                "bitops_ratio": r.bitops_ratio,
+                "fitness": r.fitness,
+                "evaluated": r.evaluated,
+                "seconds": round(r.seconds, 2),
+                "note": r.note,
+            }
+            for r in results
+        ),
+        key=lambda d: d["value"],
+    )
+    best = float("inf")
+    for row in rows:  # a point is on the front when no cheaper budget reached a better fitness
+        row["pareto"] = row["fitness"] < best
+        best = min(best, row["fitness"])
+    return rows
+
+
+def write_search_outputs(outcome: SearchOutcome, out: str) -> list[str]:
+    """One budget: the policy file at `out`. Several: `out/` with policy-<kind>-<value>.json, pareto.*"""
+    results = outcome.results
+    if len(results) == 1:
+        atomic_write_text(out, results[0].policy.dumps())
+        return [out]
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise InputError(f"-o {out}: several budgets write a directory, but this is a file")
+    os.makedirs(out, exist_ok=True)
+    written = []
+    for r in results:
+        p = os.path.join(out, f"policy-{r.budget.kind}-{r.budget.value:g}.json")
+        atomic_write_text(p, r.policy.dumps())
+        written.append(p)
+    front = pareto_front(results)
+    p = os.path.join(out, "pareto.json")
+    atomic_write_text(p, json.dumps({"metric": outcome.engine.metric, "points": front}, indent=2) + "\n")
+    written.append(p)
+    try:
+        written.append(_plot_pareto(front, outcome.engine.metric, os.path.join(out, "pareto.png")))
+    except ImportError:
+        pass  # matplotlib is an optional extra; the JSON holds the same numbers
+    return written
+
+
+def _plot_pareto(front: list[dict], metric: str, path: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    x = [p["avg_weight_bits"] for p in front]
+    ax.plot(x, [p["fitness"] for p in front], "o-")
+    for p in front:
+        ax.annotate(p["budget"], (p["avg_weight_bits"], p["fitness"]), fontsize=7)
+    ax.set_xlabel("average weight bits")
+    ax.set_ylabel(f"search fitness ({metric}, lower is better)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, metadata={"Software": None})
+    plt.close(fig)
+    return path

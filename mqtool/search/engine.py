@@ -1,0 +1,566 @@
+"""The search method end to end: train MetaQuantNet once, run a genetic search per budget, finetune.
+
+`SearchEngine` holds what every stage shares: the prepared float model (BN folded, names fixed: the same
+model the emitter quantizes), its PyTorch twin, the data split into a training part and a held-out search
+part, the fp32 teacher's outputs, and the calibrated activation ranges. Every stage reports progress
+through a callback (the CLI draws it) and checkpoints to the work directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+
+from mqtool import numerics
+from mqtool.analysis import ModelInfo, analyze
+from mqtool.errors import InputError
+from mqtool.policy import FLOAT, LayerBits, Policy, average_weight_bits, bitops_ratio
+from mqtool.search import checkpoint
+from mqtool.search.budgets import Budget, BudgetCost, feasible_range
+from mqtool.search.ga import GAConfig, GeneticSearch, Genome
+from mqtool.search.metaquantnet import MetaQuantNet, weight_quant_ste
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, dict], None]
+METRICS = ("ce", "kl", "cosine", "sqnr")
+
+
+@dataclass
+class SearchConfig:
+    """Every option of the search; a new option is a new field (the CLI maps flags onto these)."""
+
+    widths: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
+    act_bits: int = 8
+    epochs: int = 6
+    batch_size: int = 128
+    lr: float = 3e-3
+    hidden: int = 16
+    temperature: float = 2.0
+    population: int = 50
+    generations: int = 20
+    parents: int = 10
+    mutations: int = 25
+    crossovers: int = 25
+    mutation_prob: float = 0.1
+    metric: str | None = None  # default: "ce" with labels, "kl" without
+    search_act: bool = False
+    pins: dict[str, int] = field(default_factory=dict)
+    search_split: float = 0.2
+    fitness_samples: int = 512
+    seed: int = 0
+    calibration: str = "percentile"
+    finetune_epochs: int = 3
+    finetune_lr: float = 5e-4
+    restart: bool = False
+
+    def ga(self) -> GAConfig:
+        return GAConfig(
+            self.population,
+            self.generations,
+            self.parents,
+            self.mutations,
+            self.crossovers,
+            self.mutation_prob,
+        )
+
+
+@dataclass
+class Dataset:
+    """Model inputs (name -> array, first axis = samples) and optional integer labels."""
+
+    inputs: dict[str, np.ndarray]
+    y: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(next(iter(self.inputs.values())))
+
+    def take(self, idx: np.ndarray) -> Dataset:
+        return Dataset({k: v[idx] for k, v in self.inputs.items()}, None if self.y is None else self.y[idx])
+
+
+@dataclass
+class BudgetResult:
+    budget: Budget
+    policy: Policy
+    fitness: float
+    avg_bits: float
+    bitops_ratio: float
+    evaluated: int
+    seconds: float
+    note: str = ""
+
+
+def _noop(event: str, info: dict) -> None:
+    pass
+
+
+class SearchEngine:
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        data: Dataset,
+        config: SearchConfig,
+        workdir: str,
+        progress: Progress | None = None,
+    ):
+        from mqtool.backend import to_torch
+        from passes import prepare
+
+        self.cfg = config
+        self.workdir = workdir
+        self.progress = progress or _noop
+        os.makedirs(workdir, exist_ok=True)
+        torch.set_flush_denormal(True)
+        self.model = prepare(model)
+        self.info: ModelInfo = analyze(self.model)
+        if not self.info.layers:
+            raise InputError(
+                "model: no quantizable layer (Conv, ConvTranspose, Gemm, MatMul with a constant)"
+            )
+        self.names = self.info.names
+        self.n = len(self.names)
+        self.pins = self._resolve_pins(config.pins)
+        self.widths = sorted(set(config.widths))
+        if not self.widths or min(self.widths) < 2 or max(self.widths) > 8:
+            raise InputError(f"--widths: candidate widths must be in 2..8, got {list(config.widths)}")
+        self.metric = config.metric or ("ce" if data.y is not None else "kl")
+        if self.metric not in METRICS:
+            raise InputError(f"--metric: '{self.metric}' is not one of {', '.join(METRICS)}")
+        if self.metric == "ce" and data.y is None:
+            raise InputError("--metric ce needs labels: the data file has no 'y' array")
+        self.data = data
+        self._split(data)
+        self.net = to_torch(self.model, self.info)
+        self.net.eval()
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+        self.fp = checkpoint.fingerprint(
+            self.model.SerializeToString(deterministic=True),
+            _data_digest(data),
+            asdict(config) | {"restart": 0},
+        )
+        self.teacher_train = self._forward_all(self.train)
+        self.teacher_search = self._forward_all(self.search_set)
+        self.act_ranges = self._calibrate()
+        self._act_plan_cache: dict[tuple, dict[str, int]] = {}
+        self.mqn: MetaQuantNet | None = None
+
+    # ---- setup -----------------------------------------------------------------------------------
+    def _resolve_pins(self, pins: dict[str, int]) -> dict[int, int]:
+        out = {}
+        for name, bits in pins.items():
+            if name not in self.names:
+                raise InputError(
+                    f"--pin {name}={bits}: no quantizable layer named '{name}' (see mqtool inspect)"
+                )
+            if bits not in (2, 3, 4, 5, 6, 7, 8, FLOAT):
+                raise InputError(f"--pin {name}={bits}: bits must be 2..8 or 32")
+            out[self.names.index(name)] = bits
+        return out
+
+    def _split(self, data: Dataset) -> None:
+        n = len(data)
+        if n < 4:
+            raise InputError(f"--data: {n} samples are too few to train and search (need at least 4)")
+        if not 0.0 < self.cfg.search_split < 1.0:
+            raise InputError(f"--search-split: {self.cfg.search_split} must be between 0 and 1")
+        perm = np.random.default_rng(self.cfg.seed).permutation(n)
+        k = max(1, min(n - 1, int(round(n * self.cfg.search_split))))
+        self.search_set = data.take(np.sort(perm[:k][: self.cfg.fitness_samples]))
+        self.train = data.take(np.sort(perm[k:]))
+
+    def _feeds(self, ds: Dataset, idx: slice | np.ndarray | None = None) -> list[torch.Tensor]:
+        names = self.info.inputs
+        arrays = [ds.inputs[n] if idx is None else ds.inputs[n][idx] for n in names]
+        return [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
+
+    @torch.no_grad()
+    def _forward_all(self, ds: Dataset, bs: int = 512) -> torch.Tensor:
+        outs = []
+        for i in range(0, len(ds), bs):
+            outs.append(self._out(self.net(*self._feeds(ds, slice(i, i + bs)))))
+        return torch.cat(outs)
+
+    @staticmethod
+    def _out(y) -> torch.Tensor:
+        # The first output is the one the search optimises (logits, embedding, regression output).
+        return (y[0] if isinstance(y, tuple | list) else y).float()
+
+    def _calibrate(self) -> dict[str, tuple[float, float]]:
+        from passes.qdq_plan import plan_activations
+
+        from calibration import calibrate
+
+        all8 = Policy.uniform(self.names, 8, self.cfg.act_bits)
+        tensors = sorted(plan_activations(self.model, self.info, all8))
+        cached = checkpoint.load(os.path.join(self.workdir, "calibration.pt"), self.fp, True)
+        if cached is not None:
+            return {k: (float(v[0]), float(v[1])) for k, v in cached["ranges"].items()}
+        ranges = calibrate(self.model, tensors, self.train.inputs, method=self.cfg.calibration)
+        checkpoint.save(
+            os.path.join(self.workdir, "calibration.pt"),
+            {"fingerprint": self.fp, "ranges": {k: list(v) for k, v in ranges.items()}},
+        )
+        return ranges
+
+    def act_plan(self, abits: tuple[int, ...]) -> dict[str, int]:
+        from passes.qdq_plan import plan_activations
+
+        key = tuple(abits)
+        if key not in self._act_plan_cache:
+            pol = Policy({n: LayerBits(8, a) for n, a in zip(self.names, abits)})
+            self._act_plan_cache[key] = plan_activations(self.model, self.info, pol)
+        return self._act_plan_cache[key]
+
+    def set_activation_quant(self, abits: tuple[int, ...] | None) -> None:
+        """Fake-quantize exactly the activation tensors the emitter will put Q/DQ on (None: all float)."""
+        from mqtool.backend.fake_quant import ActFakeQuant
+
+        plan = self.act_plan(abits) if abits is not None else {}
+        for tensor in self.act_ranges:
+            if tensor in plan:
+                scale, zp = numerics.activation_qparams(*self.act_ranges[tensor], plan[tensor])
+                self.net.set_act_quant(tensor, ActFakeQuant(plan[tensor], float(scale), int(zp)))
+            else:
+                self.net.set_act_quant(tensor, None)
+
+    # ---- losses ----------------------------------------------------------------------------------
+    def _kd(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        t = self.cfg.temperature
+        if student.dim() < 2:
+            return F.mse_loss(student, teacher)
+        s = F.log_softmax(student.flatten(1) / t, dim=-1)
+        q = F.log_softmax(teacher.flatten(1) / t, dim=-1)
+        return F.kl_div(s, q, log_target=True, reduction="batchmean") * t * t
+
+    def _train_loss(self, out: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        if self.metric in ("cosine", "sqnr"):
+            return F.mse_loss(out, teacher) / teacher.pow(2).mean().clamp_min(1e-12)
+        loss = self._kd(out, teacher)
+        if y is not None:
+            loss = loss + F.cross_entropy(out.flatten(1), y)
+        return loss
+
+    def _fitness(self, out: torch.Tensor) -> float:
+        """Lower is better; a smooth quantity (accuracy on a few hundred samples saturates)."""
+        t = self.teacher_search
+        if self.metric == "ce":
+            return float(F.cross_entropy(out.flatten(1), torch.from_numpy(self.search_set.y)))
+        if self.metric == "kl":
+            return float(self._kd(out, t) / self.cfg.temperature**2)
+        if self.metric == "cosine":
+            return float(1 - F.cosine_similarity(out.flatten(1), t.flatten(1), dim=1).mean())
+        noise = (out - t).pow(2).sum()
+        return -float(10 * torch.log10(t.pow(2).sum() / noise.clamp_min(1e-20)))
+
+    # ---- MetaQuantNet ----------------------------------------------------------------------------
+    def _sample_policy(self, rng: np.random.Generator, step: int) -> list[int]:
+        w = self.widths
+        if step % 8 == 0:
+            bits = [w[0]] * self.n  # all-lowest, regularly
+        elif step % 8 == 4:
+            bits = [w[-1]] * self.n  # all-highest, regularly
+        else:
+            # Centre the draw on a random level so low-budget regions are visited as often as high ones.
+            level = rng.integers(0, len(w))
+            idx = np.clip(level + rng.integers(-2, 3, self.n), 0, len(w) - 1)
+            bits = [w[i] for i in idx]
+        for i, b in self.pins.items():
+            bits[i] = b
+        return bits
+
+    def _build_mqn(self) -> MetaQuantNet:
+        layers = {}
+        for layer in self.info.layers:
+            q = self.net.layers[layer.name]
+            layers[layer.name] = (
+                q.weight.detach(),
+                None if q.bias is None else q.bias.detach(),
+                layer.channel_axis,
+            )
+        widths = sorted(set(self.widths) | {b for b in self.pins.values() if b != FLOAT})
+        return MetaQuantNet(layers, widths, hidden=self.cfg.hidden)
+
+    def train_metaquantnet(self) -> MetaQuantNet:
+        """Train once (resuming from the work directory's checkpoint); reused by every budget."""
+        torch.manual_seed(self.cfg.seed)
+        mqn = self._build_mqn()
+        opt = torch.optim.Adam(mqn.parameters(), lr=self.cfg.lr)
+        path = os.path.join(self.workdir, "metaquantnet.pt")
+        state = checkpoint.load(path, self.fp, self.cfg.restart)
+        start = 0
+        if state is not None:
+            mqn.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            start = int(state["epoch"])
+            self.progress("mqn_resume", {"epoch": start})
+        n = len(self.train)
+        bs = min(self.cfg.batch_size, n)
+        steps = math.ceil(n / bs)
+        y_all = None if self.train.y is None else torch.from_numpy(self.train.y)
+        self.set_activation_quant(tuple([self.cfg.act_bits] * self.n))
+        self.progress(
+            "mqn_start",
+            {
+                "epochs": self.cfg.epochs,
+                "steps": steps,
+                "params": mqn.parameter_count(),
+                "model_params": self.info.totals.params + self.info.totals.bias_params,
+            },
+        )
+        for epoch in range(start, self.cfg.epochs):
+            t0 = time.time()
+            # Per-epoch generators: a resumed run replays exactly the epochs an uninterrupted one would.
+            rng = np.random.default_rng([self.cfg.seed, epoch])
+            perm = rng.permutation(n)
+            total = 0.0
+            for s in range(steps):
+                idx = np.sort(perm[s * bs : (s + 1) * bs])
+                bits = self._sample_policy(rng, epoch * steps + s)
+                with self.net.override_weights(mqn.generate(bits)):
+                    out = self._out(self.net(*self._feeds(self.train, idx)))
+                loss = self._train_loss(out, self.teacher_train[idx], None if y_all is None else y_all[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss)
+            checkpoint.save(
+                path,
+                {
+                    "fingerprint": self.fp,
+                    "epoch": epoch + 1,
+                    "model": mqn.state_dict(),
+                    "optimizer": opt.state_dict(),
+                },
+            )
+            self.progress(
+                "mqn_epoch",
+                {
+                    "epoch": epoch + 1,
+                    "epochs": self.cfg.epochs,
+                    "loss": total / steps,
+                    "seconds": time.time() - t0,
+                },
+            )
+        self.mqn = mqn
+        return mqn
+
+    @torch.no_grad()
+    def evaluate(self, genomes: list[Genome]) -> list[float]:
+        """Fitness of each candidate with the weights MetaQuantNet generates for it (no training)."""
+        assert self.mqn is not None
+        feeds = self._feeds(self.search_set)
+        out = []
+        for g in genomes:
+            self.set_activation_quant(g.abits)
+            with self.net.override_weights(self.mqn.generate(list(g.wbits))):
+                out.append(self._fitness(self._out(self.net(*feeds))))
+        return out
+
+    # ---- genetic search --------------------------------------------------------------------------
+    def _abits_bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        a = np.full(self.n, self.cfg.act_bits, dtype=np.float64)
+        hi = np.full(self.n, FLOAT if self.cfg.search_act else self.cfg.act_bits, dtype=np.float64)
+        return a, hi
+
+    def check_budget(self, budget: Budget) -> tuple[float, float]:
+        """(lowest, highest) value of this budget's measure reachable with the candidate widths."""
+        cost = BudgetCost(budget.kind, self.info.layers)
+        alo, ahi = self._abits_bounds()
+        lo, hi = feasible_range(cost, self.widths, self.pins, alo, ahi, self.n)
+        if budget.value < lo - 1e-9:
+            unit = "average weight bits" if budget.kind == "bits" else "x uniform w8a8 BitOPs"
+            raise InputError(
+                f"--target-{budget.kind} {budget.value:g}: infeasible; with widths {self.widths} and the pins "
+                f"the feasible range is {lo:.3f}..{hi:.3f} {unit}"
+            )
+        return lo, hi
+
+    def search(self, budget: Budget) -> BudgetResult:
+        assert self.mqn is not None, "train_metaquantnet first"
+        t0 = time.time()
+        lo, hi = self.check_budget(budget)
+        cost = BudgetCost(budget.kind, self.info.layers)
+        if budget.value >= hi - 1e-9:
+            bits = [self.pins.get(i, max(self.widths)) for i in range(self.n)]
+            g = Genome(tuple(bits), tuple([self.cfg.act_bits] * self.n))
+            policy = self._policy(g, budget, self.evaluate([g])[0], 1)
+            note = f"budget {budget.value:g} is above what is needed ({hi:.3f}): every layer gets {max(self.widths)} bits"
+            return self._result(budget, policy, time.time() - t0, 1, note)
+        ga = GeneticSearch(
+            self.n,
+            self.widths,
+            cost,
+            budget.value,
+            pins=self.pins,
+            search_act=self.cfg.search_act,
+            act_widths=(self.cfg.act_bits, FLOAT),
+            config=self.cfg.ga(),
+            seed=self.cfg.seed,
+        )
+        path = os.path.join(self.workdir, f"ga-{budget.label}.pt")
+        gfp = checkpoint.fingerprint(self.fp, budget.label)
+        state = checkpoint.load(path, gfp, self.cfg.restart)
+        if state is not None:
+            ga.load_state(_from_torch(state["ga"]))
+            self.progress("ga_resume", {"generation": ga.generation, "budget": budget.label})
+
+        def on_generation(g: GeneticSearch) -> None:
+            checkpoint.save(path, {"fingerprint": gfp, "ga": _to_torch(g.state())})
+            h = g.history[-1]
+            self.progress(
+                "ga_generation",
+                {"budget": budget.label, "generation": g.generation, "generations": g.cfg.generations, **h},
+            )
+
+        res = ga.run(self.evaluate, on_generation)
+        policy = self._policy(res.best, budget, res.best_fitness, res.evaluated)
+        return self._result(budget, policy, time.time() - t0, res.evaluated, "")
+
+    def _policy(self, g: Genome, budget: Budget, fitness: float, evaluated: int) -> Policy:
+        layers = {
+            n: LayerBits(w, a if w != FLOAT else FLOAT) for n, w, a in zip(self.names, g.wbits, g.abits)
+        }
+        return Policy(
+            layers,
+            meta={
+                "budget": {"kind": budget.kind, "value": budget.value},
+                "fitness": {"metric": self.metric, "value": fitness},
+                "seed": self.cfg.seed,
+                "evaluated": evaluated,
+            },
+        )
+
+    def _result(
+        self, budget: Budget, policy: Policy, seconds: float, evaluated: int, note: str
+    ) -> BudgetResult:
+        return BudgetResult(
+            budget,
+            policy,
+            policy.meta["fitness"]["value"],
+            average_weight_bits(policy, self.info.layers),
+            bitops_ratio(policy, self.info.layers),
+            evaluated,
+            seconds,
+            note,
+        )
+
+    # ---- finetuning ------------------------------------------------------------------------------
+    def finetune(self, policy: Policy, epochs: int | None = None, start: str = "metaquantnet"):
+        """Quantization-aware training of one policy; returns `QuantParams` for the emitter.
+
+        `start` is "metaquantnet" (the weights MetaQuantNet generates for the policy) or "ptq" (the
+        pretrained weights with MSE scales: the uniform-QAT baselines).
+        """
+        from passes.qparams import LayerParams, QuantParams
+
+        epochs = self.cfg.finetune_epochs if epochs is None else epochs
+        wbits = [policy.get(n).weight_bits for n in self.names]
+        abits = tuple(
+            policy.get(n).act_bits if policy.get(n).weight_bits != FLOAT else FLOAT for n in self.names
+        )
+        weights, scales, biases = {}, {}, {}
+        with torch.no_grad():
+            if start == "metaquantnet" and self.mqn is not None:
+                gen = self.mqn.generate_float(wbits)
+            else:
+                gen = {}
+            for layer, b in zip(self.info.layers, wbits):
+                q = self.net.layers[layer.name]
+                if b == FLOAT:
+                    continue
+                if layer.name in gen:
+                    w, s, bias = gen[layer.name]
+                else:
+                    w, bias = q.weight.detach(), None if q.bias is None else q.bias.detach()
+                    s = torch.from_numpy(numerics.weight_scale(w.numpy(), b, layer.channel_axis, "mse"))
+                weights[layer.name] = torch.nn.Parameter(w.detach().clone())
+                scales[layer.name] = torch.nn.Parameter(s.detach().clone())
+                if bias is not None:
+                    biases[layer.name] = torch.nn.Parameter(bias.detach().clone())
+        params = list(weights.values()) + list(biases.values())
+        opt = torch.optim.Adam(
+            [{"params": params}, {"params": list(scales.values()), "lr": self.cfg.finetune_lr * 0.1}],
+            lr=self.cfg.finetune_lr,
+        )
+        self.set_activation_quant(abits)
+        index = {n: i for i, n in enumerate(self.names)}
+
+        def current() -> dict:
+            out = {}
+            for n, w in weights.items():
+                layer = self.info.layers[index[n]]
+                out[n] = (weight_quant_ste(w, scales[n], wbits[index[n]], layer.channel_axis), biases.get(n))
+            return out
+
+        n = len(self.train)
+        bs = min(self.cfg.batch_size, n)
+        steps = math.ceil(n / bs)
+        y_all = None if self.train.y is None else torch.from_numpy(self.train.y)
+        total_steps = max(1, epochs * steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, total_steps) / total_steps))
+        )
+        for epoch in range(epochs):
+            rng = np.random.default_rng([self.cfg.seed, 1_000_003, epoch])
+            perm = rng.permutation(n)
+            total = 0.0
+            for s in range(steps):
+                idx = np.sort(perm[s * bs : (s + 1) * bs])
+                with self.net.override_weights(current()):
+                    out = self._out(self.net(*self._feeds(self.train, idx)))
+                loss = self._train_loss(out, self.teacher_train[idx], None if y_all is None else y_all[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                with torch.no_grad():
+                    for sc in scales.values():
+                        sc.clamp_(min=float(numerics.MIN_SCALE))
+                total += float(loss)
+            self.progress("finetune_epoch", {"epoch": epoch + 1, "epochs": epochs, "loss": total / steps})
+        with torch.no_grad(), self.net.override_weights(current()):
+            fitness = self._fitness(self._out(self.net(*self._feeds(self.search_set))))
+        layers = {
+            n: LayerParams(
+                weight=weights[n].detach().numpy().copy(),
+                scale=scales[n].detach().numpy().astype(np.float32).copy(),
+                bias=biases[n].detach().numpy().copy() if n in biases else None,
+            )
+            for n in weights
+        }
+        plan = self.act_plan(abits)
+        acts = {t: self.act_ranges[t] for t in plan if t in self.act_ranges}
+        return QuantParams(layers=layers, activations=acts), fitness
+
+
+def _data_digest(data: Dataset) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(data.inputs):
+        h.update(k.encode())
+        h.update(np.ascontiguousarray(data.inputs[k]).tobytes())
+    if data.y is not None:
+        h.update(np.ascontiguousarray(data.y).tobytes())
+    return h.hexdigest()
+
+
+def _to_torch(state: dict) -> dict:
+    # torch.load(weights_only=True) accepts plain containers of str/int/float; numpy's RNG state has
+    # only those, but tuples become lists: _from_torch undoes what matters.
+    return state
+
+
+def _from_torch(state: dict) -> dict:
+    return state

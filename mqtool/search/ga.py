@@ -1,0 +1,217 @@
+"""Evolutionary search over per-layer bit-widths (MetaPruning's scheme), under a linear budget.
+
+A candidate is a vector of indices into the candidate widths (one gene per searchable layer; with
+`search_act` a second gene per layer says whether its input activation is quantized). Each generation
+keeps the `parents` best, breeds `mutations` children by per-gene mutation and `crossovers` by uniform
+crossover, and fills the rest with random candidates. Infeasible candidates are rejected before they are
+scored and every score is cached, so a generation only pays for candidates never seen before.
+
+The search is a pure function of its seed and the fitness values: no torch, no I/O. `state()` /
+`from_state()` let the caller checkpoint after every generation and resume.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class GAConfig:
+    population: int = 50
+    generations: int = 20
+    parents: int = 10
+    mutations: int = 25
+    crossovers: int = 25
+    mutation_prob: float = 0.1
+    # Give up filling a generation after this many rejected draws per slot (tight budgets).
+    max_tries: int = 20
+
+
+@dataclass
+class Genome:
+    """Searchable genes of a policy. `wbits`/`abits` are full per-layer vectors, pins applied."""
+
+    wbits: tuple[int, ...]
+    abits: tuple[int, ...]
+
+    def key(self) -> tuple:
+        return self.wbits + self.abits
+
+
+@dataclass
+class GAResult:
+    best: Genome
+    best_fitness: float
+    history: list[dict] = field(default_factory=list)
+    evaluated: int = 0
+
+
+class GeneticSearch:
+    """Minimise `fitness` over policies whose cost is <= `limit`."""
+
+    def __init__(
+        self,
+        n_layers: int,
+        widths: list[int],
+        cost: Callable[[np.ndarray, np.ndarray], np.ndarray],
+        limit: float,
+        *,
+        pins: dict[int, int] | None = None,
+        search_act: bool = False,
+        act_widths: tuple[int, int] = (8, 32),
+        config: GAConfig | None = None,
+        seed: int = 0,
+    ):
+        self.n = n_layers
+        self.widths = np.array(sorted(widths))
+        self.cost = cost
+        self.limit = limit
+        self.pins = dict(pins or {})
+        self.search_act = search_act
+        self.act_widths = np.array(act_widths)
+        self.cfg = config or GAConfig()
+        self.rng = np.random.default_rng(seed)
+        self.cache: dict[tuple, float] = {}
+        self.population: list[Genome] = []
+        self.generation = 0
+        self.history: list[dict] = []
+
+    # ---- candidates -------------------------------------------------------------------------------
+    def _genome(self, wi: np.ndarray, ai: np.ndarray) -> Genome:
+        w = self.widths[wi].copy()
+        a = self.act_widths[ai].copy() if self.search_act else np.full(self.n, self.act_widths[0])
+        for i, b in self.pins.items():
+            w[i] = b
+        return Genome(tuple(int(x) for x in w), tuple(int(x) for x in a))
+
+    def _indices(self, g: Genome) -> tuple[np.ndarray, np.ndarray]:
+        wi = np.searchsorted(self.widths, np.array(g.wbits)).clip(0, len(self.widths) - 1)
+        ai = (np.array(g.abits) != self.act_widths[0]).astype(int)
+        return wi, ai
+
+    def feasible(self, g: Genome) -> bool:
+        return float(self.cost(np.array(g.wbits), np.array(g.abits))) <= self.limit + 1e-9
+
+    def _random(self) -> Genome:
+        # Draw around a random "level" so tight budgets still produce feasible candidates quickly.
+        level = self.rng.integers(0, len(self.widths))
+        spread = self.rng.integers(0, len(self.widths))
+        wi = np.clip(level + self.rng.integers(-spread, spread + 1, self.n), 0, len(self.widths) - 1)
+        ai = self.rng.integers(0, 2, self.n) if self.search_act else np.zeros(self.n, int)
+        return self._genome(wi, ai)
+
+    def _mutate(self, g: Genome) -> Genome:
+        wi, ai = self._indices(g)
+        mask = self.rng.random(self.n) < self.cfg.mutation_prob
+        wi = np.where(mask, self.rng.integers(0, len(self.widths), self.n), wi)
+        if self.search_act:
+            amask = self.rng.random(self.n) < self.cfg.mutation_prob
+            ai = np.where(amask, 1 - ai, ai)
+        return self._genome(wi, ai)
+
+    def _crossover(self, g1: Genome, g2: Genome) -> Genome:
+        w1, a1 = self._indices(g1)
+        w2, a2 = self._indices(g2)
+        take = self.rng.random(self.n) < 0.5
+        return self._genome(np.where(take, w1, w2), np.where(take, a1, a2))
+
+    def _fill(self, make: Callable[[], Genome], count: int, seen: set) -> list[Genome]:
+        out: list[Genome] = []
+        tries = 0
+        while len(out) < count and tries < self.cfg.max_tries * max(count, 1):
+            tries += 1
+            g = make()
+            if g.key() in seen or not self.feasible(g):
+                continue
+            seen.add(g.key())
+            out.append(g)
+        return out
+
+    def seeds(self) -> list[Genome]:
+        """Uniform policies that fit, plus the greedy 'as high as fits' one: the GA starts from them."""
+        out = []
+        for wi in range(len(self.widths)):
+            g = self._genome(np.full(self.n, wi), np.zeros(self.n, int))
+            if self.feasible(g):
+                out.append(g)
+        return out
+
+    # ---- the loop ---------------------------------------------------------------------------------
+    def step(self, evaluate: Callable[[list[Genome]], list[float]]) -> None:
+        """Run one generation: breed, score what is new, keep the population sorted by fitness."""
+        cfg = self.cfg
+        seen = {g.key() for g in self.population}
+        if not self.population:
+            cands = [g for g in self.seeds() if g.key() not in seen]
+            seen.update(g.key() for g in cands)
+            cands += self._fill(self._random, cfg.population - len(cands), seen)
+        else:
+            parents = self.population[: cfg.parents]
+            cands = list(parents)
+            cands += self._fill(
+                lambda: self._mutate(parents[self.rng.integers(len(parents))]), cfg.mutations, seen
+            )
+            cands += self._fill(
+                lambda: (
+                    self._crossover(*(parents[i] for i in self.rng.choice(len(parents), 2, replace=False)))
+                    if len(parents) > 1
+                    else self._mutate(parents[0])
+                ),
+                cfg.crossovers,
+                seen,
+            )
+            cands += self._fill(self._random, cfg.population - len(cands), seen)
+        new = [g for g in cands if g.key() not in self.cache]
+        if new:
+            for g, f in zip(new, evaluate(new)):
+                self.cache[g.key()] = float(f) if np.isfinite(f) else float("inf")
+        # Sort by fitness, ties broken by the genes themselves so the order is deterministic.
+        self.population = sorted(cands, key=lambda g: (self.cache[g.key()], g.key()))
+        best = self.population[0] if self.population else None
+        self.history.append(
+            {
+                "generation": self.generation,
+                "evaluated": len(new),
+                "cached": len(self.cache),
+                "best_fitness": self.cache[best.key()] if best else None,
+                "best_cost": float(self.cost(np.array(best.wbits), np.array(best.abits))) if best else None,
+            }
+        )
+        self.generation += 1
+
+    def run(
+        self,
+        evaluate: Callable[[list[Genome]], list[float]],
+        on_generation: Callable[[GeneticSearch], None] | None = None,
+    ) -> GAResult:
+        while self.generation < self.cfg.generations:
+            self.step(evaluate)
+            if on_generation:
+                on_generation(self)
+        return self.result()
+
+    def result(self) -> GAResult:
+        if not self.population:
+            raise RuntimeError("the genetic search found no feasible candidate")
+        best = self.population[0]
+        return GAResult(best, self.cache[best.key()], list(self.history), len(self.cache))
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {
+            "generation": self.generation,
+            "population": [[list(g.wbits), list(g.abits)] for g in self.population],
+            "cache": [[list(k), v] for k, v in self.cache.items()],
+            "history": self.history,
+            "rng": self.rng.bit_generator.state,
+        }
+
+    def load_state(self, state: dict) -> None:
+        self.generation = int(state["generation"])
+        self.population = [Genome(tuple(w), tuple(a)) for w, a in state["population"]]
+        self.cache = {tuple(k): float(v) for k, v in state["cache"]}
+        self.history = list(state["history"])
+        self.rng.bit_generator.state = state["rng"]

@@ -1,0 +1,1 @@
+"""mqtool test suite."""
