@@ -89,6 +89,198 @@ def inspect(model: str, as_json: bool) -> None:
     )
 
 
+def search_options(f):
+    """Options shared by `search` and `convert --target-*` (they map onto `SearchConfig` fields)."""
+    opts = [
+        click.option("--workdir", type=click.Path(file_okay=False), default=None,
+                     help="Checkpoints and the trained MetaQuantNet (default: a per-model folder in ~/.cache/mqtool)."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Random seed (same seed, same policy)."),
+        click.option("--epochs", type=click.IntRange(0, 10_000), default=6, show_default=True,
+                     help="MetaQuantNet training epochs."),
+        click.option("--population", type=click.IntRange(2, 100_000), default=50, show_default=True),
+        click.option("--generations", type=click.IntRange(1, 100_000), default=20, show_default=True),
+        click.option("--metric", type=click.Choice(["ce", "kl", "cosine", "sqnr"]), default=None,
+                     help="Fitness on the search split (default: ce with labels, kl without)."),
+        click.option("--search-act", is_flag=True, help="Also decide per layer whether its input activation is quantized."),
+        click.option("--pin", "pins", multiple=True, metavar="NODE=BITS",
+                     help="Fix a layer's weight bits (2..8 or 32), e.g. --pin conv1=8. Repeatable."),
+        click.option("--search-split", type=click.FloatRange(0.01, 0.99), default=0.2, show_default=True,
+                     help="Fraction of --data held out to score candidate policies."),
+        click.option("--widths", default="2,3,4,5,6,8", show_default=True, help="Candidate weight widths."),
+        click.option("--restart", is_flag=True, help="Ignore (and overwrite) checkpoints in the workdir."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _search_config(**kw):
+    from mqtool.search import SearchConfig
+
+    pins = {}
+    for p in kw.pop("pins", ()) or ():
+        name, sep, bits = p.rpartition("=")
+        if not sep or not name or not bits.strip().isdigit():
+            raise InputError(f"--pin {p}: expected NODE=BITS, e.g. --pin conv1=8")
+        pins[name] = int(bits)
+    try:
+        widths = tuple(int(w) for w in kw.pop("widths").split(","))
+    except ValueError as e:
+        raise InputError(f"--widths: expected comma-separated integers, got {kw.get('widths')!r}") from e
+    kw.pop("workdir", None)
+    return SearchConfig(pins=pins, widths=widths, **kw)
+
+
+def _budgets(target_bits: str | None, target_bitops: str | None) -> list:
+    from mqtool.search import parse_budgets
+
+    if bool(target_bits) == bool(target_bitops):
+        raise InputError("give exactly one of --target-bits and --target-bitops")
+    return parse_budgets("bits", target_bits) if target_bits else parse_budgets("bitops", target_bitops)
+
+
+class _Progress:
+    """Draws the search's progress events on stderr (the library never prints)."""
+
+    def __call__(self, event: str, d: dict) -> None:
+        if event == "mqn_start":
+            ratio = d["params"] / max(1, d["model_params"])
+            _err(f"MetaQuantNet: {d['params']:,} parameters ({ratio:.1%} of the model), {d['epochs']} epochs")
+        elif event == "mqn_resume":
+            _err(f"MetaQuantNet: resuming after epoch {d['epoch']}")
+        elif event == "mqn_epoch":
+            _err(f"  epoch {d['epoch']}/{d['epochs']}  loss {d['loss']:.4f}  {d['seconds']:.1f}s", bar=True)
+        elif event == "ga_resume":
+            _err(f"search {d['budget']}: resuming after generation {d['generation']}")
+        elif event == "ga_generation":
+            _err(
+                f"  {d['budget']} generation {d['generation']}/{d['generations']}  best {d['best_fitness']:.4f}"
+                f"  cost {d['best_cost']:.3f}  evaluated {d['cached']}",
+                bar=True,
+            )
+        elif event == "finetune_epoch":
+            _err(f"  finetune epoch {d['epoch']}/{d['epochs']}  loss {d['loss']:.4f}", bar=True)
+
+
+def _err(msg: str, bar: bool = False) -> None:
+    click.echo(msg, err=True)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--data", required=True, type=click.Path(), help="Training data (.npz with inputs and optional y).")
+@click.option("--target-bits", default=None, help="Average weight bits budget(s), e.g. 2.5 or 2.5,3,4.")
+@click.option("--target-bitops", default=None, help="BitOPs budget(s) relative to uniform w8a8, e.g. 0.1.")
+@click.option("-o", "--output", required=True, type=click.Path(),
+              help="Policy JSON (one budget) or a directory (several budgets: one policy each + pareto.json/png).")
+@search_options
+def search(model, data, target_bits, target_bitops, output, workdir, **kw) -> None:
+    """Search per-layer weight bits for MODEL under one or more budgets (MetaQuantNet + genetic search)
+    and write the policy file(s)."""
+    from mqtool.model import load_model
+    from mqtool.search import default_workdir, search_policies, write_search_outputs
+    from mqtool.search.api import load_dataset
+
+    budgets = _budgets(target_bits, target_bitops)
+    config = _search_config(**kw)
+    m = load_model(model)
+    ds = load_dataset(data, m)
+    workdir = workdir or default_workdir(model, data)
+    _err(f"workdir: {workdir}")
+    outcome = search_policies(m, ds, budgets, config, workdir, _Progress())
+    written = write_search_outputs(outcome, output)
+    for r in outcome.results:
+        click.echo(
+            f"{r.budget.describe()}: avg {r.avg_bits:.3f} bits, BitOPs {r.bitops_ratio:.3f} x w8a8, "
+            f"fitness {r.fitness:.4f} ({outcome.engine.metric}), {r.evaluated} candidates in {r.seconds:.1f}s"
+            + (f" [{r.note}]" if r.note else "")
+        )
+    click.echo("wrote " + ", ".join(written))
+
+
+_BITS = click.IntRange(2, 8)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option(
+    "-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the QDQ model."
+)
+@click.option("--bits", type=_BITS, help="Uniform weight bits for every quantizable layer (2-8).")
+@click.option("--policy", "policy_path", type=click.Path(dir_okay=False), help="Per-layer bits (JSON).")
+@click.option(
+    "--act-bits",
+    type=click.Choice(["2", "3", "4", "5", "6", "7", "8", "32"]),
+    default="8",
+    show_default=True,
+    help="Activation bits with --bits (32: weight-only).",
+)
+@click.option("--data", type=click.Path(), help="Calibration data (.npz or a directory of .npy files).")
+@click.option(
+    "--calibration",
+    type=click.Choice(["minmax", "percentile", "entropy", "mse"]),
+    default="percentile",
+    show_default=True,
+    help="How activation ranges are calibrated.",
+)
+@click.option(
+    "--storage",
+    type=click.Choice(["auto", "int8", "packed"]),
+    default="auto",
+    show_default=True,
+    help="auto: what ONNX Runtime runs fastest per layer; int8: integer kernels; packed: smallest file.",
+)
+def convert(
+    model: str,
+    output: str,
+    bits: int | None,
+    policy_path: str | None,
+    act_bits: str,
+    data: str | None,
+    calibration: str,
+    storage: str,
+) -> None:
+    """Quantize MODEL with uniform --bits or a --policy file and write the QDQ model to -o."""
+    from mqtool import emit
+
+    if (bits is None) == (policy_path is None):
+        raise click.UsageError("give exactly one of --bits or --policy")
+    if policy_path is not None and act_bits != "8":
+        raise click.UsageError("--act-bits applies to --bits; a policy file sets act_bits per layer")
+    source = emit.uniform_policy(bits, int(act_bits)) if bits is not None else emit.policy_file(policy_path)
+    result = emit.convert(model, output, source, data=data, calibration=calibration, storage=storage)
+    click.echo(result.summary())
+
+
+@cli.command()
+@click.argument("qmodel", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON document instead of a table.")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Also draw bits per layer into this PNG.")
+def report(qmodel: str, as_json: bool, plot: str | None) -> None:
+    """Per-layer weight/activation bits, storage and bytes of a quantized model, read from its graph."""
+    from mqtool.report import plot_report
+    from mqtool.report import report as build_report
+
+    rep = build_report(qmodel)
+    if plot:
+        plot_report(rep, plot)
+    click.echo(json.dumps(rep.to_json(), indent=2) if as_json else rep.table())
+
+
+@cli.command()
+@click.argument("qmodel", type=click.Path(dir_okay=False))
+@click.option("--reference", required=True, type=click.Path(dir_okay=False), help="The float model.")
+@click.option("--data", required=True, type=click.Path(), help="Data (.npz or .npy dir); labels y optional.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON document instead of text.")
+@click.option("--per-layer", is_flag=True, help="Also the SQNR of every quantized layer's output.")
+def validate(qmodel: str, reference: str, data: str, as_json: bool, per_layer: bool) -> None:
+    """Compare QMODEL with the float --reference on ONNX Runtime: accuracy, SQNR, kernels, latency."""
+    from mqtool.validate import validate as run_validation
+
+    result = run_validation(qmodel, reference, data, per_layer=per_layer)
+    click.echo(json.dumps(result.to_json(), indent=2) if as_json else result.text())
+
+
 def _num(v: int | None) -> str:
     return "?" if v is None else f"{v:,}"
 

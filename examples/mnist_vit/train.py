@@ -29,7 +29,7 @@ import torch.nn as nn  # noqa: E402
 import common  # noqa: E402
 
 SEED = 0
-EPOCHS = 60
+EPOCHS = 45
 BATCH_SIZE = 64
 LR = 2e-3
 WEIGHT_DECAY = 0.05

@@ -44,7 +44,7 @@ def _bcast(v: Tensor, ndim: int, axis: int | None) -> Tensor:
 def _quant(x: Tensor, s: Tensor, z: Tensor, qmin: int, qmax: int) -> tuple[Tensor, Tensor, Tensor]:
     """(x / s, round(x / s) + z, that clipped): the QuantizeLinear of numerics.quantize, in float32."""
     v = x / s
-    r = torch.round(v) + z
+    r = torch.round(v).add_(z)
     # np.nan_to_num then np.clip, as numerics.quantize: NaN -> 0, +-inf -> the ends of the range.
     q = torch.nan_to_num(r, nan=0.0, posinf=float(qmax), neginf=float(qmin)).clamp_(qmin, qmax)
     return v, r, q
@@ -55,30 +55,33 @@ class _FakeQuantFn(torch.autograd.Function):
     def forward(ctx, x, scale, zero_point, qmin, qmax, axis):
         s = _bcast(scale, x.dim(), axis)
         z = _bcast(zero_point, x.dim(), axis)
-        _, _, q = _quant(x, s, z, qmin, qmax)
-        # Saving x (usually saved by the consumer anyway) and recomputing in backward keeps activation
-        # memory at one tensor instead of three.
-        ctx.save_for_backward(x, scale, zero_point)
+        _, r, q = _quant(x, s, z, qmin, qmax)
         ctx.qrange = (qmin, qmax, axis)
-        return (q - z) * s
+        ctx.learn_scale = ctx.needs_input_grad[1]
+        if ctx.learn_scale:
+            # The scale gradient needs x / s again: recomputing it in backward keeps one saved tensor.
+            ctx.save_for_backward(x, scale, zero_point)
+        elif ctx.needs_input_grad[0]:
+            ctx.save_for_backward(q == r)  # a bool mask: a quarter of the memory of x
+        return q.sub_(z).mul_(s)
 
     @staticmethod
     def backward(ctx, grad):
-        x, scale, zero_point = ctx.saved_tensors
         qmin, qmax, axis = ctx.qrange
+        if not ctx.learn_scale:
+            (inside,) = ctx.saved_tensors
+            return grad * inside, None, None, None, None, None
+        x, scale, zero_point = ctx.saved_tensors
         s = _bcast(scale, x.dim(), axis)
         z = _bcast(zero_point, x.dim(), axis)
         v, r, q = _quant(x, s, z, qmin, qmax)
         inside = q == r
         grad_x = grad * inside if ctx.needs_input_grad[0] else None
-        grad_s = None
-        if ctx.needs_input_grad[1]:
-            g = torch.where(inside, r - z - v, q - z) * grad
-            if axis is None or scale.dim() == 0:
-                grad_s = g.sum().reshape(scale.shape)
-            else:
-                dims = [d for d in range(g.dim()) if d != axis]
-                grad_s = g.sum(dim=dims).reshape(scale.shape)
+        g = torch.where(inside, r - z - v, q - z).mul_(grad)
+        if axis is None or scale.dim() == 0:
+            grad_s = g.sum().reshape(scale.shape)
+        else:
+            grad_s = g.sum(dim=[d for d in range(g.dim()) if d != axis]).reshape(scale.shape)
         return grad_x, grad_s, None, None, None, None
 
 
@@ -108,8 +111,11 @@ def fake_quantize(
     `scale` / `zero_point` are scalars (per tensor) or 1-D along `axis` (per channel). Gradients flow to
     `x` (where not clipped) and to `scale` when it requires grad (LSQ, without gradient scaling).
     """
-    scale = scale if isinstance(scale, Tensor) else torch.as_tensor(np.float32(scale) if np.ndim(scale) == 0
-                                                                    else np.asarray(scale, np.float32))
+    scale = (
+        scale
+        if isinstance(scale, Tensor)
+        else torch.as_tensor(np.float32(scale) if np.ndim(scale) == 0 else np.asarray(scale, np.float32))
+    )
     scale = scale.to(device=x.device, dtype=x.dtype)
     zp = zero_point if isinstance(zero_point, Tensor) else torch.as_tensor(np.asarray(zero_point, np.float32))
     zp = zp.to(device=x.device, dtype=x.dtype)
@@ -159,7 +165,12 @@ class WeightFakeQuant(nn.Module):
 
     @classmethod
     def from_weight(
-        cls, w: Tensor | np.ndarray, bits: int, channel_axis: int = 0, method: str = "mse", learnable: bool = True
+        cls,
+        w: Tensor | np.ndarray,
+        bits: int,
+        channel_axis: int = 0,
+        method: str = "mse",
+        learnable: bool = True,
     ) -> WeightFakeQuant:
         """A quantizer whose scale is `numerics.weight_scale(w, bits, channel_axis, method)`."""
         w_np = w.detach().cpu().numpy() if isinstance(w, Tensor) else np.asarray(w)
@@ -200,8 +211,9 @@ class ActFakeQuant(nn.Module):
         self.qmin, self.qmax = numerics.int_range(self.bits, signed=False)
         if not self.qmin <= int(zero_point) <= self.qmax:
             raise ValueError(f"zero point {zero_point} outside the {bits}-bit unsigned range")
-        self.scale = nn.Parameter(torch.tensor(float(np.float32(scale)), dtype=torch.float32),
-                                  requires_grad=learnable)
+        self.scale = nn.Parameter(
+            torch.tensor(float(np.float32(scale)), dtype=torch.float32), requires_grad=learnable
+        )
         self.register_buffer("zero_point", torch.tensor(float(zero_point), dtype=torch.float32))
         self.range: tuple[float, float] | None = None
 

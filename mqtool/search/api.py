@@ -7,12 +7,13 @@ import json
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
 
 from mqtool.errors import InputError
 from mqtool.fileio import atomic_path, atomic_write_text
 from mqtool.search.budgets import Budget
-from mqtool.search.engine import BudgetResult, Dataset, Progress, SearchConfig, SearchEngine
+from mqtool.search.engine import BudgetResult, Progress, Samples, SearchConfig, SearchEngine
 
 
 def default_workdir(model_path: str, data_path: str) -> str:
@@ -27,11 +28,12 @@ def default_workdir(model_path: str, data_path: str) -> str:
     return os.path.join(base, "mqtool", f"{stem}-{h.hexdigest()[:12]}")
 
 
-def load_dataset(path: str, model: onnx.ModelProto) -> Dataset:
+def load_dataset(path: str, model: onnx.ModelProto) -> Samples:
+    """The whole data file in memory (the search trains on it for several epochs)."""
     from mqtool.data import load_labelled
 
     inputs, y = load_labelled(path, model)
-    return Dataset(inputs, y)
+    return Samples(dict(inputs), None if y is None else np.asarray(y, dtype=np.int64))
 
 
 @dataclass
@@ -42,7 +44,7 @@ class SearchOutcome:
 
 def search_policies(
     model: onnx.ModelProto,
-    data: Dataset,
+    data: Samples,
     budgets: list[Budget],
     config: SearchConfig,
     workdir: str,
@@ -61,7 +63,7 @@ def search_policies(
 
 def search_and_finetune(
     model: onnx.ModelProto,
-    data: Dataset,
+    data: Samples,
     budget: Budget,
     config: SearchConfig,
     workdir: str,
@@ -153,3 +155,46 @@ def _plot_pareto(front: list[dict], metric: str, path: str) -> str:
         fig.savefig(tmp, format="png", dpi=120, metadata={"Software": None})
     plt.close(fig)
     return path
+
+
+def searched_policy(
+    data_path: str,
+    budget: Budget,
+    config: SearchConfig,
+    workdir: str,
+    progress: Progress | None = None,
+    summary: dict | None = None,
+):
+    """A `mqtool.emit.PolicySource`: search `budget` on the prepared model, finetune, hand the finetuned
+    weights, scales and activation ranges to the emitter. `summary` (if given) is filled for the CLI."""
+
+    def source(prepared: onnx.ModelProto, info):
+        ds = load_dataset(data_path, prepared)
+        policy, params, _, s = search_and_finetune(prepared, ds, budget, config, workdir, progress)
+        if summary is not None:
+            summary.update(s, policy=policy)
+        return policy, params
+
+    return source
+
+
+def finetuned_policy(
+    base,
+    data_path: str,
+    epochs: int,
+    config: SearchConfig,
+    workdir: str,
+    progress: Progress | None = None,
+):
+    """A `PolicySource` that finetunes the policy `base` gives (quantization-aware, from the pretrained
+    weights with MSE scales): `convert --bits N --finetune-epochs E` and `--policy FILE --finetune-epochs E`."""
+
+    def source(prepared: onnx.ModelProto, info):
+        policy, _ = base(prepared, info)
+        ds = load_dataset(data_path, prepared)
+        engine = SearchEngine(prepared, ds, config, workdir, progress)
+        params, fitness = engine.finetune(policy, epochs=epochs, start="ptq")
+        policy.meta = dict(policy.meta, finetune_epochs=epochs, finetuned_fitness=fitness)
+        return policy, params
+
+    return source

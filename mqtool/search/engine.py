@@ -44,7 +44,7 @@ class SearchConfig:
     epochs: int = 6
     batch_size: int = 128
     lr: float = 3e-3
-    hidden: int = 16
+    hidden: int = 8
     temperature: float = 2.0
     population: int = 50
     generations: int = 20
@@ -56,7 +56,7 @@ class SearchConfig:
     search_act: bool = False
     pins: dict[str, int] = field(default_factory=dict)
     search_split: float = 0.2
-    fitness_samples: int = 512
+    fitness_samples: int = 256
     seed: int = 0
     calibration: str = "percentile"
     finetune_epochs: int = 3
@@ -75,7 +75,7 @@ class SearchConfig:
 
 
 @dataclass
-class Dataset:
+class Samples:
     """Model inputs (name -> array, first axis = samples) and optional integer labels."""
 
     inputs: dict[str, np.ndarray]
@@ -84,8 +84,8 @@ class Dataset:
     def __len__(self) -> int:
         return len(next(iter(self.inputs.values())))
 
-    def take(self, idx: np.ndarray) -> Dataset:
-        return Dataset({k: v[idx] for k, v in self.inputs.items()}, None if self.y is None else self.y[idx])
+    def take(self, idx: np.ndarray) -> Samples:
+        return Samples({k: v[idx] for k, v in self.inputs.items()}, None if self.y is None else self.y[idx])
 
 
 @dataclass
@@ -108,13 +108,13 @@ class SearchEngine:
     def __init__(
         self,
         model: onnx.ModelProto,
-        data: Dataset,
+        data: Samples,
         config: SearchConfig,
         workdir: str,
         progress: Progress | None = None,
     ):
         from mqtool.backend import to_torch
-        from passes import prepare
+        from passes.pipeline import prepare
 
         self.cfg = config
         self.workdir = workdir
@@ -168,7 +168,7 @@ class SearchEngine:
             out[self.names.index(name)] = bits
         return out
 
-    def _split(self, data: Dataset) -> None:
+    def _split(self, data: Samples) -> None:
         n = len(data)
         if n < 4:
             raise InputError(f"--data: {n} samples are too few to train and search (need at least 4)")
@@ -179,13 +179,13 @@ class SearchEngine:
         self.search_set = data.take(np.sort(perm[:k][: self.cfg.fitness_samples]))
         self.train = data.take(np.sort(perm[k:]))
 
-    def _feeds(self, ds: Dataset, idx: slice | np.ndarray | None = None) -> list[torch.Tensor]:
+    def _feeds(self, ds: Samples, idx: slice | np.ndarray | None = None) -> list[torch.Tensor]:
         names = self.info.inputs
         arrays = [ds.inputs[n] if idx is None else ds.inputs[n][idx] for n in names]
         return [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
 
     @torch.no_grad()
-    def _forward_all(self, ds: Dataset, bs: int = 512) -> torch.Tensor:
+    def _forward_all(self, ds: Samples, bs: int = 512) -> torch.Tensor:
         outs = []
         for i in range(0, len(ds), bs):
             outs.append(self._out(self.net(*self._feeds(ds, slice(i, i + bs)))))
@@ -197,12 +197,11 @@ class SearchEngine:
         return (y[0] if isinstance(y, tuple | list) else y).float()
 
     def _calibrate(self) -> dict[str, tuple[float, float]]:
+        from calibration.calibrate import calibrate
         from passes.qdq_plan import plan_activations
 
-        from calibration import calibrate
-
         all8 = Policy.uniform(self.names, 8, self.cfg.act_bits)
-        tensors = sorted(plan_activations(self.model, self.info, all8))
+        tensors = plan_activations(self.model, self.info, all8)
         cached = checkpoint.load(os.path.join(self.workdir, "calibration.pt"), self.fp, True)
         if cached is not None:
             return {k: (float(v[0]), float(v[1])) for k, v in cached["ranges"].items()}
@@ -227,12 +226,16 @@ class SearchEngine:
         from mqtool.backend.fake_quant import ActFakeQuant
 
         plan = self.act_plan(abits) if abits is not None else {}
+        key = tuple(sorted(plan.items()))
+        if key == getattr(self, "_act_key", None):
+            return  # every GA candidate without --search-act shares one plan: nothing to rebuild
         for tensor in self.act_ranges:
             if tensor in plan:
                 scale, zp = numerics.activation_qparams(*self.act_ranges[tensor], plan[tensor])
                 self.net.set_act_quant(tensor, ActFakeQuant(plan[tensor], float(scale), int(zp)))
             else:
                 self.net.set_act_quant(tensor, None)
+        self._act_key = key
 
     # ---- losses ----------------------------------------------------------------------------------
     def _kd(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -280,14 +283,9 @@ class SearchEngine:
         return bits
 
     def _build_mqn(self) -> MetaQuantNet:
-        layers = {}
-        for layer in self.info.layers:
-            q = self.net.layers[layer.name]
-            layers[layer.name] = (
-                q.weight.detach(),
-                None if q.bias is None else q.bias.detach(),
-                layer.channel_axis,
-            )
+        layers = {
+            layer.name: (self.net.layers[layer.name].weight.detach(), layer.channel_axis) for layer in self.info.layers
+        }
         widths = sorted(set(self.widths) | {b for b in self.pins.values() if b != FLOAT})
         return MetaQuantNet(layers, widths, hidden=self.cfg.hidden)
 
@@ -333,7 +331,7 @@ class SearchEngine:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                total += float(loss)
+                total += float(loss.detach())
             checkpoint.save(
                 path,
                 {
@@ -457,51 +455,51 @@ class SearchEngine:
 
     # ---- finetuning ------------------------------------------------------------------------------
     def finetune(self, policy: Policy, epochs: int | None = None, start: str = "metaquantnet"):
-        """Quantization-aware training of one policy; returns `QuantParams` for the emitter.
+        """Quantization-aware training of one policy: (`QuantParams` for the emitter, final fitness).
 
         `start` is "metaquantnet" (the weights MetaQuantNet generates for the policy) or "ptq" (the
-        pretrained weights with MSE scales: the uniform-QAT baselines).
+        pretrained weights with MSE scales: the uniform-QAT baselines). Weights, per-channel scales and
+        biases are trained with distillation; the network's own parameters are restored afterwards.
         """
-        from passes.qparams import LayerParams, QuantParams
+        from passes.qparams import ActParams, LayerParams, QuantParams
 
         epochs = self.cfg.finetune_epochs if epochs is None else epochs
         wbits = [policy.get(n).weight_bits for n in self.names]
         abits = tuple(
             policy.get(n).act_bits if policy.get(n).weight_bits != FLOAT else FLOAT for n in self.names
         )
-        weights, scales, biases = {}, {}, {}
         with torch.no_grad():
-            if start == "metaquantnet" and self.mqn is not None:
-                gen = self.mqn.generate_float(wbits)
+            gen = self.mqn.generate_float(wbits) if start == "metaquantnet" and self.mqn is not None else {}
+        weights, scales, axes = {}, {}, {}
+        biases = {}
+        for layer, b in zip(self.info.layers, wbits):
+            if b == FLOAT:
+                continue
+            q = self.net.layers[layer.name]
+            if layer.name in gen:
+                w, s = gen[layer.name]
             else:
-                gen = {}
-            for layer, b in zip(self.info.layers, wbits):
-                q = self.net.layers[layer.name]
-                if b == FLOAT:
-                    continue
-                if layer.name in gen:
-                    w, s, bias = gen[layer.name]
-                else:
-                    w, bias = q.weight.detach(), None if q.bias is None else q.bias.detach()
-                    s = torch.from_numpy(numerics.weight_scale(w.numpy(), b, layer.channel_axis, "mse"))
-                weights[layer.name] = torch.nn.Parameter(w.detach().clone())
-                scales[layer.name] = torch.nn.Parameter(s.detach().clone())
-                if bias is not None:
-                    biases[layer.name] = torch.nn.Parameter(bias.detach().clone())
-        params = list(weights.values()) + list(biases.values())
+                w = q.weight.detach()
+                s = torch.from_numpy(numerics.weight_scale(w.numpy(), b, layer.channel_axis, "mse"))
+            weights[layer.name] = torch.nn.Parameter(w.detach().clone())
+            scales[layer.name] = torch.nn.Parameter(s.detach().clone())
+            axes[layer.name] = (b, layer.channel_axis)
+            if q.bias is not None:
+                biases[layer.name] = q.bias
+        saved_bias = {n: p.detach().clone() for n, p in biases.items()}
+        for p in biases.values():
+            p.requires_grad_(True)
         opt = torch.optim.Adam(
-            [{"params": params}, {"params": list(scales.values()), "lr": self.cfg.finetune_lr * 0.1}],
+            [
+                {"params": list(weights.values()) + list(biases.values())},
+                {"params": list(scales.values()), "lr": self.cfg.finetune_lr * 0.1},
+            ],
             lr=self.cfg.finetune_lr,
         )
         self.set_activation_quant(abits)
-        index = {n: i for i, n in enumerate(self.names)}
 
-        def current() -> dict:
-            out = {}
-            for n, w in weights.items():
-                layer = self.info.layers[index[n]]
-                out[n] = (weight_quant_ste(w, scales[n], wbits[index[n]], layer.channel_axis), biases.get(n))
-            return out
+        def current() -> dict[str, torch.Tensor]:
+            return {n: weight_quant_ste(w, scales[n], *axes[n]) for n, w in weights.items()}
 
         n = len(self.train)
         bs = min(self.cfg.batch_size, n)
@@ -511,40 +509,49 @@ class SearchEngine:
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, total_steps) / total_steps))
         )
-        for epoch in range(epochs):
-            rng = np.random.default_rng([self.cfg.seed, 1_000_003, epoch])
-            perm = rng.permutation(n)
-            total = 0.0
-            for s in range(steps):
-                idx = np.sort(perm[s * bs : (s + 1) * bs])
-                with self.net.override_weights(current()):
-                    out = self._out(self.net(*self._feeds(self.train, idx)))
-                loss = self._train_loss(out, self.teacher_train[idx], None if y_all is None else y_all[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                with torch.no_grad():
-                    for sc in scales.values():
-                        sc.clamp_(min=float(numerics.MIN_SCALE))
-                total += float(loss)
-            self.progress("finetune_epoch", {"epoch": epoch + 1, "epochs": epochs, "loss": total / steps})
-        with torch.no_grad(), self.net.override_weights(current()):
-            fitness = self._fitness(self._out(self.net(*self._feeds(self.search_set))))
+        try:
+            for epoch in range(epochs):
+                rng = np.random.default_rng([self.cfg.seed, 1_000_003, epoch])
+                perm = rng.permutation(n)
+                total = 0.0
+                for s in range(steps):
+                    idx = np.sort(perm[s * bs : (s + 1) * bs])
+                    with self.net.override_weights(current()):
+                        out = self._out(self.net(*self._feeds(self.train, idx)))
+                    loss = self._train_loss(
+                        out, self.teacher_train[idx], None if y_all is None else y_all[idx]
+                    )
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                    with torch.no_grad():
+                        for sc in scales.values():
+                            sc.clamp_(min=float(numerics.MIN_SCALE))
+                    total += float(loss.detach())
+                self.progress("finetune_epoch", {"epoch": epoch + 1, "epochs": epochs, "loss": total / steps})
+            with torch.no_grad(), self.net.override_weights(current()):
+                fitness = self._fitness(self._out(self.net(*self._feeds(self.search_set))))
+            final_bias = {n: p.detach().numpy().copy() for n, p in biases.items()}
+        finally:
+            with torch.no_grad():
+                for n, p in biases.items():
+                    p.copy_(saved_bias[n])
+                    p.requires_grad_(False)
         layers = {
             n: LayerParams(
                 weight=weights[n].detach().numpy().copy(),
                 scale=scales[n].detach().numpy().astype(np.float32).copy(),
-                bias=biases[n].detach().numpy().copy() if n in biases else None,
+                bias=final_bias.get(n),
             )
             for n in weights
         }
         plan = self.act_plan(abits)
-        acts = {t: self.act_ranges[t] for t in plan if t in self.act_ranges}
+        acts = {t: ActParams(range=self.act_ranges[t]) for t in plan if t in self.act_ranges}
         return QuantParams(layers=layers, activations=acts), fitness
 
 
-def _data_digest(data: Dataset) -> str:
+def _data_digest(data: Samples) -> str:
     import hashlib
 
     h = hashlib.sha256()

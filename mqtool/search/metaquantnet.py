@@ -1,12 +1,11 @@
 """MetaQuantNet: a small hyper-network that generates each quantizable layer's weights for a bit policy.
 
 One block per layer. A block reads a bit encoding of its layer (one-hot of its own weight width plus, as
-context, the widths of its neighbours) and emits three per-output-channel vectors: a weight gain, a
-clipping-scale multiplier and (when the layer has a bias) a bias shift. The generated weight is
+context, the widths of its neighbours) and emits two per-output-channel vectors: a weight gain and a
+clipping-scale multiplier. The generated weight is
 
     W(b) = W0 * (1 + gain(b))          per output channel
     s(b) = s_mse(W0, b) * exp(clip(b))  per output channel, then k-bit fake quantization with s(b)
-    B(b) = B0 + shift(b)
 
 The last layer of every block is zero-initialised, so at initialisation the generated weights are exactly
 the pretrained ones and the scales are the MSE-optimal post-training ones.
@@ -36,12 +35,11 @@ def weight_quant_ste(w: torch.Tensor, scale: torch.Tensor, bits: int, axis: int)
 
 
 class LayerBlock(nn.Module):
-    """Generates one layer's weight, scale and bias for a given encoding."""
+    """Generates one layer's weight and quantization scale for a given encoding."""
 
     def __init__(
         self,
         weight: torch.Tensor,
-        bias: torch.Tensor | None,
         axis: int,
         widths: list[int],
         enc_dim: int,
@@ -52,14 +50,11 @@ class LayerBlock(nn.Module):
         self.widths = list(widths)
         channels = weight.shape[axis]
         self.channels = channels
-        self.has_bias = bias is not None
         self.register_buffer("w0", weight.detach().clone())
-        self.register_buffer("b0", bias.detach().clone() if bias is not None else torch.zeros(0))
         w_np = weight.detach().cpu().numpy()
         scales = np.stack([numerics.weight_scale(w_np, b, axis, "mse") for b in self.widths])
         self.register_buffer("s0", torch.from_numpy(scales))  # [widths, C]
-        n_out = channels * (3 if self.has_bias else 2)
-        self.net = nn.Sequential(nn.Linear(enc_dim, hidden), nn.Tanh(), nn.Linear(hidden, n_out))
+        self.net = nn.Sequential(nn.Linear(enc_dim, hidden), nn.Tanh(), nn.Linear(hidden, 2 * channels))
         nn.init.zeros_(self.net[2].weight)
         nn.init.zeros_(self.net[2].bias)
 
@@ -68,14 +63,13 @@ class LayerBlock(nn.Module):
         shape[self.axis] = -1
         return v.reshape(shape)
 
-    def forward(self, enc: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def forward(self, enc: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(float weight, per-channel scale) for width `bits`."""
         out = self.net(enc)
         c = self.channels
-        gain, clip = out[:c], out[c : 2 * c]
-        w = self.w0 * (1.0 + self._chan(gain))
-        scale = self.s0[self.widths.index(bits)] * torch.exp(clip)
-        bias = self.b0 + out[2 * c :] * self.b0.abs().mean().clamp_min(1e-3) if self.has_bias else None
-        return w, scale, bias
+        w = self.w0 * (1.0 + self._chan(out[:c]))
+        scale = self.s0[self.widths.index(bits)] * torch.exp(out[c:])
+        return w, scale
 
 
 class MetaQuantNet(nn.Module):
@@ -83,7 +77,7 @@ class MetaQuantNet(nn.Module):
 
     def __init__(
         self,
-        layers: dict[str, tuple[torch.Tensor, torch.Tensor | None, int]],
+        layers: dict[str, tuple[torch.Tensor, int]],
         widths: list[int],
         hidden: int = 16,
     ):
@@ -93,7 +87,7 @@ class MetaQuantNet(nn.Module):
         self._span = max(self.widths) - min(self.widths) or 1
         enc_dim = len(self.widths) + 3
         self.blocks = nn.ModuleList(
-            LayerBlock(w, b, axis, self.widths, enc_dim, hidden) for (w, b, axis) in layers.values()
+            LayerBlock(w, axis, self.widths, enc_dim, hidden) for (w, axis) in layers.values()
         )
 
     def encode(self, wbits: list[int]) -> torch.Tensor:
@@ -111,24 +105,20 @@ class MetaQuantNet(nn.Module):
         nxt = torch.cat([norm[1:], norm[-1:]])
         return torch.cat([onehot, norm[:, None], prev[:, None], nxt[:, None]], dim=1)
 
-    def generate(
-        self, wbits: list[int], quantize: bool = True
-    ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-        """Layer name -> (weight fed to the layer, bias or None) for the policy `wbits` (layer order)."""
+    def generate(self, wbits: list[int], quantize: bool = True) -> dict[str, torch.Tensor]:
+        """Layer name -> the weight fed to the layer under the policy `wbits` (layer order)."""
         enc = self.encode(wbits)
         out = {}
         for i, (name, block) in enumerate(zip(self.names, self.blocks)):
             if wbits[i] == FLOAT:  # a layer pinned to float keeps its pretrained weights
-                out[name] = (block.w0, block.b0 if block.has_bias else None)
+                out[name] = block.w0
                 continue
-            w, scale, bias = block(enc[i], wbits[i])
-            out[name] = (weight_quant_ste(w, scale, wbits[i], block.axis) if quantize else w, bias)
+            w, scale = block(enc[i], wbits[i])
+            out[name] = weight_quant_ste(w, scale, wbits[i], block.axis) if quantize else w
         return out
 
-    def generate_float(
-        self, wbits: list[int]
-    ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-        """Layer name -> (float weight, per-channel scale, bias): the starting point of finetuning."""
+    def generate_float(self, wbits: list[int]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Layer name -> (float weight, per-channel scale): the starting point of finetuning."""
         enc = self.encode(wbits)
         return {
             name: block(enc[i], wbits[i])

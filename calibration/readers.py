@@ -1,0 +1,91 @@
+"""Calibration data sources, all turned into a stream of ONNX Runtime feeds (dict input name -> batch).
+
+Accepted: a path to an `.npz` file or a directory of `.npy` files (see `mqtool.data`), an opened
+`mqtool.data.Dataset`, a dict of in-memory arrays, or any object with ONNX Runtime's `CalibrationDataReader`
+protocol (`get_next()` returns a feed dict, then None). Feeds come in file order, so calibration is
+deterministic; memory is bounded by the batch size.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import onnx
+
+from mqtool.data import Dataset, InputSpec, model_inputs, open_data
+from mqtool.errors import InputError
+
+
+@runtime_checkable
+class CalibrationDataReader(Protocol):
+    """ONNX Runtime's reader protocol: `get_next()` returns the next feed, or None when exhausted."""
+
+    def get_next(self) -> dict[str, np.ndarray] | None: ...
+
+
+DataSource = str | os.PathLike | Dataset | Mapping[str, np.ndarray] | CalibrationDataReader
+
+
+def iter_feeds(
+    data: DataSource, model: onnx.ModelProto, batch_size: int = 64, limit: int | None = None
+) -> Iterator[dict[str, np.ndarray]]:
+    """Feeds for `model` from `data`, in order, covering at most `limit` samples."""
+    specs = model_inputs(model)
+    if isinstance(data, str | os.PathLike):
+        yield from open_data(data, specs).batches(batch_size, limit)
+    elif isinstance(data, Dataset):
+        yield from data.batches(batch_size, limit)
+    elif isinstance(data, Mapping):
+        yield from _from_arrays(data, specs, batch_size, limit)
+    elif isinstance(data, CalibrationDataReader):
+        yield from _from_reader(data, specs, limit)
+    else:
+        raise InputError(f"calibration data: unsupported source {type(data).__name__}")
+
+
+def _from_arrays(
+    arrays: Mapping[str, np.ndarray], specs: list[InputSpec], batch_size: int, limit: int | None
+) -> Iterator[dict[str, np.ndarray]]:
+    _check_names("calibration arrays", set(arrays), specs)
+    n = min(len(arrays[s.name]) for s in specs)
+    n = n if limit is None else min(n, limit)
+    for i in range(0, n, batch_size):
+        feed = {s.name: np.asarray(arrays[s.name][i : i + batch_size], dtype=s.dtype) for s in specs}
+        _check_finite("calibration arrays", feed)
+        yield feed
+
+
+def _from_reader(
+    reader: CalibrationDataReader, specs: list[InputSpec], limit: int | None
+) -> Iterator[dict[str, np.ndarray]]:
+    seen = 0
+    while limit is None or seen < limit:
+        feed = reader.get_next()
+        if feed is None:
+            return
+        if not isinstance(feed, Mapping):
+            raise InputError(
+                f"calibration reader: get_next() returned {type(feed).__name__}, expected a dict"
+            )
+        _check_names("calibration reader", set(feed), specs)
+        feed = {s.name: np.asarray(feed[s.name], dtype=s.dtype) for s in specs}
+        _check_finite("calibration reader", feed)
+        seen += len(next(iter(feed.values())))
+        yield feed
+
+
+def _check_names(source: str, names: set[str], specs: list[InputSpec]) -> None:
+    missing = [s.name for s in specs if s.name not in names]
+    if missing:
+        raise InputError(f"{source}: no data for model input '{missing[0]}' (got {sorted(names)})")
+
+
+def _check_finite(source: str, feed: dict[str, np.ndarray]) -> None:
+    for k, v in feed.items():
+        if v.size == 0:
+            raise InputError(f"{source}: input '{k}' is empty")
+        if v.dtype.kind == "f" and not np.all(np.isfinite(v)):
+            raise InputError(f"{source}: input '{k}' contains NaN or Inf")

@@ -1,0 +1,308 @@
+"""Emission: a float ONNX model + a `Policy` (+ optional finetuned `QuantParams`) -> a QDQ ONNX model.
+
+    prepare -> plan_activations -> calibrate -> plan_storage ->
+    upgrade_opset -> insert_qdq -> gemm_to_matmul -> pack_weights -> cleanup -> set_metadata
+    (-> compact_names, for packed storage)
+
+`quantize_model` is the library function (model in, model out); `convert` is the file-level function behind
+`mqtool convert` (load, take a policy from a pluggable `PolicySource`, emit, save atomically). The caller's
+model is never modified; the pipeline deep-copies it once (in `prepare`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import onnx
+
+from calibration.calibrate import CalibrationOptions, calibrate
+from calibration.readers import DataSource
+from mqtool import __version__
+from mqtool.analysis import ModelInfo, analyze
+from mqtool.errors import InputError
+from mqtool.model import load_model
+from mqtool.numerics import activation_qparams
+from mqtool.policy import FLOAT, Policy, average_weight_bits
+from passes.base import run_passes
+from passes.cleanup import cleanup
+from passes.compact_names import compact_names
+from passes.gemm_to_matmul import gemm_to_matmul
+from passes.graph import default_opset
+from passes.insert_qdq import insert_qdq
+from passes.pack_weights import pack_weights
+from passes.pipeline import prepare
+from passes.qdq_plan import (
+    ActQuant,
+    Storage,
+    check_policy_names,
+    plan_activations,
+    plan_storage,
+    required_opset,
+)
+from passes.qparams import QuantParams
+from passes.set_metadata import set_metadata
+from passes.upgrade_opset import upgrade_opset
+
+log = logging.getLogger(__name__)
+
+META_VERSION = "mqtool.version"
+META_POLICY = "mqtool.policy"
+META_STORAGE = "mqtool.storage"
+META_CALIBRATION = "mqtool.calibration"
+
+# Protobuf cannot serialise 2 GiB or more: larger models are saved with external data.
+_PROTOBUF_LIMIT = 2**31 - 1
+
+PolicySource = Callable[[onnx.ModelProto, ModelInfo], tuple[Policy, QuantParams | None]]
+"""Produces the policy (and optional finetuned parameters) for a prepared model and its analysis."""
+
+
+def uniform_policy(bits: int, act_bits: int = 8) -> PolicySource:
+    """Every quantizable layer at `bits` weight bits and `act_bits` input bits (32 = float input)."""
+
+    def source(model: onnx.ModelProto, info: ModelInfo) -> tuple[Policy, QuantParams | None]:
+        p = Policy.uniform(info.names, bits, act_bits)
+        p.meta = {"source": f"uniform w{bits}a{act_bits}"}
+        return p, None
+
+    return source
+
+
+def policy_file(path: str) -> PolicySource:
+    """The policy JSON at `path`, checked against the model's layer names; missing layers stay float."""
+
+    def source(model: onnx.ModelProto, info: ModelInfo) -> tuple[Policy, QuantParams | None]:
+        return Policy.load(path, known=info.names), None
+
+    return source
+
+
+def quantize_model(
+    model: onnx.ModelProto,
+    policy: Policy,
+    *,
+    data: DataSource | None = None,
+    calibration: str | CalibrationOptions = "percentile",
+    storage: Storage | str = Storage.AUTO,
+    qparams: QuantParams | None = None,
+) -> onnx.ModelProto:
+    """The QDQ model of `model` under `policy` (`model` itself is not modified).
+
+    `data` (a data file path, a `mqtool.data.Dataset`, arrays or a CalibrationDataReader) calibrates the
+    activation ranges that `qparams` does not give; it is required when the policy quantizes activations.
+    """
+    prepared = prepare(model)
+    return _emit(prepared, analyze(prepared), policy, data, calibration, storage, qparams)
+
+
+def _emit(
+    prepared: onnx.ModelProto,
+    info: ModelInfo,
+    policy: Policy,
+    data: DataSource | None,
+    calibration: str | CalibrationOptions,
+    storage: Storage | str,
+    qparams: QuantParams | None,
+) -> onnx.ModelProto:
+    """Emit from a prepared model, consuming it (the passes run on it in place)."""
+    check_policy_names(info, policy)
+    storage = _storage(storage)
+    options = (
+        calibration if isinstance(calibration, CalibrationOptions) else CalibrationOptions(method=calibration)
+    )
+    qparams = qparams or QuantParams()
+    plan = plan_activations(prepared, info, policy)
+    qparams.check(info.layers, plan)
+    acts = _activation_params(prepared, plan, qparams, data, options)
+    layout = plan_storage(prepared, info, policy, plan, storage)
+    opset = required_opset(layout, default_opset(prepared))
+    meta = _metadata(storage, policy, options if acts else None)
+    passes = [
+        partial(upgrade_opset, opset=opset),
+        partial(insert_qdq, policy=policy, activations=acts, qparams=qparams, info=info),
+        partial(gemm_to_matmul, layers=[k for k, w in layout.items() if w.as_matmul]),
+        partial(pack_weights, containers={k: w.container for k, w in layout.items()}),
+        partial(cleanup, keep_value_info=False),
+        partial(set_metadata, props=meta),
+    ]
+    if storage is Storage.PACKED:
+        # The smallest file: internal tensor names shortened (layers, inputs and outputs keep theirs).
+        passes.append(partial(compact_names, keep=info.names))
+    return run_passes(prepared, passes, copy=False).model
+
+
+def _storage(storage: Storage | str) -> Storage:
+    try:
+        return Storage(storage)
+    except ValueError as e:
+        raise InputError(f"storage '{storage}' not in {', '.join(s.value for s in Storage)}") from e
+
+
+def _activation_params(
+    model: onnx.ModelProto,
+    plan: dict[str, int],
+    qparams: QuantParams,
+    data: DataSource | None,
+    options: CalibrationOptions,
+) -> dict[str, ActQuant]:
+    overrides = qparams.activations
+    todo = {t: b for t, b in plan.items() if t not in overrides}
+    ranges: dict[str, tuple[float, float]] = {}
+    if todo:
+        if data is None:
+            widths = sorted(set(todo.values()))
+            raise InputError(
+                f"the policy quantizes activations ({len(todo)} tensors at {'/'.join(map(str, widths))} bits): "
+                "calibration data is needed (--data FILE), or use --act-bits 32 for weight-only quantization"
+            )
+        ranges = calibrate(model, todo, data, options)
+    acts = {}
+    for t, bits in plan.items():
+        a = overrides.get(t)
+        if a is not None and a.range is None:
+            acts[t] = ActQuant(bits, float(a.scale), int(a.zero_point))
+            continue
+        lo, hi = a.range if a is not None else ranges[t]
+        scale, zp = activation_qparams(lo, hi, bits)
+        acts[t] = ActQuant(bits, float(scale), int(zp))
+    return acts
+
+
+def _metadata(storage: Storage, policy: Policy, calibration: CalibrationOptions | None) -> dict[str, str]:
+    # The policy is the per-layer record: `mqtool report` checks its weight_bits against the integers in
+    # the graph (activation bits and containers are read from the graph alone).
+    meta = {
+        META_VERSION: __version__,
+        META_POLICY: json.dumps(policy.to_json(), sort_keys=True, separators=(",", ":")),
+        META_STORAGE: storage.value,
+    }
+    if calibration is not None:
+        meta[META_CALIBRATION] = calibration.method
+    return meta
+
+
+@dataclass
+class ConvertResult:
+    """What `convert` wrote, for the CLI's one-line summary."""
+
+    output: str
+    layers: int
+    quantized: int
+    float_layers: int
+    not_in_policy: int
+    avg_weight_bits: float
+    bytes: int
+    input_bytes: int
+    storage: str
+
+    def summary(self) -> str:
+        missing = f" ({self.not_in_policy} not in the policy)" if self.not_in_policy else ""
+        return (
+            f"{self.output}: {self.quantized}/{self.layers} layers quantized, avg {self.avg_weight_bits:.2f} "
+            f"weight bits, {self.float_layers} float{missing}; {_size(self.bytes)} "
+            f"(input {_size(self.input_bytes)}), storage {self.storage}"
+        )
+
+
+def convert(
+    model_path: str,
+    output: str,
+    source: PolicySource,
+    *,
+    data: DataSource | None = None,
+    calibration: str | CalibrationOptions = "percentile",
+    storage: Storage | str = Storage.AUTO,
+) -> ConvertResult:
+    """Quantize the model file at `model_path` under the policy `source` gives and write it to `output`.
+
+    Refuses to overwrite the input; writes atomically (a failure leaves no file); same inputs give the same
+    bytes.
+    """
+    check_output_path(model_path, output)
+    prepared = prepare(load_model(model_path))
+    info = analyze(prepared)
+    policy, qparams = source(prepared, info)
+    qmodel = _emit(prepared, info, policy, data, calibration, storage, qparams)
+    save_model_atomic(qmodel, output)
+    quantized = sum(1 for layer in info.layers if policy.get(layer.name).weight_bits != FLOAT)
+    return ConvertResult(
+        output=output,
+        layers=len(info.layers),
+        quantized=quantized,
+        float_layers=len(info.layers) - quantized,
+        not_in_policy=sum(1 for layer in info.layers if layer.name not in policy.layers),
+        avg_weight_bits=average_weight_bits(policy, info.layers),
+        bytes=_file_bytes(output),
+        input_bytes=os.path.getsize(model_path),
+        storage=_storage(storage).value,
+    )
+
+
+def check_output_path(model_path: str, output: str) -> None:
+    """Raise `InputError` when `output` is the input model (also via symlinks/hard links) or unwritable."""
+    if os.path.realpath(output) == os.path.realpath(model_path) or (
+        os.path.exists(output) and os.path.exists(model_path) and os.path.samefile(output, model_path)
+    ):
+        raise InputError(f"{output}: refusing to overwrite the input model (choose another -o)")
+    if os.path.isdir(output):
+        raise InputError(f"{output}: is a directory, expected an output .onnx file path")
+    parent = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(parent):
+        raise InputError(f"{output}: directory {parent} does not exist")
+
+
+def save_model_atomic(model: onnx.ModelProto, path: str) -> None:
+    """Write `model` to `path` through a temporary file in the same directory and `os.replace`.
+
+    Models of 2 GiB or more are saved with their tensors in `<name>.data` next to `path` (the data file is
+    moved into place before the model, so a reader never sees a model without its data).
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    base = os.path.basename(path)
+    if model.ByteSize() < _PROTOBUF_LIMIT:
+        data = model.SerializeToString()
+        tmp = os.path.join(directory, f".{base}.{secrets.token_hex(6)}.tmp")
+        try:
+            with open(tmp, "xb") as f:  # "x": never follow or clobber an existing file
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return
+    tmpdir = tempfile.mkdtemp(prefix=f".{base}.", dir=directory)
+    try:
+        location = base + ".data"
+        onnx.save_model(
+            model,
+            os.path.join(tmpdir, base),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=location,
+            size_threshold=1024,
+        )
+        os.replace(os.path.join(tmpdir, location), os.path.join(directory, location))
+        os.replace(os.path.join(tmpdir, base), path)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _file_bytes(path: str) -> int:
+    size = os.path.getsize(path)
+    data = path + ".data"
+    return size + (os.path.getsize(data) if os.path.exists(data) else 0)
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"

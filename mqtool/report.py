@@ -1,0 +1,359 @@
+"""Reading a QDQ model back: the bits, storage and bytes of every layer, recovered from the graph itself.
+
+Weight bits: the layer's weight is DequantizeLinear(integer initializer, scale, zero point). The container
+type bounds the bits from above (INT2 2, INT4 4, INT8/UINT8 8) and the integers' range (after the zero
+point) from below: k_min, the fewest signed bits that hold them. The policy mqtool recorded in
+`metadata_props` (`mqtool.policy`) picks the value in [k_min, container] - a 3-bit layer whose integers
+happen to span only [-3, 3] reports 3, not 2. When the metadata is missing or contradicts the graph (an
+edited file), the graph wins: k_min, with a warning. Activation bits: the layer's input is the output of a
+DequantizeLinear whose QuantizeLinear has a uint8 zero point (8 bits) and, below 8 bits, a Clip to exactly
+2^k levels in front (k); no DequantizeLinear means a float input (32).
+
+Layer names, params and MACs come from `mqtool.analysis.analyze` on a dequantized view of the model (the
+weight DequantizeLinear nodes evaluated with `mqtool.numerics`), so they match `inspect` on the original.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+from mqtool.analysis import analyze
+from mqtool.errors import InputError
+from mqtool.model import load_model
+from mqtool.numerics import dequantize
+from mqtool.policy import FLOAT, LayerBits, Policy, average_weight_bits, bitops_ratio
+
+log = logging.getLogger(__name__)
+
+META_POLICY = "mqtool.policy"  # the key mqtool.emit writes the policy JSON under
+
+_CONTAINERS = {
+    TensorProto.INT8: ("int8", 8),
+    TensorProto.UINT8: ("uint8", 8),
+    TensorProto.INT4: ("int4", 4),
+    TensorProto.UINT4: ("uint4", 4),
+    TensorProto.INT2: ("int2", 2),
+    TensorProto.UINT2: ("uint2", 2),
+    TensorProto.INT16: ("int16", 16),
+    TensorProto.UINT16: ("uint16", 16),
+}
+_ELEMENT_BITS = {
+    TensorProto.FLOAT: 32, TensorProto.DOUBLE: 64, TensorProto.FLOAT16: 16, TensorProto.BFLOAT16: 16,
+    TensorProto.INT32: 32, TensorProto.INT64: 64, TensorProto.UINT32: 32, TensorProto.UINT64: 64,
+    TensorProto.BOOL: 8,
+}  # fmt: skip
+
+
+@dataclass
+class LayerReport:
+    """One quantizable layer of a (QDQ) model. `weight_bytes` are the stored weight values; `scale_bytes`
+    their scales and zero points. `bits_source` says what decided `weight_bits`: "graph" or
+    "graph+metadata" (the metadata's value, consistent with the graph)."""
+
+    name: str
+    op_type: str
+    params: int
+    macs: int | None
+    weight_bits: int
+    act_bits: int
+    storage: str
+    weight_bytes: int
+    scale_bytes: int
+    bits_source: str
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class QuantReport:
+    """Per-layer rows and totals; `to_json()` is the document `mqtool report --json` prints."""
+
+    model: str | None
+    layers: list[LayerReport]
+    totals: dict
+
+    def to_json(self) -> dict:
+        return {
+            "model": self.model,
+            "layers": [layer.to_json() for layer in self.layers],
+            "totals": self.totals,
+        }
+
+    def table(self) -> str:
+        from mqtool.tables import format_table
+
+        rows = [
+            [r.name, r.op_type, r.params, r.macs, r.weight_bits, r.act_bits, r.storage, r.weight_bytes]
+            for r in self.layers
+        ]
+        t = self.totals
+        head = ["layer", "op", "params", "MACs", "w bits", "a bits", "storage", "bytes"]
+        return (
+            format_table(head, rows)
+            + f"\n\n{len(self.layers)} layers ({t['float_layers']} float), {t['params']:,} weight params, "
+            f"avg {t['avg_weight_bits']:.3f} weight bits; weights {t['weight_bytes']:,} B + scales "
+            f"{t['scale_bytes']:,} B vs fp32 {t['fp32_weight_bytes']:,} B; BitOPs {t['bitops_ratio']:.3f} x w8a8"
+            f"\nfile {t['file_bytes']:,} B = {t['file_vs_container_ideal']:.3f} x the ideal in these containers, "
+            f"{t['file_vs_true_bits']:.3f} x the true sum of bits*params/8 (+ the float parts)"
+        )
+
+
+def report(model: onnx.ModelProto | str | os.PathLike) -> QuantReport:
+    """Recover the bits, storage and sizes of every quantizable layer of the model (or model file)."""
+    path = None
+    if isinstance(model, str | os.PathLike):
+        path = os.fspath(model)
+        model = load_model(path)
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    prod = {o: n for n in g.node for o in n.output if o}
+    meta = _metadata_layers(model)
+    info = analyze(_dequantized_view(model))
+    weight_tensors: set[str] = set()
+    rows = []
+    for layer in info.layers:
+        m = meta.get(layer.name, {})
+        dq = prod.get(layer.weight)
+        if dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in inits:
+            q_init = inits[dq.input[0]]
+            storage, cap = _CONTAINERS.get(q_init.data_type, (f"type{q_init.data_type}", 32))
+            k_min = _bits_needed(dq, inits)
+            bits, source = k_min, "graph"
+            want = m.get("weight_bits")
+            if isinstance(want, int) and k_min <= want <= cap:
+                bits, source = want, "graph+metadata"
+            elif want is not None:
+                log.warning(
+                    "layer '%s': metadata says %s weight bits, the graph %d; using the graph",
+                    layer.name,
+                    want,
+                    k_min,
+                )
+            extras = [i for i in dq.input[1:] if i in inits]
+            weight_tensors.update([dq.input[0], *extras])
+            weight_bytes = tensor_bytes(q_init)
+            scale_bytes = sum(tensor_bytes(inits[i]) for i in extras)
+        else:
+            bits, source, storage, weight_bytes, scale_bytes = FLOAT, "graph", "float", 4 * layer.params, 0
+            if layer.weight in inits:
+                weight_tensors.add(layer.weight)
+        # Activation bits come from the graph alone: the policy's act_bits may legitimately differ (a tensor
+        # shared by layers asking for different widths gets the widest, see passes/qdq_plan.py).
+        act = _act_bits(layer.input, prod, inits)
+        rows.append(
+            LayerReport(
+                layer.name,
+                layer.op_type,
+                layer.params,
+                layer.macs,
+                bits,
+                act,
+                storage,
+                weight_bytes,
+                scale_bytes,
+                source,
+            )
+        )
+    return QuantReport(path, rows, _totals(model, path, info.layers, rows, inits, weight_tensors))
+
+
+def _totals(model, path, layers, rows: list[LayerReport], inits, weight_tensors: set[str]) -> dict:
+    policy = Policy({r.name: LayerBits(r.weight_bits, r.act_bits) for r in rows})
+    params = sum(r.params for r in rows)
+    quantized = [r for r in rows if r.weight_bits != FLOAT]
+    other = sum(tensor_bytes(t) for name, t in inits.items() if name not in weight_tensors)
+    float_weights = sum(r.weight_bytes for r in rows if r.weight_bits == FLOAT)
+    scales = sum(r.scale_bytes for r in quantized)
+    container_ideal = (
+        sum(_CONTAINER_BITS[r.storage] * r.params / 8 for r in quantized) + scales + float_weights + other
+    )
+    true_ideal = sum(r.weight_bits * r.params / 8 for r in quantized) + scales + float_weights + other
+    file_bytes = _file_bytes(path) if path else model.ByteSize()
+    return {
+        "layers": len(rows),
+        "quantized_layers": len(quantized),
+        "float_layers": len(rows) - len(quantized),
+        "params": params,
+        "avg_weight_bits": average_weight_bits(policy, layers),
+        "weight_bytes": sum(r.weight_bytes for r in rows),
+        "scale_bytes": scales,
+        "fp32_weight_bytes": 4 * params,
+        "other_bytes": other,
+        "bitops_ratio": bitops_ratio(policy, layers),
+        "file_bytes": file_bytes,
+        "ideal_container_bytes": int(math.ceil(container_ideal)),
+        "true_bits_bytes": int(math.ceil(true_ideal)),
+        "file_vs_container_ideal": file_bytes / container_ideal if container_ideal else 0.0,
+        "file_vs_true_bits": file_bytes / true_ideal if true_ideal else 0.0,
+    }
+
+
+_CONTAINER_BITS = {name: bits for name, bits in _CONTAINERS.values()}
+
+
+def tensor_bytes(t: onnx.TensorProto) -> int:
+    """Bytes of a tensor's values in its type (sub-byte types packed), whatever its encoding in the file."""
+    n = math.prod(t.dims)
+    bits = _CONTAINERS[t.data_type][1] if t.data_type in _CONTAINERS else _ELEMENT_BITS.get(t.data_type, 32)
+    return (n * bits + 7) // 8
+
+
+def _bits_needed(dq: onnx.NodeProto, inits) -> int:
+    """The fewest signed bits (>= 2) that hold the DequantizeLinear's integers minus their zero point."""
+    q = numpy_helper.to_array(inits[dq.input[0]]).astype(np.int64)
+    zp = np.int64(0)
+    if len(dq.input) > 2 and dq.input[2] in inits:
+        zp = numpy_helper.to_array(inits[dq.input[2]]).astype(np.int64)
+        if zp.ndim == 1 and q.ndim > 1:
+            axis = _attr(dq, "axis", 1) % q.ndim
+            shape = [1] * q.ndim
+            shape[axis] = -1
+            zp = zp.reshape(shape)
+    v = q - zp
+    if v.size == 0:
+        return 2
+    lo, hi = int(v.min()), int(v.max())
+    k = 2
+    while not (-(2 ** (k - 1)) <= lo and hi <= 2 ** (k - 1) - 1):
+        k += 1
+    return k
+
+
+def _act_bits(tensor: str, prod, inits) -> int:
+    dq = prod.get(tensor)
+    if dq is None or dq.op_type != "DequantizeLinear":
+        return FLOAT
+    q = prod.get(dq.input[0])
+    zp_name = dq.input[2] if len(dq.input) > 2 else ""
+    container = _CONTAINERS.get(inits[zp_name].data_type, ("", 8))[1] if zp_name in inits else 8
+    if q is None or q.op_type != "QuantizeLinear":
+        return container
+    clip = prod.get(q.input[0])
+    if clip is None or clip.op_type != "Clip" or len(clip.input) < 3 or q.input[1] not in inits:
+        return container
+    if not (clip.input[1] in inits and clip.input[2] in inits):
+        return container
+    lo = float(numpy_helper.to_array(inits[clip.input[1]]))
+    hi = float(numpy_helper.to_array(inits[clip.input[2]]))
+    scale = float(numpy_helper.to_array(inits[q.input[1]]))
+    levels = (hi - lo) / scale + 1
+    k = round(math.log2(levels)) if levels > 1 else container
+    # Only a Clip that spans exactly 2^k levels of this quantizer is the k-bit saturation mqtool emits.
+    return k if 2 <= k < container and abs(levels - 2**k) < 1e-3 * 2**k else container
+
+
+def _dequantized_view(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` whose constant DequantizeLinear nodes are replaced by their float values."""
+    view = onnx.ModelProto()
+    view.CopyFrom(model)
+    g = view.graph
+    inits = {i.name: i for i in g.initializer}
+    keep = []
+    for n in g.node:
+        if (
+            n.op_type == "DequantizeLinear"
+            and n.input
+            and all(i in inits for i in n.input if i)
+            and not _attr(n, "block_size", 0)
+        ):
+            q = numpy_helper.to_array(inits[n.input[0]]).astype(np.int64)
+            s = numpy_helper.to_array(inits[n.input[1]])
+            z = (
+                numpy_helper.to_array(inits[n.input[2]]).astype(np.int64)
+                if len(n.input) > 2 and n.input[2]
+                else 0
+            )
+            axis = _attr(n, "axis", 1) % max(q.ndim, 1) if np.ndim(s) == 1 else None
+            g.initializer.append(numpy_helper.from_array(dequantize(q, s, z, axis), n.output[0]))
+            inits[n.output[0]] = g.initializer[-1]
+        else:
+            keep.append(n)
+    if len(keep) != len(g.node):
+        nodes = [onnx.NodeProto() for _ in keep]
+        for dst, src in zip(nodes, keep):
+            dst.CopyFrom(src)
+        del g.node[:]
+        g.node.extend(nodes)
+    return view
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def _metadata_layers(model: onnx.ModelProto) -> dict:
+    """The recorded policy's layers ({} when there is none or it is unreadable)."""
+    for p in model.metadata_props:
+        if p.key == META_POLICY:
+            try:
+                doc = json.loads(p.value)
+            except json.JSONDecodeError:
+                log.warning("metadata '%s' is not valid JSON; bits come from the graph alone", META_POLICY)
+                return {}
+            layers = doc.get("layers") if isinstance(doc, dict) else None
+            return layers if isinstance(layers, dict) else {}
+    return {}
+
+
+def _file_bytes(path: str) -> int:
+    """The model file plus the external data files it references."""
+    total = os.path.getsize(path)
+    m = onnx.load(path, load_external_data=False)
+    base = os.path.dirname(os.path.abspath(path))
+    files = set()
+    for t in m.graph.initializer:
+        if t.data_location == TensorProto.EXTERNAL:
+            files.update(e.value for e in t.external_data if e.key == "location")
+    return total + sum(
+        os.path.getsize(os.path.join(base, f)) for f in files if os.path.isfile(os.path.join(base, f))
+    )
+
+
+def plot_report(rep: QuantReport, path: str) -> None:
+    """Bits per layer (weights as bars, activations as markers) with params on a second axis, as a PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise InputError("--plot needs matplotlib (pip install matplotlib)") from e
+    names = [r.name for r in rep.layers]
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(names) + 2), 4.5))
+    wb = [min(r.weight_bits, 9) for r in rep.layers]  # float (32) drawn as a short "F" bar above 8
+    ax.bar(
+        x,
+        wb,
+        color=["tab:gray" if r.weight_bits == FLOAT else "tab:blue" for r in rep.layers],
+        label="weight bits",
+    )
+    ab = [min(r.act_bits, 9) for r in rep.layers]
+    ax.plot(x, ab, "o", color="tab:orange", label="activation bits (9 = float)")
+    ax.set_ylim(0, 10)
+    ax.set_ylabel("bits (9 = float)")
+    ax.set_xticks(x, names, rotation=90, fontsize=6)
+    ax2 = ax.twinx()
+    ax2.plot(x, [r.params for r in rep.layers], "-", color="tab:green", label="params")
+    ax2.set_yscale("log")
+    ax2.set_ylabel("params")
+    t = rep.totals
+    ax.set_title(f"avg {t['avg_weight_bits']:.2f} weight bits, BitOPs {t['bitops_ratio']:.3f} x w8a8")
+    lines = ax.get_legend_handles_labels()
+    lines2 = ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

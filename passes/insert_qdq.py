@@ -1,0 +1,184 @@
+"""Insert QuantizeLinear/DequantizeLinear pairs and integer weights, following ONNX Runtime's QDQ format.
+
+Before (a layer with weight_bits 4, act_bits 8; `x` and `y` planned by `qdq_plan.plan_activations`)::
+
+    Conv "conv1"(x, W, B) -> c
+    Relu(c) -> y
+
+After (layer index 0; x and y are the plan's activations 0 and 1)::
+
+    QuantizeLinear "a0.Q"(x, a0.s, a0.z) -> a0.q                       (uint8, per tensor)
+    DequantizeLinear "a0.DQ"(a0.q, a0.s, a0.z) -> a0.dq
+    DequantizeLinear "w0.DQ" <axis=0>(w0.q, w0.s) -> w0.dq              (int8 values, per channel, zp 0)
+    DequantizeLinear "b0.DQ" <axis=0>(b0.q, b0.s) -> b0.dq              (int32, scale s_x * s_w)
+    Conv "conv1"(a0.dq, w0.dq, b0.dq) -> c
+    Relu(c) -> y
+    QuantizeLinear "a1.Q"(y, a1.s, a1.z) -> a1.q;  DequantizeLinear "a1.DQ"(...) -> a1.dq
+
+Generated names are short on purpose: in a small model, ORT-style names (`<tensor>_QuantizeLinear_Output`)
+take more bytes than the packed weights. The layer nodes and every original tensor keep their names.
+
+Weights: `numerics.quantize_weight` (per output channel, symmetric, zero point 0, full signed k-bit range,
+MSE scale) or, with `QuantParams`, `numerics.quantize` of the given weight with the given scale; stored in
+INT8 here with an explicit zero point 0 (`pack_weights` moves them to INT4/INT2/UINT8). Bias: see
+`qdq_plan.int32_bias` - int32 with scale s_x * s_w only for a Gemm with a quantized input, float otherwise. Activations below 8 bits get a Clip to their k-bit range in front of the QuantizeLinear.
+Every reader of a quantized tensor reads the DequantizeLinear output; a quantized graph output keeps its
+name (the DequantizeLinear writes it and the producer's tensor becomes `<name>_float`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from mqtool.analysis import ModelInfo, analyze
+from mqtool.errors import InputError
+from mqtool.numerics import int_range, quantize_weight, weight_scale
+from mqtool.policy import FLOAT, Policy
+from passes.base import PassResult
+from passes.graph import Namer, initializers, producers, replace_input, toposort
+from passes.qdq_plan import ActQuant, int32_bias, quantize_bias
+from passes.qparams import QuantParams
+
+log = logging.getLogger(__name__)
+
+
+def insert_qdq(
+    model: onnx.ModelProto,
+    policy: Policy,
+    activations: Mapping[str, ActQuant],
+    qparams: QuantParams | None = None,
+    info: ModelInfo | None = None,
+) -> PassResult:
+    """Quantize the weights of the policy's layers and insert the planned activation Q/DQ (in place).
+
+    `activations` is the plan with its parameters (tensor -> ActQuant); `info` is `analyze(model)` when the
+    caller already has it (tensor and node names must be those of `model`).
+    """
+    info = analyze(model) if info is None else info
+    qparams = qparams or QuantParams()
+    g = model.graph
+    namer = Namer(g)
+    nodes = {n.name: n for n in g.node}
+    inits = initializers(g)
+    modified = False
+    for j, layer in enumerate(info.layers):
+        bits = policy.get(layer.name).weight_bits
+        if bits == FLOAT:
+            continue
+        node = nodes.get(layer.name)
+        if node is None:
+            raise InputError(f"layer '{layer.name}' is not in the model (run the prepare passes first)")
+        over = qparams.layer(layer.name)
+        if over.weight is not None:
+            w = np.asarray(over.weight, dtype=np.float32)
+        elif layer.weight in inits:
+            w = numpy_helper.to_array(inits[layer.weight]).astype(np.float32)
+        else:
+            raise InputError(
+                f"layer '{layer.name}': weight '{layer.weight}' is not an initializer (run fold_constants)"
+            )
+        if not np.all(np.isfinite(w)):
+            raise InputError(f"layer '{layer.name}': weight '{layer.weight}' contains NaN or Inf")
+        axis = layer.channel_axis
+        scale = over.scale if over.scale is not None else weight_scale(w, bits, axis, method="mse")
+        q, scale = quantize_weight(w, bits, axis, scale=np.asarray(scale, dtype=np.float32))
+        # Zero point 0 is DequantizeLinear's default; only a Gemm needs it spelled out (ORT fuses QGemm
+        # only when the weight DQ has one). pack_weights adds one for UINT8 (128).
+        zero = np.zeros(len(scale), np.int8) if layer.op_type == "Gemm" else None
+        node.input[layer.weight_input] = _add_dq(g, namer, f"w{j}", q.astype(np.int8), scale, axis, zero)
+        act = activations.get(layer.input) if int32_bias(layer, activations) else None
+        _bias(g, namer, inits, node, f"b{j}", layer.bias, over.bias, act, scale)
+        modified = True
+    for i, (tensor, act) in enumerate(activations.items()):
+        _add_activation_qdq(g, namer, tensor, f"a{i}", act)
+        modified = True
+    if modified:
+        toposort(g)
+    return PassResult(model, modified)
+
+
+def _add_dq(
+    g: onnx.GraphProto, namer: Namer, tag: str, values: np.ndarray, scale: np.ndarray, axis: int, zero=None
+) -> str:
+    q_name, s_name = namer(f"{tag}.q"), namer(f"{tag}.s")
+    g.initializer.append(numpy_helper.from_array(values, q_name))
+    g.initializer.append(numpy_helper.from_array(np.asarray(scale, dtype=np.float32), s_name))
+    inputs = [q_name, s_name]
+    if zero is not None:
+        inputs.append(namer(f"{tag}.z"))
+        g.initializer.append(numpy_helper.from_array(zero, inputs[-1]))
+    out = namer(f"{tag}.dq")
+    g.node.append(helper.make_node("DequantizeLinear", inputs, [out], namer(f"{tag}.DQ"), axis=axis))
+    return out
+
+
+def _bias(g, namer, inits, node, tag, bias_name, override, act: ActQuant | None, w_scale) -> None:
+    if bias_name is None and override is None:
+        return
+    if bias_name is not None and bias_name not in inits:
+        return  # a computed bias stays as it is
+    b = np.asarray(
+        override if override is not None else numpy_helper.to_array(inits[bias_name]), dtype=np.float32
+    )
+    quantized = quantize_bias(b, act.scale, w_scale) if act is not None and b.shape == w_scale.shape else None
+    if quantized is None:
+        if act is not None:
+            log.warning(
+                "layer '%s': bias kept float (int32 would overflow, or shape %s)", node.name, list(b.shape)
+            )
+        if override is not None:
+            name = namer(f"{tag}.f")
+            g.initializer.append(numpy_helper.from_array(b, name))
+            _set_input(node, 2, name)
+        return
+    qb, scale = quantized
+    _set_input(node, 2, _add_dq(g, namer, tag, qb.astype(np.int32), scale, 0))
+
+
+def _set_input(node: onnx.NodeProto, k: int, name: str) -> None:
+    while len(node.input) <= k:
+        node.input.append("")
+    node.input[k] = name
+
+
+def _add_activation_qdq(g: onnx.GraphProto, namer: Namer, tensor: str, tag: str, act: ActQuant) -> None:
+    qmin, qmax = int_range(act.bits, signed=False)
+    scale = np.float32(act.scale)
+    zp = int(act.zero_point)
+    is_output = any(o.name == tensor for o in g.output)
+    src = tensor
+    if is_output:
+        # The graph output keeps its name and carries the dequantized value, as every other reader does.
+        src = namer(f"{tensor}_float")
+        writer = producers(g).get(tensor)
+        if writer is None:
+            raise InputError(f"graph output '{tensor}' has no producer and cannot be quantized")
+        writer.output[list(writer.output).index(tensor)] = src
+    s_name, z_name = namer(f"{tag}.s"), namer(f"{tag}.z")
+    g.initializer.append(numpy_helper.from_array(np.array(scale, np.float32), s_name))
+    g.initializer.append(numpy_helper.from_array(np.array(zp, np.uint8), z_name))
+    new_nodes = []
+    q_in = src
+    if act.bits < 8:
+        # uint8 QuantizeLinear saturates at 255; numerics saturates at 2^k - 1. Clip to the k-bit range.
+        lo, hi = np.float32((qmin - zp) * scale), np.float32((qmax - zp) * scale)
+        lo_name, hi_name = namer(f"{tag}.lo"), namer(f"{tag}.hi")
+        g.initializer.append(numpy_helper.from_array(np.array(lo, np.float32), lo_name))
+        g.initializer.append(numpy_helper.from_array(np.array(hi, np.float32), hi_name))
+        q_in = namer(f"{tag}.c")
+        new_nodes.append(helper.make_node("Clip", [src, lo_name, hi_name], [q_in], namer(f"{tag}.Clip")))
+    q_out = namer(f"{tag}.q")
+    dq_out = tensor if is_output else namer(f"{tag}.dq")
+    new_nodes.append(helper.make_node("QuantizeLinear", [q_in, s_name, z_name], [q_out], namer(f"{tag}.Q")))
+    new_nodes.append(
+        helper.make_node("DequantizeLinear", [q_out, s_name, z_name], [dq_out], namer(f"{tag}.DQ"))
+    )
+    skip = {id(n) for n in new_nodes}
+    if not is_output:
+        replace_input(g, src, dq_out, skip=skip)
+    g.node.extend(new_nodes)
