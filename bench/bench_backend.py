@@ -5,8 +5,8 @@
 
 The hand-written network is examples/mnist_cnn/train.py's MobileNetMini with BatchNorm folded into the
 convolutions (as in model.onnx), its weights copied from model.onnx; the script checks that it computes
-the same logits as the converted graph before timing anything. Variants run interleaved, so that load
-from other processes hits both alike; the median of the runs is reported. A third variant adds fake
+the same logits as the converted graph before timing anything. Variants run interleaved in a rotating
+order, so that load from other processes hits all alike; the median of the runs is reported. A third variant adds fake
 quantization (4-bit weights, 8-bit layer inputs) to the converted graph. Writes bench/results/backend.json.
 """
 
@@ -138,8 +138,10 @@ def main() -> None:
         for _ in range(warmup):
             _step(m, x, y)
     times: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(runs):
-        for name, m in variants.items():
+    order = list(variants.items())
+    for i in range(runs):
+        # Rotate the order every run: no variant always runs right after another one.
+        for name, m in order[i % len(order) :] + order[: i % len(order)]:
             times[name].append(_step(m, x, y))
     med = {k: 1000 * statistics.median(v) for k, v in times.items()}
     result = {

@@ -1,8 +1,8 @@
 """Emission: a float ONNX model + a `Policy` (+ optional finetuned `QuantParams`) -> a QDQ ONNX model.
 
     prepare -> plan_activations -> calibrate -> plan_storage ->
-    upgrade_opset -> insert_qdq -> gemm_to_matmul -> pack_weights -> cleanup -> set_metadata
-    (-> compact_names, for packed storage)
+    upgrade_opset -> insert_qdq -> gemm_to_matmul -> pack_weights -> cleanup -> dedupe_initializers ->
+    set_metadata (-> compact_names, for packed storage)
 
 `quantize_model` is the library function (model in, model out); `convert` is the file-level function behind
 `mqtool convert` (load, take a policy from a pluggable `PolicySource`, emit, save atomically). The caller's
@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -28,12 +27,14 @@ from calibration.readers import DataSource
 from mqtool import __version__
 from mqtool.analysis import ModelInfo, analyze
 from mqtool.errors import InputError
+from mqtool.fileio import atomic_write_bytes
 from mqtool.model import load_model
 from mqtool.numerics import activation_qparams
 from mqtool.policy import FLOAT, Policy, average_weight_bits
 from passes.base import run_passes
 from passes.cleanup import cleanup
 from passes.compact_names import compact_names
+from passes.dedupe_initializers import dedupe_initializers
 from passes.gemm_to_matmul import gemm_to_matmul
 from passes.graph import default_opset
 from passes.insert_qdq import insert_qdq
@@ -131,6 +132,7 @@ def _emit(
         partial(gemm_to_matmul, layers=[k for k, w in layout.items() if w.as_matmul]),
         partial(pack_weights, containers={k: w.container for k, w in layout.items()}),
         partial(cleanup, keep_value_info=False),
+        dedupe_initializers,
         partial(set_metadata, props=meta),
     ]
     if storage is Storage.PACKED:
@@ -260,27 +262,13 @@ def check_output_path(model_path: str, output: str) -> None:
 
 
 def save_model_atomic(model: onnx.ModelProto, path: str) -> None:
-    """Write `model` to `path` through a temporary file in the same directory and `os.replace`.
-
-    Models of 2 GiB or more are saved with their tensors in `<name>.data` next to `path` (the data file is
-    moved into place before the model, so a reader never sees a model without its data).
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    base = os.path.basename(path)
+    """Write `model` to `path` atomically (`mqtool.fileio`: a temporary file in the same folder, then
+    `os.replace`). Models of 2 GiB or more keep their tensors in `<name>.data` next to `path`; that file is
+    moved into place before the model, so a reader never sees a model without its data."""
     if model.ByteSize() < _PROTOBUF_LIMIT:
-        data = model.SerializeToString()
-        tmp = os.path.join(directory, f".{base}.{secrets.token_hex(6)}.tmp")
-        try:
-            with open(tmp, "xb") as f:  # "x": never follow or clobber an existing file
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write_bytes(path, model.SerializeToString())
         return
+    directory, base = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
     tmpdir = tempfile.mkdtemp(prefix=f".{base}.", dir=directory)
     try:
         location = base + ".data"

@@ -8,7 +8,7 @@
   MatMulIntegerToFloat, ...), MatMulNBits (weight-only), or a float op.
 - Per layer (optional): the SQNR of each quantized layer's output against the float model's. The observed
   tensor is the layer's output DequantizeLinear when it has one (exposing it keeps ORT's fusion, measured),
-  else its float output; in the reference, the same tensor name before quantization.
+  else its float output; in the reference, the same point found by structure (see `_observation_pairs`).
 - Latency: median wall time of both models at batch 1 and 32 with 2 intra-op threads, runs interleaved so
   machine load affects both alike.
 """
@@ -28,7 +28,7 @@ import onnx
 
 from mqtool.data import open_data
 from mqtool.errors import InputError
-from mqtool.model import load_model
+from mqtool.model import load_model, node_names
 
 log = logging.getLogger(__name__)
 
@@ -299,46 +299,95 @@ def _layer_weights(model: onnx.ModelProto) -> dict[str, str]:
 
 
 def _observation_pairs(qmodel, rmodel, layers: list[str]) -> list[tuple[str, str, str]]:
-    """(layer, tensor in the quantized model, tensor in the reference) for each quantized layer."""
-    g = qmodel.graph
-    nodes = {n.name: n for n in g.node}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for n in g.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
-    consts = {i.name for i in g.initializer}
-    ref_tensors = {o for n in rmodel.graph.node for o in n.output} | {o.name for o in rmodel.graph.output}
+    """(layer, tensor in the quantized model, tensor in the reference) for each quantized layer.
+
+    Found by structure, not tensor names (packed models have compacted names): from the layer node (same
+    name in both; the reference named as `inspect` names it) follow the single reader through Relu/Clip and
+    a bias Add up to the layer's output QuantizeLinear (observing its DequantizeLinear), and take as many
+    steps in the reference - not counting the k-bit saturation Clip emission adds, letting a rewritten
+    Gemm's bias Add match the Gemm itself and walking through the reference's unfolded BatchNormalization.
+    """
+    q, r = _Walker(qmodel.graph), _Walker(rmodel.graph, node_names(rmodel.graph))
     pairs = []
     for layer in layers:
-        node = nodes.get(layer)
-        if node is None:
+        qn, rn = q.nodes.get(layer), r.nodes.get(layer)
+        if qn is None or rn is None:
             continue
-        t = node.output[0]
-        last_ref = t if t in ref_tensors else None
-        q_obs = None
-        # A layer's output reaches its Q/DQ through at most a bias Add, a Relu/Clip and a k-bit Clip.
-        for _ in range(8):
-            rs = readers.get(t, [])
-            if len(rs) != 1:
-                break
-            r = rs[0]
-            if r.op_type == "QuantizeLinear":
-                dq = readers.get(r.output[0], [])
-                if len(dq) == 1 and dq[0].op_type == "DequantizeLinear":
-                    q_obs = dq[0].output[0]
-                break
-            if r.op_type in ("Relu", "Clip") or (r.op_type == "Add" and any(i in consts for i in r.input)):
-                t = r.output[0]
-                if t in ref_tensors:
-                    last_ref = t
+        t, steps, qnode = q.walk(qn.output[0])
+        if qnode is not None:
+            dq = q.single_reader(qnode.output[0])
+            if dq is None or dq.op_type != "DequantizeLinear":
                 continue
-            break
-        if last_ref is None:
-            continue
-        if q_obs is None:
-            q_obs = last_ref
-        pairs.append((layer, q_obs, last_ref))
+            t = dq.output[0]
+            if steps and steps[-1].op_type == "Clip" and _is_kbit_clip(steps[-1], qnode, q.inits):
+                steps = steps[:-1]
+        ops = [n.op_type for n in steps]
+        if qn.op_type != rn.op_type and ops[:1] == ["Add"]:
+            ops = ops[1:]  # MatMul + bias Add emitted for a Gemm: the Gemm already adds its bias
+        pairs.append((layer, t, r.follow(rn.output[0], ops)))
     return pairs
+
+
+class _Walker:
+    _PASS = ("Relu", "Clip")
+
+    def __init__(self, g: onnx.GraphProto, names: list[str] | None = None):
+        self.nodes = dict(zip(names, g.node)) if names is not None else {n.name: n for n in g.node if n.name}
+        self.readers: dict[str, list[onnx.NodeProto]] = {}
+        for n in g.node:
+            for i in dict.fromkeys(n.input):
+                self.readers.setdefault(i, []).append(n)
+        self.inits = {i.name: i for i in g.initializer}
+        self.consts = set(self.inits) | {n.output[0] for n in g.node if n.op_type == "Constant"}
+
+    def single_reader(self, t: str) -> onnx.NodeProto | None:
+        rs = self.readers.get(t, [])
+        return rs[0] if len(rs) == 1 else None
+
+    def _step_ok(self, n: onnx.NodeProto) -> bool:
+        return n.op_type in self._PASS or (n.op_type == "Add" and any(i in self.consts for i in n.input))
+
+    def walk(self, t: str) -> tuple[str, list[onnx.NodeProto], onnx.NodeProto | None]:
+        """Follow single readers through Relu/Clip/bias Add: (last tensor, the steps, the Q reached)."""
+        steps = []
+        for _ in range(8):
+            n = self.single_reader(t)
+            if n is None:
+                break
+            if n.op_type == "QuantizeLinear":
+                return t, steps, n
+            if not self._step_ok(n):
+                break
+            steps.append(n)
+            t = n.output[0]
+        return t, steps, None
+
+    def follow(self, t: str, ops: list[str]) -> str:
+        """Take the steps `ops` from `t` (walking through BatchNormalization); stop where they differ."""
+        k = 0
+        for _ in range(len(ops) + 8):
+            n = self.single_reader(t)
+            if n is None:
+                break
+            if n.op_type == "BatchNormalization":
+                t = n.output[0]
+                continue
+            if k >= len(ops) or n.op_type != ops[k]:
+                break
+            t, k = n.output[0], k + 1
+        return t
+
+
+def _is_kbit_clip(clip: onnx.NodeProto, q: onnx.NodeProto, inits) -> bool:
+    """Whether `clip` spans exactly 2^k < 256 levels of the QuantizeLinear `q`: emission's k-bit saturation."""
+    from onnx import numpy_helper
+
+    if len(clip.input) < 3 or not all(i in inits for i in (clip.input[1], clip.input[2], q.input[1])):
+        return False
+    lo, hi = (float(numpy_helper.to_array(inits[i])) for i in clip.input[1:3])
+    levels = (hi - lo) / float(numpy_helper.to_array(inits[q.input[1]])) + 1
+    k = round(math.log2(levels)) if levels > 1 else 0
+    return 2 <= k < 8 and abs(levels - 2**k) < 1e-3 * 2**k
 
 
 def _latency(qmodel, rmodel, ds, batches=(1, 32), budget_s: float = 1.5) -> list[LatencyCheck]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import onnx
 
 from passes.base import PassResult
-from passes.graph import subgraph_inputs
+from passes.graph import remove_nodes, subgraph_inputs
 
 # First IR version that lets an initializer exist without a graph input of the same name.
 _IR_INITIALIZERS_NOT_INPUTS = 4
@@ -45,16 +45,15 @@ def cleanup(model: onnx.ModelProto, keep_value_info: bool = True) -> PassResult:
 
     # Backward liveness from the graph outputs (and anything a subgraph reads from the outer scope).
     live = {o.name for o in g.output} | subgraph_inputs(g)
-    alive: list[onnx.NodeProto] = []
-    for n in reversed(g.node):
+    dead_nodes = []
+    for k in range(len(g.node) - 1, -1, -1):
+        n = g.node[k]
         if any(o in live for o in n.output if o):
-            alive.append(n)
             live.update(i for i in n.input if i)
-    alive.reverse()
-    if len(alive) != len(g.node):
-        del g.node[:]
-        g.node.extend(alive)
-        modified = True
+        else:
+            dead_nodes.append(k)
+    remove_nodes(g, dead_nodes)
+    modified |= bool(dead_nodes)
 
     # Delete in place (reverse index order) rather than rebuilding the list: no copy of large weights.
     dead = [k for k, i in enumerate(g.initializer) if i.name not in live]

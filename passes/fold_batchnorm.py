@@ -28,7 +28,7 @@ import onnx
 from onnx import numpy_helper
 
 from passes.base import PassResult
-from passes.graph import Namer, attr, consumers, initializers, producers, set_attr
+from passes.graph import Namer, attr, consumers, initializers, producers, remove_nodes, set_attr
 
 log = logging.getLogger(__name__)
 
@@ -38,19 +38,14 @@ _LAYERS = ("Conv", "ConvTranspose", "Gemm")
 def fold_batchnorm(model: onnx.ModelProto) -> PassResult:
     """Fold every foldable BatchNormalization into its producer (in place)."""
     g = model.graph
-    removed: set[int] = set()
     namer = Namer(g)
-    for bn in list(g.node):
-        if bn.op_type != "BatchNormalization" or bn.domain not in ("", "ai.onnx"):
-            continue
-        if _fold_one(g, bn, namer):
-            removed.add(id(bn))
-    if not removed:
-        return PassResult(model, False)
-    keep = [n for n in g.node if id(n) not in removed]
-    del g.node[:]
-    g.node.extend(keep)
-    return PassResult(model, True)
+    removed = [
+        k
+        for k, bn in enumerate(g.node)
+        if bn.op_type == "BatchNormalization" and bn.domain in ("", "ai.onnx") and _fold_one(g, bn, namer)
+    ]
+    remove_nodes(g, removed)
+    return PassResult(model, bool(removed))
 
 
 def _fold_one(g: onnx.GraphProto, bn: onnx.NodeProto, namer: Namer) -> bool:
@@ -61,7 +56,7 @@ def _fold_one(g: onnx.GraphProto, bn: onnx.NodeProto, namer: Namer) -> bool:
     layer = prod.get(x)
     if layer is None or layer.op_type not in _LAYERS or layer.domain not in ("", "ai.onnx"):
         return False
-    if [id(n) for n in cons.get(x, [])] != [id(bn)] or x in outputs:
+    if len(cons.get(x, [])) != 1 or x in outputs:  # the BN must be the layer's only reader
         return False
     if attr(bn, "training_mode", 0) or any(o for o in bn.output[1:]):
         return False

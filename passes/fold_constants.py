@@ -24,7 +24,7 @@ from onnx import numpy_helper
 
 from mqtool.model import constant_values
 from passes.base import PassResult
-from passes.graph import subgraph_inputs
+from passes.graph import remove_nodes, subgraph_inputs
 
 
 def fold_constants(model: onnx.ModelProto) -> PassResult:
@@ -33,23 +33,20 @@ def fold_constants(model: onnx.ModelProto) -> PassResult:
     values = constant_values(model)
     outputs = {o.name for o in g.output}
     folded = [
-        n
-        for n in g.node
+        k
+        for k, n in enumerate(g.node)
         if n.output and all(o in values for o in n.output if o) and not any(o in outputs for o in n.output)
     ]
     if not folded:
         return PassResult(model, False)
-    folded_ids = {id(n) for n in folded}
-    keep = [n for n in g.node if id(n) not in folded_ids]
-    needed = {i for n in keep for i in n.input} | subgraph_inputs(g)
+    gone = set(folded)
+    needed = {i for k, n in enumerate(g.node) if k not in gone for i in n.input} | subgraph_inputs(g)
     existing = {i.name for i in g.initializer}
-    new_inits = [
+    g.initializer.extend(
         numpy_helper.from_array(values[o], o)
-        for n in folded
-        for o in n.output
+        for k in folded
+        for o in g.node[k].output
         if o and o in needed and o not in existing
-    ]
-    del g.node[:]
-    g.node.extend(keep)
-    g.initializer.extend(new_inits)
+    )
+    remove_nodes(g, folded)
     return PassResult(model, True)

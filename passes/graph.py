@@ -117,12 +117,17 @@ def set_attr(node: onnx.NodeProto, name: str, value) -> None:
     node.attribute.append(onnx.helper.make_attribute(name, value))
 
 
-def replace_input(graph: onnx.GraphProto, old: str, new: str, *, skip: set[int] | None = None) -> int:
-    """Make every main-graph node (except the ids in `skip`) read `new` instead of `old`; returns how many."""
+def remove_nodes(graph: onnx.GraphProto, indices) -> None:
+    """Delete the nodes at `indices` in place (highest first). Index-based on purpose: protobuf wrapper
+    objects are recreated on access, so `id(node)` is not a stable identity."""
+    for k in sorted(set(indices), reverse=True):
+        del graph.node[k]
+
+
+def replace_input(graph: onnx.GraphProto, old: str, new: str) -> int:
+    """Make every main-graph node read `new` instead of `old`; returns how many inputs changed."""
     count = 0
     for n in graph.node:
-        if skip and id(n) in skip:
-            continue
         for k, i in enumerate(n.input):
             if i == old:
                 n.input[k] = new

@@ -87,9 +87,10 @@ def insert_qdq(
         axis = layer.channel_axis
         scale = over.scale if over.scale is not None else weight_scale(w, bits, axis, method="mse")
         q, scale = quantize_weight(w, bits, axis, scale=np.asarray(scale, dtype=np.float32))
-        # Zero point 0 is DequantizeLinear's default; only a Gemm needs it spelled out (ORT fuses QGemm
-        # only when the weight DQ has one). pack_weights adds one for UINT8 (128).
-        zero = np.zeros(len(scale), np.int8) if layer.op_type == "Gemm" else None
+        # An explicit zero point 0 (ORT's convention): ORT fuses a Gemm - also one it makes from a 2-D
+        # MatMul + bias Add - into QGemm only when the weight DQ has one. Identical all-zero zero points
+        # of layers with the same channel count are merged by dedupe_initializers.
+        zero = np.zeros(len(scale), np.int8)
         node.input[layer.weight_input] = _add_dq(g, namer, f"w{j}", q.astype(np.int8), scale, axis, zero)
         act = activations.get(layer.input) if int32_bias(layer, activations) else None
         _bias(g, namer, inits, node, f"b{j}", layer.bias, over.bias, act, scale)
@@ -178,7 +179,6 @@ def _add_activation_qdq(g: onnx.GraphProto, namer: Namer, tensor: str, tag: str,
     new_nodes.append(
         helper.make_node("DequantizeLinear", [q_out, s_name, z_name], [dq_out], namer(f"{tag}.DQ"))
     )
-    skip = {id(n) for n in new_nodes}
     if not is_output:
-        replace_input(g, src, dq_out, skip=skip)
+        replace_input(g, src, dq_out)  # before the new nodes join the graph: the Q keeps reading `src`
     g.node.extend(new_nodes)

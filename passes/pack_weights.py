@@ -1,7 +1,7 @@
 """Move quantized weights from INT8 containers into INT4 / INT2 / UINT8 where the storage plan says so.
 
-Before::    DequantizeLinear <axis=0>(w0.q: int8 [64, 32], w0.s)        (zero point 0, the default; Gemm: explicit)
-After::     DequantizeLinear <axis=0>(w0.q: int4 [64, 32], w0.s)
+Before::    DequantizeLinear <axis=0>(w0.q: int8 [64, 32], w0.s, w0.z: int8 [64] = 0)
+After::     DequantizeLinear <axis=0>(w0.q: int4 [64, 32], w0.s, w0.z: int4 [64] = 0)
 or, UINT8:  DequantizeLinear <axis=0>(w0.q + 128: uint8 [64, 32], w0.s, w0.z: uint8 [64] = 128)
 
 The dequantized values are unchanged (the integers already lie in the k-bit range; one that does not fit

@@ -22,7 +22,7 @@ import torch
 from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from mqtool.backend import supported_ops, to_torch
+from mqtool.backend import ActFakeQuant, supported_ops, to_torch
 from mqtool.errors import InputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -490,6 +490,13 @@ CASES = [
         const=(1,),
     ),
     Case("expand_bidirectional", "Expand", [f32(3, 1), i64(2, 1, 4)], const=(1,)),
+    Case("trilu_upper_k", "Trilu", [f32(2, 4, 5), i64(1)], const=(1,), opset=14),
+    Case("trilu_lower", "Trilu", [f32(4, 3)], {"upper": 0}, opset=14),
+    Case("trilu_lower_neg_k", "Trilu", [f32(4, 3), i64(-1)], {"upper": 0}, opset=14, const=(1,)),
+    Case("cumsum", "CumSum", [f32(3, 4), i64(1)], const=(1,)),
+    Case(
+        "cumsum_exclusive_reverse", "CumSum", [f32(3, 4), i64(-2)], {"exclusive": 1, "reverse": 1}, const=(1,)
+    ),
     Case("tile", "Tile", [f32(2, 3), i64(2, 1)], const=(1,)),
     Case(
         "constant_of_shape",
@@ -927,3 +934,82 @@ def test_constant_operands_become_quant_layers() -> None:
         (layer,) = to_torch(case.model(case.const)).layers.values()
         assert layer.info.weight_input == weight_input and (layer.bias is not None) == has_bias, case_id
         assert isinstance(layer.weight, torch.nn.Parameter)
+
+
+def test_names_that_shadow_attributes_are_safe() -> None:
+    # Tensors and nodes named like nn.Module / ModuleDict methods, with '/' and '.' in names.
+    model = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 3] x) => (float[N, 2] y) {
+            eval = Constant <value = float[3, 2] {1, 2, 3, 4, 5, 6}> ()
+            training = Constant <value = float[2] {0.5, -0.5}> ()
+            h = MatMul (x, eval)
+            "a/b.c" = Add (h, training)
+            y = Relu ("a/b.c")
+        }
+    """)
+    for node, name in zip(model.graph.node[2:], ["keys", "/a/b.c", "forward"]):
+        node.name = name
+    module = to_torch(model)
+    assert list(module.layers) == ["keys"]
+    x = torch.randn(4, 3)
+    w = torch.tensor([[1.0, 2], [3, 4], [5, 6]])
+    expected = torch.relu(x @ w + torch.tensor([0.5, -0.5]))
+    assert torch.allclose(module(x), expected)
+    module.set_act_quant("a/b.c", ActFakeQuant(8, 0.1, 128))
+    h = torch.round((x @ w + torch.tensor([0.5, -0.5])) / 0.1).clamp(-128, 127) * 0.1
+    assert torch.allclose(module(x), torch.relu(h), atol=1e-6)
+    assert module.training is True and callable(module.eval)
+
+
+def test_torch_exported_unet_with_dynamic_spatial_shapes() -> None:
+    # Shape -> Resize/Pad/ConvTranspose chains as torch's exporter writes them, run at two image sizes.
+    import io
+    import warnings
+
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+            self.c2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+            self.up = nn.ConvTranspose2d(16, 8, 2, stride=2)
+            self.c3 = nn.Conv2d(16, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(8)
+            self.gn = nn.GroupNorm(2, 16)
+
+        def forward(self, x):
+            a = F.hardswish(self.bn(self.c1(x)))
+            b = F.leaky_relu(self.gn(self.c2(a)), 0.1)
+            u = self.up(b)
+            v = F.interpolate(b, scale_factor=2, mode="bilinear", align_corners=False)
+            y = self.c3(torch.cat([u, a], 1)) + v[:, :4] + F.interpolate(b, size=u.shape[2:])[:, 4:8]
+            y = F.pad(y, (1, 2, 0, 1), mode="reflect")
+            return F.avg_pool2d(y, 3, 2, ceil_mode=True), torch.sigmoid(y).amax(dim=(2, 3))
+
+    torch.manual_seed(0)
+    f = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            Net().eval(),
+            (torch.randn(1, 3, 16, 20),),
+            f,
+            dynamo=False,
+            opset_version=17,
+            input_names=["x"],
+            dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}},
+        )
+    model = onnx.load_from_string(f.getvalue())
+    sess = ort.InferenceSession(f.getvalue(), providers=["CPUExecutionProvider"])
+    module = to_torch(model)
+    assert len(module.layers) == 4
+    for shape in [(2, 3, 16, 20), (1, 3, 24, 12)]:
+        x = f32(*shape)
+        ref = sess.run(None, {"x": x})
+        with torch.no_grad():
+            got = module(torch.from_numpy(x))
+        for g, r in zip(got, ref):
+            _compare(g.numpy(), r, f"unet {shape}")

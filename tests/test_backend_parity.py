@@ -123,6 +123,8 @@ def test_zoo_parity(path: str) -> None:
     ref = dict(zip(names, _session(ort_model).run(names, {inp.name: x, **weights})))
     del ort_model, weights
     module = to_torch(model)
+    # Every Conv/Gemm runs as a QuantLayer with its (random) weight as a parameter.
+    assert len(module.layers) == sum(n.op_type in ("Conv", "Gemm") for n in model.graph.node)
     del model
     with torch.no_grad():
         got = module.run({inp.name: x}, names)
@@ -167,4 +169,4 @@ def test_bench_quick_smoke(tmp_path) -> None:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(out.read_text())
-    assert result["quick"] and result["ratio"] > 0 and result["max_logit_diff"] <= 1e-4 * 20
+    assert result["quick"] and result["ratio"] > 0 and result["max_logit_diff"] < 1e-3

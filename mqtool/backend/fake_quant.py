@@ -159,6 +159,8 @@ class WeightFakeQuant(nn.Module):
             if channels is None:
                 raise ValueError("WeightFakeQuant needs init_scale or channels (or use from_weight)")
             init = torch.ones(channels, dtype=torch.float32)
+        elif isinstance(init_scale, Tensor):
+            init = init_scale.detach().to(torch.float32).reshape(-1).clone()
         else:
             init = torch.as_tensor(np.asarray(init_scale, dtype=np.float32)).reshape(-1).clone()
         self.scale = nn.Parameter(init, requires_grad=learnable)

@@ -31,16 +31,16 @@ from mqtool.model import constant_values, node_names
 _NONE = 0
 
 
-def _safe_key(name: str, taken: set[str]) -> str:
-    """A module/buffer attribute name for an ONNX name (which may contain '/', '.', ':')."""
+def _safe_key(name: str, owner: nn.Module) -> str:
+    """A free attribute name on `owner` for an ONNX name (which may contain '/', '.', ':')."""
     key = re.sub(r"\W", "_", name).strip("_") or "t"
     if key[0].isdigit():
         key = "_" + key
     base, k = key, 1
-    while key in taken:
+    # hasattr: a tensor called "eval" or a node called "keys" must not shadow the container's methods.
+    while key in owner._buffers or key in owner._modules or key in owner._parameters or hasattr(owner, key):
         key = f"{base}_{k}"
         k += 1
-    taken.add(key)
     return key
 
 
@@ -66,6 +66,8 @@ class OnnxModule(nn.Module):
         super().__init__()
         self.qlayers = nn.ModuleDict()
         self.act_quant = nn.ModuleDict()
+        # Constants live in their own container: their names cannot collide with this class's attributes.
+        self.constants = nn.Module()
         self.layers: dict[str, QuantLayer] = {}
         self.act_quantizers: dict[str, nn.Module] = {}
         self.input_names: list[str] = []
@@ -121,7 +123,7 @@ class OnnxModule(nn.Module):
         if self._plan_stale:
             self._rebuild_plan()
         env: list[Any] = [None] * self._n_slots
-        buffers = self._buffers
+        buffers = self.constants._buffers
         for slot, key in self._const_slots:
             env[slot] = buffers[key]
         for slot, x in zip(self._input_slots, inputs):
@@ -170,7 +172,7 @@ class OnnxModule(nn.Module):
             del self._qkeys[tensor]
             self.act_quantizers.pop(tensor, None)
         if quantizer is not None:
-            key = _safe_key(tensor, set(self.act_quant.keys()))
+            key = _safe_key(tensor, self.act_quant)
             self.act_quant[key] = quantizer
             self._qkeys[tensor] = key
             self.act_quantizers[tensor] = quantizer
@@ -275,8 +277,6 @@ def to_torch(model: onnx.ModelProto, info: ModelInfo | None = None, *, source: s
     needed: set[str] = {o for o in m.output_names if o in consts}
     errors: list[str] = []
     steps = []
-    buffer_keys: set[str] = set()
-    layer_keys: set[str] = set()
     for node, name in live:
         ctx = Node(node, name, opset, consts)
         try:
@@ -296,7 +296,7 @@ def to_torch(model: onnx.ModelProto, info: ModelInfo | None = None, *, source: s
             module = QuantLayer(
                 layer, fn, consts[inputs[wpos]], consts[inputs[bpos]] if bpos else None, wpos, bpos
             )
-            m.qlayers[_safe_key(name, layer_keys)] = module
+            m.qlayers[_safe_key(name, m.qlayers)] = module
             m.layers[name] = module
             runtime = [t for i, t in enumerate(inputs) if i not in (wpos, bpos)]
             fn = module
@@ -315,8 +315,8 @@ def to_torch(model: onnx.ModelProto, info: ModelInfo | None = None, *, source: s
             raise InputError(f"{source}: constant '{name}' of type {value.dtype} is not supported")
         if value.dtype.kind == "f":
             value = value.astype(np.float32)
-        key = _safe_key(name, buffer_keys | set(m._buffers))
-        m.register_buffer(key, torch.from_numpy(np.array(value)))
+        key = _safe_key(name, m.constants)
+        m.constants.register_buffer(key, torch.from_numpy(np.array(value)))
         m._const_slots.append((slot(name), key))
 
     m._output_slots = [slot(o) for o in m.output_names]

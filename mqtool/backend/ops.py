@@ -900,6 +900,36 @@ def _tile(node: Node) -> OpFn:
     return lambda x, repeats: x.repeat(get(repeats))
 
 
+@register("Trilu")
+def _trilu(node: Node) -> OpFn:
+    fn = torch.triu if node.attr("upper", 1) else torch.tril
+    get = _ints_input(node, 1)
+
+    def trilu(x: Tensor, k: Tensor | None = None) -> Tensor:
+        diagonal = get(k)
+        return fn(x, diagonal[0] if diagonal else 0)
+
+    return trilu
+
+
+@register("CumSum")
+def _cumsum(node: Node) -> OpFn:
+    exclusive = bool(node.attr("exclusive", 0))
+    reverse = bool(node.attr("reverse", 0))
+    get = _ints_input(node, 1)
+
+    def cumsum(x: Tensor, axis: Tensor) -> Tensor:
+        a = get(axis)[0] % x.dim()
+        if reverse:
+            x = x.flip(a)
+        y = torch.cumsum(x, a)
+        if exclusive:
+            y = y - x
+        return y.flip(a) if reverse else y
+
+    return cumsum
+
+
 @register("ConstantOfShape")
 def _constant_of_shape(node: Node) -> OpFn:
     value = node.attrs.get("value")

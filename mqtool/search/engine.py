@@ -284,7 +284,8 @@ class SearchEngine:
 
     def _build_mqn(self) -> MetaQuantNet:
         layers = {
-            layer.name: (self.net.layers[layer.name].weight.detach(), layer.channel_axis) for layer in self.info.layers
+            layer.name: (self.net.layers[layer.name].weight.detach(), layer.channel_axis)
+            for layer in self.info.layers
         }
         widths = sorted(set(self.widths) | {b for b in self.pins.values() if b != FLOAT})
         return MetaQuantNet(layers, widths, hidden=self.cfg.hidden)

@@ -1,0 +1,96 @@
+"""`mqtool.validate`: accuracy/agreement, SQNR and cosine per output, kernels ORT chose, per-layer SQNR
+(structural pairing, also on packed models with compacted names), latency."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper, parser
+
+from mqtool.analysis import analyze
+from mqtool.emit import quantize_model
+from mqtool.errors import InputError
+from mqtool.policy import Policy
+from mqtool.validate import validate
+
+from .test_passes_qdq import cnn
+
+RNG = np.random.default_rng(3)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("val")
+    m = cnn()
+    onnx.save(m, d / "fp.onnx")
+    x = RNG.normal(size=(40, 3, 8, 8)).astype(np.float32)
+    np.savez(d / "data.npz", x=x, y=RNG.integers(0, 4, 40))
+    info = analyze(m)
+    for storage in ("int8", "packed"):
+        q = quantize_model(m, Policy.uniform(info.names, 8), data={"x": x}, storage=storage)
+        onnx.save(q, d / f"{storage}.onnx")
+    return d, info
+
+
+def test_validate_classifier_int8(files):
+    d, info = files
+    r = validate(d / "int8.onnx", d / "fp.onnx", d / "data.npz", per_layer=True, batch_size=16)
+    assert r.samples == 40 and 0 <= r.reference_top1 <= 1 and r.top1_agreement >= 0.9
+    (out,) = r.outputs
+    assert out.name == "y" and out.sqnr_db > 25 and out.cosine > 0.99
+    assert [layer.name for layer in r.layers] == info.names
+    assert {layer.path for layer in r.layers} == {"integer"}
+    assert all(layer.sqnr_db > 25 for layer in r.layers)
+    assert [lat.batch for lat in r.latency] == [1, 32] and all(lat.quantized_ms > 0 for lat in r.latency)
+    doc = r.to_json()
+    assert doc["integer_layers"] == len(info.names) and doc["float_layers"] == []
+    assert "top-1 agreement" in r.text()
+
+
+def test_validate_packed_compacted_names_per_layer(files):
+    d, info = files
+    r = validate(d / "packed.onnx", d / "fp.onnx", d / "data.npz", per_layer=True, latency=False)
+    # 8-bit weights with quantized inputs stay UINT8 in packed storage: still integer kernels.
+    assert {layer.path for layer in r.layers} == {"integer"}
+    assert all(layer.sqnr_db is not None and layer.sqnr_db > 25 for layer in r.layers)
+    assert r.latency == []
+
+
+def test_multi_output_regression_model(tmp_path):
+    m = parser.parse_model(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 6] x) => (float[N, 3, 2] y, float[N] z) {
+          h = MatMul(x, W)
+          y = Reshape(h, shape)
+          z = ReduceSum <keepdims = 0> (h, axes)
+        }"""
+    )
+    m.graph.initializer.extend(
+        [
+            numpy_helper.from_array(RNG.normal(size=(6, 6)).astype(np.float32), "W"),
+            numpy_helper.from_array(np.array([-1, 3, 2]), "shape"),
+            numpy_helper.from_array(np.array([1]), "axes"),
+        ]
+    )
+    onnx.save(m, tmp_path / "fp.onnx")
+    x = RNG.normal(size=(20, 6)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    q = quantize_model(m, Policy.uniform(analyze(m).names, 6), data={"x": x})
+    onnx.save(q, tmp_path / "q.onnx")
+    r = validate(tmp_path / "q.onnx", tmp_path / "fp.onnx", tmp_path / "d.npz", latency=False, per_layer=True)
+    assert r.top1_agreement is None and r.reference_top1 is None
+    assert [o.name for o in r.outputs] == ["y", "z"] and all(math.isfinite(o.sqnr_db) for o in r.outputs)
+    assert r.layers[0].sqnr_db is not None
+
+
+def test_mismatched_models_are_input_errors(files, tmp_path):
+    d, _ = files
+    other = parser.parse_model(
+        """<ir_version: 8, opset_import: ["" : 17]> g (float[N, 3, 8, 8] z) => (float[N, 3, 8, 8] y) { y = Relu(z) }"""
+    )
+    onnx.save(other, tmp_path / "other.onnx")
+    with pytest.raises(InputError, match="inputs"):
+        validate(tmp_path / "other.onnx", d / "fp.onnx", d / "data.npz")
