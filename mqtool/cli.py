@@ -92,20 +92,49 @@ def inspect(model: str, as_json: bool) -> None:
 def search_options(f):
     """Options shared by `search` and `convert --target-*` (they map onto `SearchConfig` fields)."""
     opts = [
-        click.option("--workdir", type=click.Path(file_okay=False), default=None,
-                     help="Checkpoints and the trained MetaQuantNet (default: a per-model folder in ~/.cache/mqtool)."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Random seed (same seed, same policy)."),
-        click.option("--epochs", type=click.IntRange(0, 10_000), default=6, show_default=True,
-                     help="MetaQuantNet training epochs."),
+        click.option(
+            "--workdir",
+            type=click.Path(file_okay=False),
+            default=None,
+            help="Checkpoints and the trained MetaQuantNet (default: a per-model folder in ~/.cache/mqtool).",
+        ),
+        click.option(
+            "--seed", type=int, default=0, show_default=True, help="Random seed (same seed, same policy)."
+        ),
+        click.option(
+            "--epochs",
+            type=click.IntRange(0, 10_000),
+            default=6,
+            show_default=True,
+            help="MetaQuantNet training epochs.",
+        ),
         click.option("--population", type=click.IntRange(2, 100_000), default=50, show_default=True),
         click.option("--generations", type=click.IntRange(1, 100_000), default=20, show_default=True),
-        click.option("--metric", type=click.Choice(["ce", "kl", "cosine", "sqnr"]), default=None,
-                     help="Fitness on the search split (default: ce with labels, kl without)."),
-        click.option("--search-act", is_flag=True, help="Also decide per layer whether its input activation is quantized."),
-        click.option("--pin", "pins", multiple=True, metavar="NODE=BITS",
-                     help="Fix a layer's weight bits (2..8 or 32), e.g. --pin conv1=8. Repeatable."),
-        click.option("--search-split", type=click.FloatRange(0.01, 0.99), default=0.2, show_default=True,
-                     help="Fraction of --data held out to score candidate policies."),
+        click.option(
+            "--metric",
+            type=click.Choice(["ce", "kl", "cosine", "sqnr"]),
+            default=None,
+            help="Fitness on the search split (default: ce with labels, kl without).",
+        ),
+        click.option(
+            "--search-act",
+            is_flag=True,
+            help="Also decide per layer whether its input activation is quantized.",
+        ),
+        click.option(
+            "--pin",
+            "pins",
+            multiple=True,
+            metavar="NODE=BITS",
+            help="Fix a layer's weight bits (2..8 or 32), e.g. --pin conv1=8. Repeatable.",
+        ),
+        click.option(
+            "--search-split",
+            type=click.FloatRange(0.01, 0.99),
+            default=0.2,
+            show_default=True,
+            help="Fraction of --data held out to score candidate policies.",
+        ),
         click.option("--widths", default="2,3,4,5,6,8", show_default=True, help="Candidate weight widths."),
         click.option("--restart", is_flag=True, help="Ignore (and overwrite) checkpoints in the workdir."),
     ]
@@ -168,11 +197,18 @@ def _err(msg: str, bar: bool = False) -> None:
 
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--data", required=True, type=click.Path(), help="Training data (.npz with inputs and optional y).")
+@click.option(
+    "--data", required=True, type=click.Path(), help="Training data (.npz with inputs and optional y)."
+)
 @click.option("--target-bits", default=None, help="Average weight bits budget(s), e.g. 2.5 or 2.5,3,4.")
 @click.option("--target-bitops", default=None, help="BitOPs budget(s) relative to uniform w8a8, e.g. 0.1.")
-@click.option("-o", "--output", required=True, type=click.Path(),
-              help="Policy JSON (one budget) or a directory (several budgets: one policy each + pareto.json/png).")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(),
+    help="Policy JSON (one budget) or a directory (several budgets: one policy each + pareto.json/png).",
+)
 @search_options
 def search(model, data, target_bits, target_bitops, output, workdir, **kw) -> None:
     """Search per-layer weight bits for MODEL under one or more budgets (MetaQuantNet + genetic search)

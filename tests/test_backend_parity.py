@@ -162,7 +162,15 @@ def test_bench_quick_smoke(tmp_path) -> None:
     _example("mnist_cnn")
     out = tmp_path / "backend.json"
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "bench", "bench_backend.py"), "--quick", "--out", str(out)],
+        [
+            sys.executable,
+            os.path.join(ROOT, "bench", "bench_backend.py"),
+            "--quick",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+        ],
         capture_output=True,
         text=True,
         cwd=ROOT,

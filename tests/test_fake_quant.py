@@ -61,6 +61,11 @@ def test_fake_quantize_equals_numerics_bit_for_bit(case) -> None:
     got = fake_quantize(torch.from_numpy(x), torch.from_numpy(np.asarray(scale)), zp, qmin, qmax, axis)
     assert got.dtype == torch.float32
     assert np.array_equal(got.numpy(), ref)
+    # the autograd path (training) and the in-place path (inference) compute the same bits
+    trained = fake_quantize(
+        torch.from_numpy(x).requires_grad_(), torch.from_numpy(np.asarray(scale)), zp, qmin, qmax, axis
+    )
+    assert np.array_equal(trained.detach().numpy(), ref)
 
 
 @settings(max_examples=200, deadline=None)

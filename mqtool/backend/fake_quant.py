@@ -121,6 +121,13 @@ def fake_quantize(
     zp = zp.to(device=x.device, dtype=x.dtype)
     if axis is not None:
         axis = axis % x.dim()
+    if not (torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad)):
+        # Inference (GA fitness, calibration): the same float32 ops, in place, without autograd's bookkeeping.
+        s = _bcast(scale, x.dim(), axis)
+        z = _bcast(zp, x.dim(), axis)
+        q = torch.div(x, s).round_().add_(z)
+        q = q.nan_to_num_(nan=0.0, posinf=float(qmax), neginf=float(qmin)).clamp_(int(qmin), int(qmax))
+        return q.sub_(z).mul_(s)
     return _FakeQuantFn.apply(x, scale, zp, int(qmin), int(qmax), axis)
 
 
