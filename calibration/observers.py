@@ -41,11 +41,13 @@ class StreamingHistogram:
         self.exact_zeros = 0  # values == 0.0 (post-ReLU tensors are often half zeros)
         self._zeros = 0  # values seen while every value was 0 (no scale to bin them yet)
 
-    def update(self, x: np.ndarray) -> None:
+    def update(self, x: np.ndarray, amax: float | None = None) -> None:
+        """Count the values of `x`; `amax` (max |x|) may be passed when the caller already knows it."""
         x = np.asarray(x, dtype=np.float32).ravel()
         if x.size == 0:
             return
-        amax = float(np.max(np.abs(x)))
+        if amax is None:
+            amax = float(max(-x.min(), x.max()))
         self.exact_zeros += int(np.count_nonzero(x == 0))
         if amax == 0.0 and self.limit == 0.0:
             self._zeros += x.size
@@ -59,8 +61,10 @@ class StreamingHistogram:
             self.counts = np.zeros(self.bins, dtype=np.int64)
             self.counts[self.bins // 4 : self.bins // 4 + self.bins // 2] = merged
             self.limit *= 2.0
-        idx = np.floor((x.astype(np.float64) + self.limit) * (self.bins / (2 * self.limit))).astype(np.int64)
-        np.clip(idx, 0, self.bins - 1, out=idx)
+        # x + R >= 0, so truncation is floor; bins / 2R is a power of two, so the product is exact in
+        # float32 (x + R may round: a value within float32 precision of an edge can land next door).
+        idx = ((x + np.float32(self.limit)) * np.float32(self.bins / (2 * self.limit))).astype(np.intp)
+        np.minimum(idx, self.bins - 1, out=idx)
         self.counts += np.bincount(idx, minlength=self.bins)
 
     @property
@@ -84,10 +88,10 @@ class Observer:
         x = np.asarray(x)
         if x.size == 0:
             return
-        self.min = min(self.min, float(np.min(x)))
-        self.max = max(self.max, float(np.max(x)))
+        lo, hi = float(np.min(x)), float(np.max(x))
+        self.min, self.max = min(self.min, lo), max(self.max, hi)
         if self.hist is not None:
-            self.hist.update(x)
+            self.hist.update(x, amax=max(-lo, hi))
 
     def range(
         self, method: str = "percentile", bits: int = 8, percentile: float = 99.99

@@ -7,9 +7,9 @@ output ``logits`` [N,10], dynamic batch) next to this file, plus the
 ``train.npz`` / ``test.npz`` split if missing.  Deterministic for a given
 machine, library versions and thread count (2).
 
-Architecture: 4x4 patches embedded by a strided Conv (49 tokens) + class
-token + learnable position embedding -> pre-norm encoder blocks
-(LayerNorm -> multi-head self-attention with explicit q/k/v/out Linear
+Architecture: input normalisation -> 7x7 patches embedded by a strided Conv
+(16 tokens) + class token + learnable position embedding -> 4 pre-norm encoder
+blocks (LayerNorm -> multi-head self-attention with explicit q/k/v/out Linear
 projections, MatMul and Softmax -> residual Add; LayerNorm -> MLP with exact
 (erf) GELU -> residual Add) -> final LayerNorm -> Linear head on the class token.
 """
@@ -29,15 +29,15 @@ import torch.nn as nn  # noqa: E402
 import common  # noqa: E402
 
 SEED = 0
-EPOCHS = 45
+EPOCHS = 60
 BATCH_SIZE = 64
-LR = 2e-3
-WEIGHT_DECAY = 0.05
-WARMUP_EPOCHS = 5
-LABEL_SMOOTHING = 0.1
+LR = 3e-3
+WEIGHT_DECAY = 0.02
+WARMUP_EPOCHS = 2
+LABEL_SMOOTHING = 0.0
 MAX_SHIFT = 2
 
-PATCH = 4
+PATCH = 7
 DIM = 48
 DEPTH = 4
 HEADS = 3
@@ -101,15 +101,16 @@ class TinyViT(nn.Module):
         self.blocks = nn.ModuleList([Block(dim, heads, mlp_ratio) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        # Linear/Conv keep PyTorch's default init.  A large position-embedding
+        # init (std 1 instead of the usual 0.02) matters a lot on this tiny
+        # data set: with 0.02 the model starts as a bag of patches and needs
+        # ~4x more epochs to reach the same accuracy.
+        nn.init.normal_(self.pos_embed, std=1.0)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
 
     def forward(self, x):  # x: [N,1,28,28] in [0,1]
-        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # N,49,dim
+        x = (x - 0.1307) / 0.3081  # MNIST normalisation, inside the model
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # N,16,dim
         cls = self.cls_token.expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1) + self.pos_embed
         for blk in self.blocks:

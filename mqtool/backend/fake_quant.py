@@ -251,9 +251,9 @@ class ActFakeQuant(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         s = self.scale
-        if s.requires_grad:
+        if s.requires_grad and torch.is_grad_enabled():
             s = _GradScale.apply(s, _lsq_grad_scale(x.numel(), self.qmax))
-        return _FakeQuantFn.apply(x, s.to(x.dtype), self.zero_point.to(x.dtype), self.qmin, self.qmax, None)
+        return fake_quantize(x, s.to(x.dtype), self.zero_point.to(x.dtype), self.qmin, self.qmax, None)
 
     def extra_repr(self) -> str:
         scale, zp = self.qparams()

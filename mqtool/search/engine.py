@@ -419,7 +419,7 @@ class SearchEngine:
             h = g.history[-1]
             self.progress(
                 "ga_generation",
-                {"budget": budget.label, "generation": g.generation, "generations": g.cfg.generations, **h},
+                {**h, "budget": budget.label, "generation": g.generation, "generations": g.cfg.generations},
             )
 
         res = ga.run(self.evaluate, on_generation)
