@@ -120,6 +120,9 @@ class SearchEngine:
         self.workdir = workdir
         self.progress = progress or _noop
         os.makedirs(workdir, exist_ok=True)
+        for f in os.listdir(workdir):  # temp files of a killed run (outputs are renamed into place)
+            if f.startswith(".") and f.endswith(".tmp"):
+                os.unlink(os.path.join(workdir, f))
         torch.set_flush_denormal(True)
         self.model = prepare(model)
         self.info: ModelInfo = analyze(self.model)
@@ -296,7 +299,7 @@ class SearchEngine:
         mqn = self._build_mqn()
         opt = torch.optim.Adam(mqn.parameters(), lr=self.cfg.lr)
         path = os.path.join(self.workdir, "metaquantnet.pt")
-        state = checkpoint.load(path, self.fp, self.cfg.restart)
+        state = None if self.cfg.restart else checkpoint.load(path, self.fp)
         start = 0
         if state is not None:
             mqn.load_state_dict(state["model"])
@@ -409,7 +412,7 @@ class SearchEngine:
         )
         path = os.path.join(self.workdir, f"ga-{budget.label}.pt")
         gfp = checkpoint.fingerprint(self.fp, budget.label)
-        state = checkpoint.load(path, gfp, self.cfg.restart)
+        state = None if self.cfg.restart else checkpoint.load(path, gfp)
         if state is not None:
             ga.load_state(_from_torch(state["ga"]))
             self.progress("ga_resume", {"generation": ga.generation, "budget": budget.label})
