@@ -104,7 +104,7 @@ def search_options(f):
         click.option(
             "--epochs",
             type=click.IntRange(0, 10_000),
-            default=6,
+            default=4,
             show_default=True,
             help="MetaQuantNet training epochs.",
         ),
@@ -266,6 +266,17 @@ _BITS = click.IntRange(2, 8)
     show_default=True,
     help="auto: what ONNX Runtime runs fastest per layer; int8: integer kernels; packed: smallest file.",
 )
+@click.option(
+    "--target-bits", default=None, help="Search the policy: average weight bits <= this (one value)."
+)
+@click.option("--target-bitops", default=None, help="Search the policy: BitOPs <= this x uniform w8a8.")
+@click.option(
+    "--finetune-epochs",
+    type=click.IntRange(0, 10_000),
+    default=None,
+    help="Quantization-aware finetuning epochs (default 3 with --target-*, 0 with --bits/--policy).",
+)
+@search_options
 def convert(
     model: str,
     output: str,
@@ -275,16 +286,60 @@ def convert(
     data: str | None,
     calibration: str,
     storage: str,
+    target_bits: str | None,
+    target_bitops: str | None,
+    finetune_epochs: int | None,
+    workdir: str | None,
+    **kw,
 ) -> None:
-    """Quantize MODEL with uniform --bits or a --policy file and write the QDQ model to -o."""
+    """Quantize MODEL and write the QDQ model to -o. The policy comes from uniform --bits, a --policy file,
+    or a search under --target-bits/--target-bitops (MetaQuantNet + genetic search + finetuning)."""
     from mqtool import emit
 
-    if (bits is None) == (policy_path is None):
-        raise click.UsageError("give exactly one of --bits or --policy")
+    searched = bool(target_bits or target_bitops)
+    if sum([bits is not None, policy_path is not None, searched]) != 1:
+        raise click.UsageError("give exactly one of --bits, --policy, --target-bits or --target-bitops")
     if policy_path is not None and act_bits != "8":
         raise click.UsageError("--act-bits applies to --bits; a policy file sets act_bits per layer")
-    source = emit.uniform_policy(bits, int(act_bits)) if bits is not None else emit.policy_file(policy_path)
+    source = emit.uniform_policy(bits, int(act_bits)) if bits is not None else None
+    if policy_path is not None:
+        source = emit.policy_file(policy_path)
+    epochs = finetune_epochs if finetune_epochs is not None else (3 if searched else 0)
+    summary: dict = {}
+    if searched or epochs > 0:
+        from mqtool.search import default_workdir
+        from mqtool.search.api import finetuned_policy, searched_policy
+
+        if data is None:
+            raise InputError("--data is needed to search or finetune (training data, .npz)")
+        check = emit.check_output_path
+        check(model, output)
+        config = _search_config(
+            **kw,
+            act_bits=int(act_bits) if bits is not None else 8,
+            calibration=calibration,
+            finetune_epochs=epochs,
+        )
+        workdir = workdir or default_workdir(model, data)
+        _err(f"workdir: {workdir}")
+        if searched:
+            budgets = _budgets(target_bits, target_bitops)
+            if len(budgets) != 1:
+                raise InputError("convert takes one budget; use `mqtool search` for several")
+            source = searched_policy(data, budgets[0], config, workdir, _Progress(), summary)
+        else:
+            source = finetuned_policy(source, data, epochs, config, workdir, _Progress())
     result = emit.convert(model, output, source, data=data, calibration=calibration, storage=storage)
+    if summary:
+        pol = summary["policy"]
+        bits_line = " ".join(f"{b.weight_bits}" for b in pol.layers.values())
+        click.echo(
+            f"searched {summary['budget']}: avg {summary['avg_weight_bits']:.3f} weight bits, BitOPs "
+            f"{summary['bitops_ratio']:.3f} x w8a8; fitness ({summary['metric']}) predicted "
+            f"{summary['predicted_fitness']:.4f}, after finetuning {summary['finetuned_fitness']:.4f}"
+            + (f" [{summary['note']}]" if summary["note"] else "")
+        )
+        click.echo(f"bits per layer (graph order): {bits_line}")
     click.echo(result.summary())
 
 

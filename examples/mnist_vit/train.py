@@ -45,8 +45,10 @@ MLP_RATIO = 2
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, n_tokens: int):
         super().__init__()
+        self.dim = dim
+        self.n_tokens = n_tokens
         self.heads = heads
         self.head_dim = dim // heads
         self.scale = 1.0 / math.sqrt(self.head_dim)
@@ -56,13 +58,15 @@ class Attention(nn.Module):
         self.out = nn.Linear(dim, dim)
 
     def forward(self, x):
-        b, n, c = x.shape
-        q = self.q(x).reshape(b, n, self.heads, self.head_dim).transpose(1, 2)  # b,h,n,d
-        k = self.k(x).reshape(b, n, self.heads, self.head_dim).transpose(1, 2)
-        v = self.v(x).reshape(b, n, self.heads, self.head_dim).transpose(1, 2)
+        # Reshape targets are Python ints (batch = -1), so the exported graph
+        # has constant Reshape shapes instead of Shape/Gather/Concat chains.
+        n = self.n_tokens
+        q = self.q(x).reshape(-1, n, self.heads, self.head_dim).transpose(1, 2)  # b,h,n,d
+        k = self.k(x).reshape(-1, n, self.heads, self.head_dim).transpose(1, 2)
+        v = self.v(x).reshape(-1, n, self.heads, self.head_dim).transpose(1, 2)
         att = torch.matmul(q * self.scale, k.transpose(-2, -1))  # b,h,n,n
         att = torch.softmax(att, dim=-1)
-        y = torch.matmul(att, v).transpose(1, 2).reshape(b, n, c)
+        y = torch.matmul(att, v).transpose(1, 2).reshape(-1, n, self.dim)
         return self.out(y)
 
 
@@ -78,10 +82,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, heads: int, mlp_ratio: int):
+    def __init__(self, dim: int, heads: int, mlp_ratio: int, n_tokens: int):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads)
+        self.attn = Attention(dim, heads, n_tokens)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = MLP(dim, dim * mlp_ratio)
 
@@ -94,11 +98,13 @@ class TinyViT(nn.Module):
     def __init__(self, num_classes: int = 10, img: int = 28, patch: int = PATCH, dim: int = DIM,
                  depth: int = DEPTH, heads: int = HEADS, mlp_ratio: int = MLP_RATIO):
         super().__init__()
-        n_tokens = (img // patch) ** 2 + 1
+        self.dim = dim
+        self.n_patches = (img // patch) ** 2
+        n_tokens = self.n_patches + 1
         self.patch_embed = nn.Conv2d(1, dim, patch, patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, n_tokens, dim))
-        self.blocks = nn.ModuleList([Block(dim, heads, mlp_ratio) for _ in range(depth)])
+        self.blocks = nn.ModuleList([Block(dim, heads, mlp_ratio, n_tokens) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
         # Linear/Conv keep PyTorch's default init.  A large position-embedding
@@ -110,7 +116,7 @@ class TinyViT(nn.Module):
 
     def forward(self, x):  # x: [N,1,28,28] in [0,1]
         x = (x - 0.1307) / 0.3081  # MNIST normalisation, inside the model
-        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # N,16,dim
+        x = self.patch_embed(x).reshape(-1, self.dim, self.n_patches).transpose(1, 2)  # N,16,dim
         cls = self.cls_token.expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1) + self.pos_embed
         for blk in self.blocks:

@@ -41,7 +41,7 @@ class SearchConfig:
 
     widths: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
     act_bits: int = 8
-    epochs: int = 6
+    epochs: int = 4
     batch_size: int = 128
     lr: float = 3e-3
     hidden: int = 8

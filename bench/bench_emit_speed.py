@@ -1,0 +1,102 @@
+"""Benchmark: wall time of the emit pass pipeline (`quantize_model`) on real zoo topologies.
+
+    python bench/bench_emit_speed.py [--runs 3] [--quick]
+
+Models: the light zoo models the onnx package ships (`onnx/backend/test/data/light/`: SqueezeNet,
+DenseNet-121 and ResNet-50 with 25M parameters; opset 9, every weight a ConstantOfShape of 0.02, which
+`prepare` folds). Given a policy (random widths 2..8 per layer, seed 0, 8-bit activations) and the activation
+ranges (`QuantParams.activations` with `ActParams(range=(-4, 4))`, so no calibration runs), times
+`quantize_model` end to end (prepare, plan, per-channel MSE weight scales, Q/DQ insertion, packing, cleanup),
+storage auto; median of --runs runs. Goal: ResNet-50 <= 10 s. --quick: SqueezeNet only, 1 run. Writes
+bench/results/emit_speed.json.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def main() -> None:
+    ap = common.arg_parser(__doc__)
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args()
+    import onnx
+
+    from mqtool.analysis import analyze
+    from mqtool.emit import quantize_model
+    from mqtool.policy import LayerBits, Policy
+    from passes.pipeline import prepare
+    from passes.qdq_plan import plan_activations
+    from passes.qparams import ActParams, QuantParams
+
+    light = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light")
+    names = ["squeezenet"] if args.quick else ["squeezenet", "densenet121", "resnet50"]
+    runs = 1 if args.quick else args.runs
+    rows = {}
+    for name in names:
+        model = onnx.load(os.path.join(light, f"light_{name}.onnx"))
+        t0 = time.perf_counter()
+        prepared = prepare(model)
+        t_prep = time.perf_counter() - t0
+        info = analyze(prepared)
+        rng = np.random.default_rng(0)
+        policy = Policy({n: LayerBits(int(rng.choice([2, 3, 4, 5, 6, 8])), 8) for n in info.names})
+        plan = plan_activations(prepared, info, policy)
+        qp = QuantParams(activations={t: ActParams(range=(-4.0, 4.0)) for t in plan})
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            q = quantize_model(model, policy, qparams=qp)
+            times.append(time.perf_counter() - t0)
+        rows[name] = {
+            "nodes_in": len(model.graph.node),
+            "nodes_prepared": len(prepared.graph.node),
+            "nodes_out": len(q.graph.node),
+            "layers": len(info.layers),
+            "params": info.totals.params,
+            "prepare_s": round(t_prep, 3),
+            "emit_s_median": round(statistics.median(times), 3),
+            "emit_s_all": [round(t, 3) for t in times],
+        }
+        print(name, rows[name], flush=True)
+    body = (
+        "## Emit pipeline speed (given a policy and activation ranges, no calibration)\n\n"
+        + common.table(
+            [
+                "model",
+                "nodes in",
+                "nodes out",
+                "layers",
+                "weight params",
+                "prepare s",
+                "quantize_model s (median)",
+            ],
+            [
+                [
+                    k,
+                    v["nodes_in"],
+                    v["nodes_out"],
+                    v["layers"],
+                    v["params"],
+                    v["prepare_s"],
+                    v["emit_s_median"],
+                ]
+                for k, v in rows.items()
+            ],
+        )
+        + f"\n\nMedian of {runs} run(s); goal: ResNet-50 <= 10 s. `quantize_model` includes `prepare` "
+        "(the first column is prepare alone)."
+    )
+    common.finish("emit_speed", "bench_emit_speed.py", args, {"models": rows}, body)
+
+
+if __name__ == "__main__":
+    main()

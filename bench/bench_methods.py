@@ -1,0 +1,270 @@
+"""Benchmark: our search (MetaQuantNet + GA + finetune) against uniform QAT, HAWQ and random search at the
+same average weight bits, and the search cost against a per-budget search that finetunes every candidate.
+
+    python bench/bench_methods.py [--example mnist_cnn] [--targets 2.5 3 4] [--quick]
+
+One SearchEngine per example (train.npz; search split 20%), with the settings printed in the doc.
+  ours      `search_policies` (MetaQuantNet once, GA per budget) + `finetune(policy)` (from MetaQuantNet's weights)
+  uniform   baseline 1: uniform k-bit PTQ (pretrained weights, MSE scales, the engine's calibrated ranges)
+  uni-QAT   baseline 2: uniform k-bit, `finetune(policy, same epochs, start="ptq")`
+  HAWQ      baseline 4: Hutchinson Hessian traces, Omega = trace/params*||Q(W)-W||^2, MILP allocation at the
+            target (bench/hawq.py), then `finetune(start="ptq")` with the same epochs
+  random    baseline 5: as many random feasible policies as the GA evaluated at that budget, scored with the
+            same MetaQuantNet fitness (`engine.evaluate`); the best is finetuned like ours
+Each policy is emitted with `quantize_model(engine.model, policy, qparams=...)` and scored by ONNX Runtime on
+test.npz. Search cost: 5 budgets; ours = MetaQuantNet training + the 5 GA runs (measured); HAQ-style = the
+number of candidates the GA evaluated x the measured cost of finetuning + scoring one candidate (finetune
+measured on a sample of candidates, not run for all). Writes bench/results/methods[_<example>].json and a
+plot docs/img/methods_<example>.png.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def emit_eval(engine, policy, params, xt: np.ndarray, yt: np.ndarray) -> dict[str, float]:
+    from mqtool.emit import quantize_model
+    from mqtool.policy import average_weight_bits
+
+    q = quantize_model(engine.model, policy, qparams=params)
+    return {**common.ort_eval(q, xt, yt), "avg_bits": average_weight_bits(policy, engine.info.layers)}
+
+
+def ptq_params(engine):
+    from passes.qparams import ActParams, QuantParams
+
+    return QuantParams(activations={t: ActParams(range=r) for t, r in engine.act_ranges.items()})
+
+
+def random_search(engine, target: float, count: int, seed: int):
+    """The best of `count` random feasible policies by the MetaQuantNet fitness."""
+    from mqtool.search.budgets import Budget, BudgetCost
+    from mqtool.search.ga import GeneticSearch
+
+    cost = BudgetCost("bits", engine.info.layers)
+    ga = GeneticSearch(engine.n, engine.widths, cost, target, config=engine.cfg.ga(), seed=seed)
+    genomes = ga._fill(ga._random, count, set())
+    fits = []
+    for i in range(0, len(genomes), 50):
+        fits += engine.evaluate(genomes[i : i + 50])
+    best = int(np.argmin(fits))
+    return engine._policy(genomes[best], Budget("bits", target), fits[best], len(genomes))
+
+
+def plot(res: dict, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, marker in (
+        ("ours", "o-"),
+        ("uniform_ptq", "x--"),
+        ("uniform_qat", "s--"),
+        ("hawq", "^-"),
+        ("random", "v-"),
+    ):
+        pts = sorted((r["avg_bits"], r["accuracy"]) for r in res["rows"] if r["method"] == method)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker, label=method)
+    ax.axhline(res["fp32"]["accuracy"], color="gray", lw=0.8, ls=":", label="fp32")
+    ax.set_xlabel("average weight bits")
+    ax.set_ylabel("test accuracy (ORT)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = common.arg_parser(__doc__)
+    ap.add_argument("--example", default="mnist_cnn", choices=sorted(common.EXAMPLES))
+    ap.add_argument("--targets", type=float, nargs="+", default=[2.5, 3.0, 4.0])
+    ap.add_argument("--cost-budgets", type=float, nargs="+", default=[2.5, 3.0, 3.5, 4.0, 5.0])
+    ap.add_argument("--mqn-epochs", type=int, default=6)
+    ap.add_argument("--population", type=int, default=50)
+    ap.add_argument("--generations", type=int, default=20)
+    ap.add_argument("--finetune-epochs", type=int, default=3)
+    ap.add_argument("--cost-sample", type=int, default=3, help="candidates finetuned to measure the HAQ cost")
+    args = ap.parse_args()
+    common.setup_torch()
+    import hawq
+    import onnx
+
+    from mqtool.policy import Policy
+    from mqtool.search.api import load_dataset
+    from mqtool.search.budgets import Budget
+    from mqtool.search.engine import SearchConfig, SearchEngine
+
+    ex = common.EXAMPLES[args.example]
+    model = onnx.load(os.path.join(ex, "model.onnx"))
+    data = load_dataset(os.path.join(ex, "train.npz"), model)
+    xt, yt = common.load_npz(os.path.join(ex, "test.npz"))
+    targets, cost_budgets, sample = args.targets, args.cost_budgets, args.cost_sample
+    cfg = SearchConfig(
+        epochs=args.mqn_epochs,
+        population=args.population,
+        generations=args.generations,
+        finetune_epochs=args.finetune_epochs,
+    )
+    hawq_iter = 200
+    if args.quick:
+        data = data.take(np.arange(300))
+        xt, yt = xt[:200], yt[:200]
+        targets, cost_budgets, sample, hawq_iter = [3.0], [3.0, 4.0], 1, 3
+        cfg = dataclasses.replace(
+            cfg,
+            epochs=1,
+            population=8,
+            generations=2,
+            parents=4,
+            mutations=4,
+            crossovers=4,
+            finetune_epochs=1,
+        )
+    ft = cfg.finetune_epochs
+    rows: list[dict] = []
+
+    def add(method: str, target: float, policy, params, extra: dict | None = None) -> None:
+        r = {"method": method, "target": target, **emit_eval(engine, policy, params, xt, yt), **(extra or {})}
+        r["wbits"] = [policy.get(n).weight_bits for n in engine.names]
+        rows.append(r)
+        print(
+            f"{method:12s} target {target:g}: avg {r['avg_bits']:.3f} acc {r['accuracy']:.4f} loss {r['loss']:.4f}",
+            flush=True,
+        )
+
+    with tempfile.TemporaryDirectory() as work:
+        t0 = time.time()
+        engine = SearchEngine(model, data, cfg, work)
+        t_setup = time.time() - t0
+        fp32 = common.ort_eval(engine.model, xt, yt)
+        t0 = time.time()
+        engine.train_metaquantnet()
+        t_mqn = time.time() - t0
+        searched = {}
+        for b in sorted(set(cost_budgets) | set(targets)):
+            searched[b] = engine.search(Budget("bits", b))
+            print(f"GA {b:g}: {searched[b].evaluated} evaluated in {searched[b].seconds:.1f} s", flush=True)
+        # ours
+        for t in targets:
+            params, fit = engine.finetune(searched[t].policy, ft)
+            add("ours", t, searched[t].policy, params, {"ga_fitness": searched[t].fitness})
+        # baselines 1 and 2: uniform k-bit
+        for k in sorted({int(np.floor(t)) for t in targets} | {int(np.ceil(t)) for t in targets}):
+            if k < 2:
+                continue
+            pol = Policy.uniform(engine.names, k)
+            add("uniform_ptq", float(k), pol, ptq_params(engine))
+            params, _ = engine.finetune(pol, ft, start="ptq")
+            add("uniform_qat", float(k), pol, params)
+        # baseline 4: HAWQ
+        t0 = time.time()
+        traces = hawq.hessian_traces(engine, max_iter=hawq_iter)
+        omega = hawq.sensitivities(engine, traces, engine.widths)
+        t_hawq = time.time() - t0
+        for t in targets:
+            pol = hawq.allocate(engine, omega, t)
+            params, _ = engine.finetune(pol, ft, start="ptq")
+            add("hawq", t, pol, params)
+        # baseline 5: random search, same evaluations, same fitness
+        for t in targets:
+            t0 = time.time()
+            pol = random_search(engine, t, searched[t].evaluated, seed=7)
+            secs = time.time() - t0
+            params, _ = engine.finetune(pol, ft)
+            add(
+                "random",
+                t,
+                pol,
+                params,
+                {
+                    "evaluated": pol.meta["evaluated"],
+                    "search_s": secs,
+                    "ga_fitness": pol.meta["fitness"]["value"],
+                },
+            )
+        # search cost: per-candidate finetune + scoring, on a sample of GA candidates
+        per = []
+        rng = np.random.default_rng(3)
+        cands = [searched[b].policy for b in cost_budgets]
+        for i in rng.choice(len(cands), size=min(sample, len(cands)), replace=False):
+            t0 = time.time()
+            engine.finetune(cands[int(i)], ft)
+            per.append(time.time() - t0)
+    per_cand = statistics.median(per)
+    evaluated = {b: searched[b].evaluated for b in cost_budgets}
+    ours_cost = t_mqn + sum(searched[b].seconds for b in cost_budgets)
+    haq_cost = sum(evaluated.values()) * per_cand
+    cost = {
+        "budgets": cost_budgets,
+        "metaquantnet_s": t_mqn,
+        "ga_s": {str(b): searched[b].seconds for b in cost_budgets},
+        "evaluated": {str(b): v for b, v in evaluated.items()},
+        "per_candidate_finetune_s": per_cand,
+        "per_candidate_sample": per,
+        "ours_s": ours_cost,
+        "haq_style_s": haq_cost,
+        "ratio": ours_cost / haq_cost,
+    }
+    result = {
+        "example": args.example,
+        "config": dataclasses.asdict(cfg),
+        "seeds": 1,
+        "fp32": fp32,
+        "seconds": {"setup": t_setup, "metaquantnet": t_mqn, "hawq_traces": t_hawq},
+        "rows": rows,
+        "search_cost": cost,
+    }
+    name = "methods" if args.example == "mnist_cnn" else f"methods_{args.example}"
+    png = common.img_path(args, f"methods_{args.example}.png")
+    plot(result, png, f"{args.example}: test accuracy vs average weight bits (1 seed)")
+    table_rows = [
+        [r["method"], r["target"], round(r["avg_bits"], 3), round(r["accuracy"], 4), round(r["loss"], 4)]
+        for r in sorted(rows, key=lambda r: (r["target"], r["method"]))
+    ]
+    body = (
+        f"## Ours vs uniform PTQ / uniform QAT / HAWQ / random search ({args.example})\n\n"
+        f"fp32: accuracy {fp32['accuracy']:.4f}, CE {fp32['loss']:.4f}. Settings: MetaQuantNet {cfg.epochs} "
+        f"epochs, GA population {cfg.population} x {cfg.generations} generations, finetune {ft} epochs for "
+        f"every method, 8-bit activations, widths {list(cfg.widths)}, **1 seed** (no spread measured).\n\n"
+        + common.table(["method", "target bits", "avg bits", "test acc", "test CE"], table_rows)
+        + f"\n\n![accuracy vs bits](img/{os.path.basename(png)})\n\n"
+        f"### Search cost, {len(cost_budgets)} budgets ({', '.join(f'{b:g}' for b in cost_budgets)} bits)\n\n"
+        + common.table(
+            ["", "seconds"],
+            [
+                ["ours: MetaQuantNet training (once)", round(t_mqn, 1)],
+                ["ours: GA, all budgets", round(sum(searched[b].seconds for b in cost_budgets), 1)],
+                ["ours: total", round(ours_cost, 1)],
+                [
+                    f"HAQ-style: {sum(evaluated.values())} candidates x {per_cand:.2f} s finetune each",
+                    round(haq_cost, 1),
+                ],
+                ["ratio ours / HAQ-style (goal <= 0.1)", round(cost["ratio"], 4)],
+            ],
+        )
+        + "\n\nThe HAQ-style cost is an estimate: the per-candidate finetune (same epochs as above) was measured "
+        f"on {len(per)} candidate(s) and multiplied by the number of candidates our GA evaluated; it was not "
+        "run for every candidate."
+    )
+    extra = "" if args.example == "mnist_cnn" else f" --example {args.example}"
+    common.finish(name, "bench_methods.py", args, result, body, extra)
+
+
+if __name__ == "__main__":
+    main()

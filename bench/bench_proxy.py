@@ -1,0 +1,263 @@
+"""Benchmark: how well does each fitness proxy rank policies? (Kendall tau against the finetuned result.)
+
+    python bench/bench_proxy.py [--example mnist_cnn] [--policies 20] [--seeds 2] [--quick]
+
+Draws random feasible policies at about 2.5 average weight bits (2.3..2.5, widths 2..8), and for each:
+  - the MetaQuantNet fitness the GA uses (`SearchEngine.evaluate`, cross-entropy on the search split),
+  - the PTQ-loss proxy: the same loss of the post-training-quantized model (pretrained weights, MSE scales),
+  - the HAWQ sensitivity sum (Hessian trace / params * ||Q(W) - W||^2, see bench/hawq.py),
+  - the ground truth: test-set cross-entropy (ONNX Runtime on test.npz) of the emitted model after
+    `SearchEngine.finetune(policy)` (start = MetaQuantNet's weights, our pipeline; `--start ptq` for
+    the pretrained ones), mean over finetune seeds.
+Reports Kendall tau of each proxy against the ground truth (higher is better). Writes
+bench/results/proxy.json and the `proxy` section of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def random_policies(engine, count: int, lo: float, hi: float, seed: int) -> list[list[int]]:
+    """Distinct random per-layer widths with lo <= average weight bits <= hi."""
+    rng = np.random.default_rng(seed)
+    widths = engine.widths
+    params = np.array([layer.params for layer in engine.info.layers], dtype=np.float64)
+    frac = params / params.sum()
+    out: list[list[int]] = []
+    seen: set[tuple[int, ...]] = set()
+    tries = 0
+    while len(out) < count and tries < 100_000:
+        tries += 1
+        target = rng.uniform(lo, hi)
+        bits = np.full(engine.n, widths[0])
+        for i in rng.permutation(engine.n):
+            b = rng.choice(widths)
+            cand = bits.copy()
+            cand[i] = b
+            if cand @ frac <= target + 1e-9:
+                bits = cand
+        avg = float(bits @ frac)
+        key = tuple(int(b) for b in bits)
+        if lo - 1e-9 <= avg <= hi + 1e-9 and key not in seen:
+            seen.add(key)
+            out.append(list(key))
+    return out
+
+
+def ptq_proxy(engine, wbits: list[int]) -> float:
+    """The search loss of the post-training-quantized model (pretrained weights, MSE scales)."""
+    import torch
+
+    from mqtool import numerics
+    from mqtool.search.metaquantnet import weight_quant_ste
+
+    engine.set_activation_quant(tuple([engine.cfg.act_bits] * engine.n))
+    weights = {}
+    for layer, b in zip(engine.info.layers, wbits):
+        w = engine.net.layers[layer.name].weight.detach()
+        s = torch.from_numpy(numerics.weight_scale(w.numpy(), b, layer.channel_axis, "mse"))
+        weights[layer.name] = weight_quant_ste(w, s, b, layer.channel_axis)
+    with torch.no_grad(), engine.net.override_weights(weights):
+        return engine._fitness(engine._out(engine.net(*engine._feeds(engine.search_set))))
+
+
+def main() -> None:
+    ap = common.arg_parser(__doc__)
+    ap.add_argument("--example", default="mnist_cnn", choices=sorted(common.EXAMPLES))
+    ap.add_argument("--policies", type=int, default=20)
+    ap.add_argument("--seeds", type=int, default=2, help="finetune seeds per policy")
+    ap.add_argument("--mqn-epochs", type=int, default=6)
+    ap.add_argument("--finetune-epochs", type=int, default=3)
+    ap.add_argument("--start", default="metaquantnet", choices=("metaquantnet", "ptq"))
+    ap.add_argument("--lo", type=float, default=2.3)
+    ap.add_argument("--hi", type=float, default=2.5)
+    ap.add_argument("--hawq-iter", type=int, default=50, help="max Hutchinson iterations")
+    args = ap.parse_args()
+    common.setup_torch()
+    import hawq
+    import onnx
+    from scipy.stats import kendalltau
+
+    from mqtool.emit import quantize_model
+    from mqtool.policy import LayerBits, Policy
+    from mqtool.search.api import load_dataset
+    from mqtool.search.engine import SearchConfig, SearchEngine
+    from mqtool.search.ga import Genome
+
+    ex = common.EXAMPLES[args.example]
+    model = onnx.load(os.path.join(ex, "model.onnx"))
+    data = load_dataset(os.path.join(ex, "train.npz"), model)
+    xt, yt = common.load_npz(os.path.join(ex, "test.npz"))
+    n_pol, seeds, mqn_epochs, ft_epochs, hawq_iter = (
+        args.policies,
+        args.seeds,
+        args.mqn_epochs,
+        args.finetune_epochs,
+        args.hawq_iter,
+    )
+    if args.quick:
+        data = data.take(np.arange(300))
+        xt, yt = xt[:200], yt[:200]
+        n_pol, seeds, mqn_epochs, ft_epochs, hawq_iter = 4, 1, 1, 1, 3
+    cfg = SearchConfig(epochs=mqn_epochs, finetune_epochs=ft_epochs)
+    t_all = time.time()
+    with tempfile.TemporaryDirectory() as work:
+        engine = SearchEngine(model, data, cfg, work)
+        t0 = time.time()
+        engine.train_metaquantnet()
+        t_mqn = time.time() - t0
+        t0 = time.time()
+        traces = hawq.hessian_traces(engine, max_iter=hawq_iter)
+        omega = hawq.sensitivities(engine, traces, engine.widths)
+        t_hawq = time.time() - t0
+        rows = []
+        for k, wbits in enumerate(random_policies(engine, n_pol, args.lo, args.hi, seed=1)):
+            policy = Policy({n: LayerBits(b, cfg.act_bits) for n, b in zip(engine.names, wbits)})
+            g = Genome(tuple(wbits), tuple([cfg.act_bits] * engine.n))
+            row = {
+                "wbits": wbits,
+                "avg_bits": float(
+                    np.dot(wbits, [la.params for la in engine.info.layers]) / engine.info.totals.params
+                ),
+                "mqn_fitness": engine.evaluate([g])[0],
+                "ptq_proxy": ptq_proxy(engine, wbits),
+                "hawq_sum": hawq.sensitivity_sum(omega, policy),
+                "test_loss": [],
+                "test_acc": [],
+                "finetuned_fitness": [],
+            }
+            for s in range(seeds):
+                base = engine.cfg
+                engine.cfg = dataclasses.replace(base, seed=100 + s)
+                try:
+                    params, fit = engine.finetune(policy, ft_epochs, start=args.start)
+                finally:
+                    engine.cfg = base
+                q = quantize_model(engine.model, policy, qparams=params, data=os.path.join(ex, "train.npz"))
+                ev = common.ort_eval(q, xt, yt)
+                row["test_loss"].append(ev["loss"])
+                row["test_acc"].append(ev["accuracy"])
+                row["finetuned_fitness"].append(fit)
+            row["test_loss_mean"] = float(np.mean(row["test_loss"]))
+            row["test_acc_mean"] = float(np.mean(row["test_acc"]))
+            rows.append(row)
+            if len(rows) >= 3:  # partial results survive an interrupted run
+                part = {
+                    k: kendalltau([r[k] for r in rows], [r["test_loss_mean"] for r in rows])[0]
+                    for k in ("mqn_fitness", "ptq_proxy", "hawq_sum")
+                }
+                common.write_json(args.out_dir, "proxy_partial", {"rows": rows, "kendall_tau": part})
+                print("partial tau", {k: round(float(v), 3) for k, v in part.items()}, flush=True)
+            print(
+                f"[{k + 1}/{n_pol}] avg {row['avg_bits']:.3f} mqn {row['mqn_fitness']:.4f} "
+                f"ptq {row['ptq_proxy']:.4f} hawq {row['hawq_sum']:.3g} -> test loss "
+                f"{row['test_loss_mean']:.4f} acc {row['test_acc_mean']:.4f}",
+                flush=True,
+            )
+    seconds = {"metaquantnet": t_mqn, "hawq_traces": t_hawq, "total": time.time() - t_all}
+    summarize(
+        args,
+        rows,
+        seconds,
+        dict(seeds=seeds, mqn_epochs=mqn_epochs, ft_epochs=ft_epochs, hawq_iter=hawq_iter),
+    )
+
+
+def summarize(args, rows: list[dict], seconds: dict, s: dict, note: str = "") -> None:
+    """Kendall tau of each proxy, the JSON and the doc section."""
+    from scipy.stats import kendalltau
+
+    seeds, mqn_epochs, ft_epochs, hawq_iter = s["seeds"], s["mqn_epochs"], s["ft_epochs"], s["hawq_iter"]
+    truth = [r["test_loss_mean"] for r in rows]
+    taus = {}
+    for key in ("mqn_fitness", "ptq_proxy", "hawq_sum"):
+        tau, p = kendalltau([r[key] for r in rows], truth)
+        taus[key] = {"tau": float(tau), "p": float(p)}
+    result = {
+        "example": args.example,
+        "policies": len(rows),
+        "finetune_seeds": seeds,
+        "mqn_epochs": mqn_epochs,
+        "finetune_epochs": ft_epochs,
+        "finetune_start": args.start,
+        "avg_bits_range": [args.lo, args.hi],
+        "hawq_iterations_max": hawq_iter,
+        "seconds": seconds,
+        "note": note,
+        "kendall_tau": taus,
+        "test_acc_range": [min(r["test_acc_mean"] for r in rows), max(r["test_acc_mean"] for r in rows)],
+        "rows": rows,
+    }
+    names = {
+        "mqn_fitness": "MetaQuantNet fitness (ours, GA proxy)",
+        "ptq_proxy": "PTQ loss",
+        "hawq_sum": "HAWQ sensitivity sum",
+    }
+    body = (
+        f"## Fitness proxy ranking quality ({args.example})\n\n"
+        f"{len(rows)} random feasible policies at {args.lo}..{args.hi} average weight bits (8-bit activations); "
+        f"ground truth = test cross-entropy (ORT, test.npz) of the emitted model after a {ft_epochs}-epoch "
+        f"finetune starting from {args.start}, mean of {seeds} finetune seed(s). MetaQuantNet trained "
+        f"{mqn_epochs} epochs. Kendall tau of each proxy against the ground truth (goal: MetaQuantNet >= 0.5 "
+        f"and >= both others):\n\n"
+        + common.table(
+            ["proxy", "Kendall tau", "p-value"],
+            [[names[k], round(v["tau"], 3), round(v["p"], 3)] for k, v in taus.items()],
+        )
+        + f"\n\nTest accuracy over the policies: {result['test_acc_range'][0]:.4f}..{result['test_acc_range'][1]:.4f}."(
+            f" Time: MetaQuantNet {seconds['metaquantnet']:.0f} s, Hessian traces {seconds['hawq_traces']:.0f} s, "
+            f"total {seconds['total']:.0f} s."
+            if seconds
+            else ""
+        )
+        + (f"\n\n**{note}**" if note else "")
+    )
+    extra = "".join(
+        f" --{k.replace('_', '-')} {getattr(args, k)}"
+        for k, d in (
+            ("example", "mnist_cnn"),
+            ("start", "metaquantnet"),
+            ("policies", 20),
+            ("seeds", 2),
+            ("mqn_epochs", 6),
+            ("finetune_epochs", 3),
+            ("hawq_iter", 50),
+        )
+        if getattr(args, k) != d
+    )
+    name = (
+        "proxy"
+        if args.example == "mnist_cnn" and args.start == "metaquantnet"
+        else (f"proxy_{args.example}_{args.start}")
+    )
+    common.finish(name, "bench_proxy.py", args, result, body, extra)
+
+
+def from_partial(args) -> None:
+    """Summarize the rows an interrupted run left in <out-dir>/proxy_partial.json."""
+    import json
+
+    with open(os.path.join(args.out_dir, "proxy_partial.json"), encoding="utf-8") as f:
+        rows = json.load(f)["rows"]
+    note = (
+        f"Partial: the run was stopped at the deadline after {len(rows)} of {args.policies} policies; "
+        "tau is over those."
+    )
+    s = dict(
+        seeds=args.seeds, mqn_epochs=args.mqn_epochs, ft_epochs=args.finetune_epochs, hawq_iter=args.hawq_iter
+    )
+    summarize(args, rows, {}, s, note)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Smoke tests of the benchmarks: each script runs with --quick into a temporary directory (--no-docs), so
+docs/ and bench/results are never touched, and writes its JSON there."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "bench")
+SCRIPTS = [
+    ("bench_ptq.py", "ptq"),
+    ("bench_latency.py", "latency"),
+    ("bench_emit_speed.py", "emit_speed"),
+    ("bench_proxy.py", "proxy"),
+    ("bench_methods.py", "methods"),
+    ("bench_peers.py", "peers"),
+]
+
+
+def _mtimes() -> dict[str, float]:
+    out = {}
+    for d in (os.path.join(ROOT, "docs"), os.path.join(BENCH, "results")):
+        for base, _, files in os.walk(d):
+            for f in files:
+                p = os.path.join(base, f)
+                out[p] = os.path.getmtime(p)
+    return out
+
+
+@pytest.mark.parametrize("script,name", SCRIPTS)
+def test_quick(script: str, name: str, tmp_path) -> None:
+    before = _mtimes()
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    subprocess.run(
+        [sys.executable, os.path.join(BENCH, script), "--quick", "--no-docs", "--out-dir", str(tmp_path)],
+        check=True,
+        cwd=str(tmp_path),
+        env=env,
+        timeout=120,
+    )
+    with open(tmp_path / f"{name}.json", encoding="utf-8") as f:
+        result = json.load(f)
+    assert result["quick"] is True
+    assert result["machine"]["cores"] >= 1
+    assert _mtimes() == before, "a --no-docs run touched docs/ or bench/results"
+
+
+def test_doc_section_replaced_independently(tmp_path) -> None:
+    sys.path.insert(0, BENCH)
+    import common
+
+    doc = str(tmp_path / "b.md")
+    common.write_doc_section("a", "one", doc)
+    common.write_doc_section("b", "two", doc)
+    common.write_doc_section("a", "three", doc)
+    text = open(doc, encoding="utf-8").read()
+    assert "three" in text and "two" in text and "one" not in text
+    assert text.index("<!-- bench:a -->") < text.index("<!-- bench:b -->")
