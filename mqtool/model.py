@@ -55,6 +55,8 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
             raise InputError(f"{path}: cannot read external data ({_short(e)})") from e
     if check:
         check_model(model, path)
+        for tensor in _all_tensors(model):  # decode each once: the checker does not look at the bytes
+            tensor_value(tensor, path)
     return model
 
 
@@ -198,7 +200,7 @@ def constant_values(model: onnx.ModelProto, *, fold: bool = True) -> dict[str, n
 
     values: dict[str, np.ndarray] = {}
     for init in model.graph.initializer:
-        values[init.name] = numpy_helper.to_array(init)
+        values[init.name] = tensor_value(init)
     opset = _default_opset(model)
     for node in model.graph.node:
         if node.op_type == "Constant":
@@ -222,10 +224,27 @@ def constant_values(model: onnx.ModelProto, *, fold: bool = True) -> dict[str, n
     return values
 
 
+def tensor_value(tensor: TensorProto, where: str = "model") -> np.ndarray:
+    """The array of `tensor`; a tensor whose type or data size does not decode is an `InputError`.
+
+    The ONNX checker does not verify that raw data matches the declared type and shape, so a corrupt file
+    can pass it and fail here.
+    """
+    try:
+        return numpy_helper.to_array(tensor)
+    except Exception as e:
+        raise InputError(
+            f"{where}: tensor '{tensor.name}' has invalid data (type {tensor.data_type}, dims "
+            f"{list(tensor.dims)}): {_short(e)}"
+        ) from e
+
+
 def _constant_attr_value(node: onnx.NodeProto) -> np.ndarray:
+    if not node.attribute:
+        raise InputError(f"node '{node.name}': Constant without a value attribute")
     attr = node.attribute[0]
     if attr.name == "value":
-        return numpy_helper.to_array(attr.t)
+        return tensor_value(attr.t, f"node '{node.name}'")
     if attr.name == "value_float":
         return np.array(attr.f, dtype=np.float32)
     if attr.name == "value_floats":

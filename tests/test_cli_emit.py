@@ -68,8 +68,8 @@ def test_policy_file_and_missing_layers_stay_float(workdir):
     "args, message",
     [
         (["--bits", "8"], "calibration data is needed"),
-        (["--bits", "8", "--policy", "p.json"], "exactly one of --bits or --policy"),
-        ([], "exactly one of --bits or --policy"),
+        (["--bits", "8", "--policy", "p.json"], "exactly one of --bits, --policy"),
+        ([], "exactly one of --bits, --policy"),
         (["--bits", "9"], "9 is not in the range"),
         (["--bits", "4", "--data", "nope.npz"], "nope.npz: no such data file"),
     ],
