@@ -95,7 +95,8 @@ def main() -> None:
         + f"\n\nMedian of {runs} run(s); goal: ResNet-50 <= 10 s. `quantize_model` includes `prepare` "
         "(the first column is prepare alone)."
     )
-    common.finish("emit_speed", "bench_emit_speed.py", args, {"models": rows}, body)
+    extra = "" if args.runs == 3 else f" --runs {args.runs}"
+    common.finish("emit_speed", "bench_emit_speed.py", args, {"models": rows}, body, extra)
 
 
 if __name__ == "__main__":

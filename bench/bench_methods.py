@@ -100,6 +100,7 @@ def main() -> None:
     ap.add_argument("--generations", type=int, default=20)
     ap.add_argument("--finetune-epochs", type=int, default=3)
     ap.add_argument("--cost-sample", type=int, default=3, help="candidates finetuned to measure the HAQ cost")
+    ap.add_argument("--hawq-iter", type=int, default=50, help="max Hutchinson iterations")
     args = ap.parse_args()
     common.setup_torch()
     import hawq
@@ -121,7 +122,7 @@ def main() -> None:
         generations=args.generations,
         finetune_epochs=args.finetune_epochs,
     )
-    hawq_iter = 200
+    hawq_iter = args.hawq_iter
     if args.quick:
         data = data.take(np.arange(300))
         xt, yt = xt[:200], yt[:200]

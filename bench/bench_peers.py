@@ -23,9 +23,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 MODELOPT_REASON = (
-    "nvidia-modelopt 0.47.0 (`pip download --no-deps` works): its ONNX PTQ extra pins onnx~=1.21.0 (we have "
-    "1.23) and cupy-cuda12x, and its ONNX calibration runs through CUDA/TensorRT execution providers; there "
-    "is no GPU or CUDA here, and the core package requires torch>=2.8 which pip could replace. Not run."
+    "nvidia-modelopt 0.47.0 (`pip download --no-deps` works): its `[onnx]` extra, which the ONNX PTQ need"
+    "s, pins onnx~=1.21.0 (we have 1.23.2, which mqtool needs) and requires cupy-cuda12x (a CUDA package;"
+    " this machine has no GPU). Installing it would downgrade onnx in the shared environment, so it was n"
+    "either installed nor run. (Whether its ONNX PTQ would run on CPU-only ORT with --no-deps was not tri"
+    "ed, for lack of time.)"
 )
 
 

@@ -82,7 +82,13 @@ def main() -> None:
     ap.add_argument("--lo", type=float, default=2.3)
     ap.add_argument("--hi", type=float, default=2.5)
     ap.add_argument("--hawq-iter", type=int, default=50, help="max Hutchinson iterations")
+    ap.add_argument(
+        "--from-partial", action="store_true", help="summarize proxy_partial.json of a stopped run"
+    )
     args = ap.parse_args()
+    if args.from_partial:
+        from_partial(args)
+        return
     common.setup_torch()
     import hawq
     import onnx
@@ -208,13 +214,16 @@ def summarize(args, rows: list[dict], seconds: dict, s: dict, note: str = "") ->
         f"{len(rows)} random feasible policies at {args.lo}..{args.hi} average weight bits (8-bit activations); "
         f"ground truth = test cross-entropy (ORT, test.npz) of the emitted model after a {ft_epochs}-epoch "
         f"finetune starting from {args.start}, mean of {seeds} finetune seed(s). MetaQuantNet trained "
-        f"{mqn_epochs} epochs. Kendall tau of each proxy against the ground truth (goal: MetaQuantNet >= 0.5 "
+        f"{mqn_epochs} epochs. HAWQ traces: Hutchinson, 100 samples, <= {hawq_iter} iterations, Hessian-vector "
+        f"products by central differences (bench/hawq.py). PTQ loss and MetaQuantNet fitness: cross-entropy on "
+        f"the engine's search split of train.npz. Kendall tau of each proxy against the ground truth (goal: MetaQuantNet >= 0.5 "
         f"and >= both others):\n\n"
         + common.table(
             ["proxy", "Kendall tau", "p-value"],
             [[names[k], round(v["tau"], 3), round(v["p"], 3)] for k, v in taus.items()],
         )
-        + f"\n\nTest accuracy over the policies: {result['test_acc_range'][0]:.4f}..{result['test_acc_range'][1]:.4f}."(
+        + f"\n\nTest accuracy over the policies: {result['test_acc_range'][0]:.4f}..{result['test_acc_range'][1]:.4f}."
+        + (
             f" Time: MetaQuantNet {seconds['metaquantnet']:.0f} s, Hessian traces {seconds['hawq_traces']:.0f} s, "
             f"total {seconds['total']:.0f} s."
             if seconds

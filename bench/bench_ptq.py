@@ -190,7 +190,10 @@ def main() -> None:
         "container (INT4/INT2 or INT8) and gives the sizes. ORT w4a8 = `quantize_static` with QInt4 weight "
         "overrides (runs as DequantizeLinear + float Conv in ORT, so it is not faster)."
     )
-    common.finish("ptq", "bench_ptq.py", args, {"examples": res}, "\n".join(parts))
+    extra = "" if args.examples == ["mnist_cnn", "mnist_vit"] else " --examples " + " ".join(args.examples)
+    if os.environ.get("BENCH_EXAMPLES_DIR"):
+        extra += f" (BENCH_EXAMPLES_DIR={os.environ['BENCH_EXAMPLES_DIR']})"
+    common.finish("ptq", "bench_ptq.py", args, {"examples": res}, "\n".join(parts), extra)
 
 
 if __name__ == "__main__":

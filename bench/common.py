@@ -25,7 +25,10 @@ if ROOT not in sys.path:
 RESULTS = os.path.join(ROOT, "bench", "results")
 DOC = os.path.join(ROOT, "docs", "benchmarks.md")
 IMG = os.path.join(ROOT, "docs", "img")
-EXAMPLES = {name: os.path.join(ROOT, "examples", name) for name in ("mnist_cnn", "mnist_vit")}
+# BENCH_EXAMPLES_DIR: another folder with <name>/model.onnx, train.npz, test.npz (e.g. the committed examples
+# extracted with `git show` while examples/ is being retrained).
+EXAMPLES_DIR = os.environ.get("BENCH_EXAMPLES_DIR") or os.path.join(ROOT, "examples")
+EXAMPLES = {name: os.path.join(EXAMPLES_DIR, name) for name in ("mnist_cnn", "mnist_vit")}
 THREADS = 2
 
 
@@ -62,12 +65,14 @@ def machine() -> dict[str, Any]:
             versions[mod] = __import__(mod).__version__
         except ImportError:
             pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": THREADS, "versions": versions}
+    load = [round(x, 2) for x in os.getloadavg()]
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": THREADS, "load_avg": load, "versions": versions}
 
 
 def machine_line(m: dict[str, Any]) -> str:
     v = ", ".join(f"{k} {x}" for k, x in m["versions"].items())
-    return f"Machine: {m['cpu']}, {m['cores']} cores (shared), {m['threads']} threads; {v}."
+    load = f", load average {m['load_avg'][0]} when written" if "load_avg" in m else ""
+    return f"Machine: {m['cpu']}, {m['cores']} cores (shared{load}), {m['threads']} threads; {v}."
 
 
 def median_ms(fn: Callable[[], Any], runs: int, warmup: int = 2) -> float:

@@ -31,8 +31,12 @@ def _search(data: str, out: str, workdir: str) -> list[str]:
 
 def test_sigkill_then_resume_gives_the_same_policy(tmp_path):
     data = _small_data(tmp_path)
-    ref = subprocess.run(_search(data, str(tmp_path / "ref.json"), str(tmp_path / "wd_ref")),
-                         capture_output=True, text=True, timeout=600)
+    ref = subprocess.run(
+        _search(data, str(tmp_path / "ref.json"), str(tmp_path / "wd_ref")),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert ref.returncode == 0, ref.stderr
 
     wd = tmp_path / "wd"
@@ -58,9 +62,11 @@ def test_sigkill_then_resume_gives_the_same_policy(tmp_path):
     again = subprocess.run(_search(data, str(out), str(wd)), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr
     assert "resuming after epoch" in again.stderr
-    assert f"epoch 1/6" not in again.stderr  # did not restart from zero
+    assert "epoch 1/6" not in again.stderr  # did not restart from zero
     assert out.read_text() == (tmp_path / "ref.json").read_text()
-    assert not [p for p in os.listdir(wd) if p.endswith(".tmp")]  # stale temp files of the killed run are swept
+    assert not [
+        p for p in os.listdir(wd) if p.endswith(".tmp")
+    ]  # stale temp files of the killed run are swept
 
 
 def test_corrupt_checkpoint_is_a_clear_error_or_restart(tmp_path):
@@ -68,8 +74,25 @@ def test_corrupt_checkpoint_is_a_clear_error_or_restart(tmp_path):
     wd = tmp_path / "wd"
     wd.mkdir()
     (wd / "metaquantnet.pt").write_bytes(b"not a checkpoint")
-    args = [EXE, "search", example_path("mnist_cnn"), "--data", data, "-o", str(tmp_path / "p.json"),
-            "--workdir", str(wd), "--target-bits", "3", "--epochs", "1", "--population", "4", "--generations", "1"]
+    args = [
+        EXE,
+        "search",
+        example_path("mnist_cnn"),
+        "--data",
+        data,
+        "-o",
+        str(tmp_path / "p.json"),
+        "--workdir",
+        str(wd),
+        "--target-bits",
+        "3",
+        "--epochs",
+        "1",
+        "--population",
+        "4",
+        "--generations",
+        "1",
+    ]
     r = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert r.returncode == 2 and "corrupt or foreign checkpoint" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run([*args, "--restart"], capture_output=True, text=True, timeout=600)

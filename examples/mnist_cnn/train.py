@@ -23,7 +23,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-import common  # noqa: E402
+import mnist_common as common  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 

@@ -13,6 +13,7 @@ blocks (LayerNorm -> multi-head self-attention with explicit q/k/v/out Linear
 projections, MatMul and Softmax -> residual Add; LayerNorm -> MLP with exact
 (erf) GELU -> residual Add) -> final LayerNorm -> Linear head on the class token.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,10 +24,9 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+import mnist_common as common  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
-
-import common  # noqa: E402
 
 SEED = 0
 EPOCHS = 60
@@ -95,8 +95,16 @@ class Block(nn.Module):
 
 
 class TinyViT(nn.Module):
-    def __init__(self, num_classes: int = 10, img: int = 28, patch: int = PATCH, dim: int = DIM,
-                 depth: int = DEPTH, heads: int = HEADS, mlp_ratio: int = MLP_RATIO):
+    def __init__(
+        self,
+        num_classes: int = 10,
+        img: int = 28,
+        patch: int = PATCH,
+        dim: int = DIM,
+        depth: int = DEPTH,
+        heads: int = HEADS,
+        mlp_ratio: int = MLP_RATIO,
+    ):
         super().__init__()
         self.dim = dim
         self.n_patches = (img // patch) ** 2
@@ -137,14 +145,28 @@ def main() -> None:
     model = TinyViT()
     n_params = sum(p.numel() for p in model.parameters())
     biggest = max(model.named_parameters(), key=lambda kv: kv[1].numel())
-    print(f"torch parameters: {n_params}  (largest tensor {biggest[0]} "
-          f"{tuple(biggest[1].shape)} = {100 * biggest[1].numel() / n_params:.1f}%)")
+    print(
+        f"torch parameters: {n_params}  (largest tensor {biggest[0]} "
+        f"{tuple(biggest[1].shape)} = {100 * biggest[1].numel() / n_params:.1f}%)"
+    )
     assert n_params <= 100_000
 
-    secs = common.train(model, xtr, ytr, xte, yte, epochs=args.epochs, batch_size=BATCH_SIZE,
-                        lr=LR, weight_decay=WEIGHT_DECAY, max_shift=MAX_SHIFT, seed=SEED,
-                        label_smoothing=LABEL_SMOOTHING, warmup_epochs=WARMUP_EPOCHS,
-                        no_decay=no_decay)
+    secs = common.train(
+        model,
+        xtr,
+        ytr,
+        xte,
+        yte,
+        epochs=args.epochs,
+        batch_size=BATCH_SIZE,
+        lr=LR,
+        weight_decay=WEIGHT_DECAY,
+        max_shift=MAX_SHIFT,
+        seed=SEED,
+        label_smoothing=LABEL_SMOOTHING,
+        warmup_epochs=WARMUP_EPOCHS,
+        no_decay=no_decay,
+    )
     print(f"training time: {secs:.1f}s")
 
     path = os.path.join(HERE, "model.onnx")
