@@ -156,6 +156,7 @@ class SearchEngine:
         self.teacher_search = self._forward_all(self.search_set)
         self.act_ranges = self._calibrate()
         self._act_plan_cache: dict[tuple, dict[str, int]] = {}
+        self._act_key: tuple | None = None
         self.mqn: MetaQuantNet | None = None
 
     # ---- setup -----------------------------------------------------------------------------------
@@ -230,7 +231,7 @@ class SearchEngine:
 
         plan = self.act_plan(abits) if abits is not None else {}
         key = tuple(sorted(plan.items()))
-        if key == getattr(self, "_act_key", None):
+        if key == self._act_key:
             return  # every GA candidate without --search-act shares one plan: nothing to rebuild
         for tensor in self.act_ranges:
             if tensor in plan:
@@ -414,11 +415,11 @@ class SearchEngine:
         gfp = checkpoint.fingerprint(self.fp, budget.label)
         state = None if self.cfg.restart else checkpoint.load(path, gfp)
         if state is not None:
-            ga.load_state(_from_torch(state["ga"]))
+            ga.load_state(state["ga"])
             self.progress("ga_resume", {"generation": ga.generation, "budget": budget.label})
 
         def on_generation(g: GeneticSearch) -> None:
-            checkpoint.save(path, {"fingerprint": gfp, "ga": _to_torch(g.state())})
+            checkpoint.save(path, {"fingerprint": gfp, "ga": g.state()})
             h = g.history[-1]
             self.progress(
                 "ga_generation",
@@ -565,13 +566,3 @@ def _data_digest(data: Samples) -> str:
     if data.y is not None:
         h.update(np.ascontiguousarray(data.y).tobytes())
     return h.hexdigest()
-
-
-def _to_torch(state: dict) -> dict:
-    # torch.load(weights_only=True) accepts plain containers of str/int/float; numpy's RNG state has
-    # only those, but tuples become lists: _from_torch undoes what matters.
-    return state
-
-
-def _from_torch(state: dict) -> dict:
-    return state
