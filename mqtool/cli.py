@@ -135,6 +135,13 @@ def search_options(f):
             show_default=True,
             help="Fraction of --data held out to score candidate policies.",
         ),
+        click.option(
+            "--fitness-samples",
+            type=click.IntRange(1, 10_000_000),
+            default=256,
+            show_default=True,
+            help="Search-split samples each candidate is scored on (fewer: faster GA, noisier ranking).",
+        ),
         click.option("--widths", default="2,3,4,5,6,8", show_default=True, help="Candidate weight widths."),
         click.option("--restart", is_flag=True, help="Ignore (and overwrite) checkpoints in the workdir."),
     ]

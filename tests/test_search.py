@@ -91,6 +91,16 @@ def test_policy_meets_budget_and_reuses_metaquantnet(trained, cnn):
     )
     assert "mqn_epoch" not in events and "mqn_resume" in events
     assert again.results[0].avg_bits <= 2.5 + 1e-9
+    # other GA / finetune settings reuse it too; a training option does not
+    events.clear()
+    ga_only = SearchConfig(**(TINY | {"population": 6, "fitness_samples": 32, "finetune_epochs": 2}))
+    search_policies(model, data, [Budget("bits", 2.5)], ga_only, wd, lambda e, d: events.append(e))
+    assert "mqn_epoch" not in events and "mqn_resume" in events
+    events.clear()
+    search_policies(
+        model, data, [Budget("bits", 2.5)], SearchConfig(**(TINY | {"hidden": 4})), wd, lambda e, d: events.append(e)
+    )
+    assert "mqn_epoch" in events
 
 
 def test_same_seed_same_policy(trained, cnn, tmp_path):

