@@ -54,7 +54,11 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
         except Exception as e:
             raise InputError(f"{path}: cannot read external data ({_short(e)})") from e
     if check:
-        check_model(model, path)
+        try:
+            check_model(model, path)
+        except InputError:
+            _check_ops(model, path)  # the checker names the first unknown op only: list them all
+            raise
         for tensor in _all_tensors(model):  # decode each once: the checker does not look at the bytes
             tensor_value(tensor, path)
     return model
@@ -69,6 +73,43 @@ def check_model(model: onnx.ModelProto, source: str = "model") -> None:
             onnx.checker.check_model(source)
     except Exception as e:
         raise InputError(f"{source}: fails the ONNX checker: {_short(e)}") from e
+
+
+def _check_ops(model: onnx.ModelProto, path: str) -> None:
+    """Every op of an ONNX domain that its opset does not define, in one `InputError` (the checker stops at
+    the first one). Ops of other domains are left to ONNX Runtime."""
+    opsets = {i.domain or "ai.onnx": i.version for i in model.opset_import}
+    functions = {(f.domain, f.name) for f in model.functions}
+    unknown: dict[str, list[str]] = {}
+
+    def walk(graph: onnx.GraphProto) -> None:
+        for i, node in enumerate(graph.node):
+            if not all(isinstance(v, str) for v in (node.op_type, node.domain, node.name)):
+                continue  # invalid UTF-8 in a corrupt file: the checker's message stands
+            name, domain = node.name or f"{node.op_type}_{i}", node.domain or "ai.onnx"
+            if domain in ("ai.onnx", "ai.onnx.ml") and (node.domain, node.op_type) not in functions:
+                try:
+                    schema_domain = "" if domain == "ai.onnx" else domain
+                    onnx.defs.get_schema(node.op_type, opsets.get(domain, 1), schema_domain)
+                except onnx.defs.SchemaError:
+                    op = node.op_type if domain == "ai.onnx" else f"{domain}.{node.op_type}"
+                    unknown.setdefault(op, []).append(name)
+            for attr in node.attribute:
+                for g in [attr.g] if attr.HasField("g") else attr.graphs:
+                    walk(g)
+
+    try:
+        walk(model.graph)
+    except (
+        Exception
+    ):  # e.g. an opset version out of int range in a corrupt file: the checker's message stands
+        return
+    if unknown:
+        ops = ", ".join(
+            f"{op} ({'node' if len(n) == 1 else f'{len(n)} nodes'}: {', '.join(n[:3])})"
+            for op, n in sorted(unknown.items())
+        )
+        raise InputError(f"{path}: unsupported ops (not in ONNX opset {opsets.get('ai.onnx')}): {ops}")
 
 
 def _short(e: BaseException) -> str:

@@ -51,7 +51,9 @@ class PassError(RuntimeError):
 def pass_name(p: Callable) -> str:
     """`fold_constants`, or `upgrade_opset(opset=21)` for a partial."""
     if isinstance(p, functools.partial):
-        args = ", ".join([repr(a) for a in p.args] + [f"{k}={v!r}" for k, v in p.keywords.items()])
+        # Long values (a policy, a ModelInfo) are cut: the name goes into one-line error messages.
+        parts = [repr(a) for a in p.args] + [f"{k}={v!r}" for k, v in p.keywords.items()]
+        args = ", ".join(r if len(r) <= 50 else r[:47] + "..." for r in parts)
         return f"{pass_name(p.func)}({args})"
     return getattr(p, "__name__", type(p).__name__)
 
