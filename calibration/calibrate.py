@@ -8,6 +8,7 @@ import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
 
 from calibration.observers import DEFAULT_BINS, METHODS, Observer
@@ -64,6 +65,11 @@ def calibrate(
         for t, value in zip(names, outs):
             if value.dtype.kind != "f":
                 raise InputError(f"tensor '{t}' is {value.dtype}, only float tensors can be quantized")
+            if not np.isfinite(value).all():  # an overflow in the float model: no finite range to quantize
+                raise InputError(
+                    f"tensor '{t}' becomes NaN or Inf in the float model on the calibration data "
+                    f"(batch starting at sample {seen}): it cannot be quantized"
+                )
             observers[t].update(value)
         seen += len(next(iter(feed.values())))
     if seen == 0:
@@ -96,7 +102,12 @@ def _session(model: onnx.ModelProto, outputs: list[str], threads: int):
             del big
             return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     except Exception as e:
-        raise InputError(f"ONNX Runtime cannot load the model: {_short(e)}") from e
+        # ORT names the first op it lacks; the custom-domain ops are the usual suspects, all named here.
+        custom = sorted(
+            {f"{n.domain}.{n.op_type}" for n in g.node if n.domain not in ("", "ai.onnx", "ai.onnx.ml")}
+        )
+        also = f" (custom-domain ops in the model: {', '.join(custom)})" if custom else ""
+        raise InputError(f"ONNX Runtime cannot load the model: {_short(e)}{also}") from e
     finally:
         for _ in added:
             del g.output[-1]
