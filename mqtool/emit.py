@@ -11,6 +11,7 @@ model is never modified; the pipeline deep-copies it once (in `prepare`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -231,6 +232,11 @@ def convert(
     check_output_path(model_path, output)
     prepared = prepare(load_model(model_path))
     info = analyze(prepared)
+    if not info.layers:
+        raise InputError(
+            f"{model_path}: no quantizable layer (Conv, ConvTranspose, Gemm or MatMul with a constant "
+            "weight): nothing to convert"
+        )
     policy, qparams = source(prepared, info)
     qmodel = _emit(prepared, info, policy, data, calibration, storage, qparams)
     save_model_atomic(qmodel, output)
@@ -281,7 +287,12 @@ def save_model_atomic(model: onnx.ModelProto, path: str) -> None:
             size_threshold=1024,
         )
         os.replace(os.path.join(tmpdir, location), os.path.join(directory, location))
-        os.replace(os.path.join(tmpdir, base), path)
+        try:
+            os.replace(os.path.join(tmpdir, base), path)
+        except BaseException:  # no data file without its model
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(directory, location))
+            raise
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
