@@ -286,12 +286,18 @@ def save_model_atomic(model: onnx.ModelProto, path: str) -> None:
             location=location,
             size_threshold=1024,
         )
-        os.replace(os.path.join(tmpdir, location), os.path.join(directory, location))
+        data, backup = os.path.join(directory, location), os.path.join(tmpdir, "previous.data")
+        with contextlib.suppress(OSError):  # a previous output's data, put back if the model cannot follow
+            os.link(data, backup)
+        os.replace(os.path.join(tmpdir, location), data)
         try:
             os.replace(os.path.join(tmpdir, base), path)
         except BaseException:  # no data file without its model
             with contextlib.suppress(OSError):
-                os.unlink(os.path.join(directory, location))
+                if os.path.exists(backup):
+                    os.replace(backup, data)
+                else:
+                    os.unlink(data)
             raise
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
