@@ -22,6 +22,8 @@ import numpy as np
 
 # Scales below this are replaced: a zero/denormal scale would make x / scale overflow to inf or NaN.
 MIN_SCALE = np.float32(2.0**-30)
+# Elements per block of channels in the MSE scale search (512 KiB of float32: in L2 with its scratch).
+_MSE_BLOCK = 1 << 17
 
 
 def int_range(bits: int, signed: bool) -> tuple[int, int]:
@@ -107,12 +109,26 @@ def weight_scale(w: np.ndarray, bits: int, axis: int = 0, method: str = "mse", g
         cs = np.unique(np.concatenate([np.linspace(0.15, 1.0, grid), [-qmin / qmax]])).astype(np.float32)
         best = base.copy()
         best_err = np.full(rows.shape[0], np.inf, dtype=np.float64)
-        for c in cs:
-            s = np.maximum(base * c, MIN_SCALE)[:, None]
-            err = ((fake_quantize(rows, s, 0, qmin, qmax) - rows) ** 2).sum(axis=1, dtype=np.float64)
-            better = err < best_err
-            best = np.where(better, s[:, 0], best)
-            best_err = np.where(better, err, best_err)
+        scales = np.maximum(base[None, :] * cs[:, None], MIN_SCALE)
+        # Blocks of channels that stay in cache across the candidates, and in-place float32 ops that give
+        # exactly fake_quantize's values: x / s is finite here, so its nan_to_num is a no-op, and the int32
+        # round trip of integers in [qmin, qmax] is exact. 4-5x faster than fake_quantize per candidate.
+        step = max(1, _MSE_BLOCK // max(1, rows.shape[1]))
+        for r0 in range(0, rows.shape[0], step):
+            block = rows[r0 : r0 + step]
+            t = np.empty_like(block)
+            b_best, b_err = best[r0 : r0 + step], best_err[r0 : r0 + step]
+            for s in scales[:, r0 : r0 + step, None]:
+                np.divide(block, s, out=t)
+                np.rint(t, out=t)
+                np.clip(t, qmin, qmax, out=t)
+                np.multiply(t, s, out=t)
+                np.subtract(t, block, out=t)
+                np.square(t, out=t)
+                err = t.sum(axis=1, dtype=np.float64)  # the same float64 reduction as before: same ties
+                better = err < b_err
+                b_best[better] = s[better, 0]
+                b_err[better] = err[better]
     else:
         raise ValueError(f"unknown weight scale method {method!r} (max or mse)")
     best = np.where(amax > 0, np.maximum(best, MIN_SCALE), np.float32(1.0))

@@ -16,6 +16,7 @@ from onnx.reference import ReferenceEvaluator
 from mqtool.analysis import analyze
 from mqtool.emit import convert, quantize_model, save_model_atomic, uniform_policy
 from mqtool.errors import InputError
+from mqtool.numerics import int_range
 from mqtool.policy import LayerBits, Policy
 from passes.qparams import ActParams, QuantParams
 
@@ -240,3 +241,127 @@ def test_examples_w8a8_accuracy_and_fusion(tmp_path, example, max_drop):
     q = onnx.load(out)
     ops = ort_ops(q)
     assert sum(ops.count(k) for k in INTEGER) == len(analyze(onnx.load(path)).layers)
+
+
+# sha256 of each example's model.onnx when the digests below were recorded, and of the emitted models (with
+# the mqtool.version entry removed) per (activation bits, storage). Recorded before the emit speed-ups: a
+# faster pipeline must emit the same bytes. If an example is retrained the digests no longer apply (skip);
+# print new ones with `python -c "from tests.test_emit import _example_digests as d; print(d('mnist_cnn'))"`.
+_EXAMPLE_DIGESTS = {
+    "mnist_cnn": (
+        "5387736f5c77ffc95cee954660f511817eed236c4528c001b0818334e01de1dd",
+        {
+            (8, "int8"): "891f390ddf4df7e37e315ca4eef76205f35179da4649a136b04ad5cf61961805",
+            (8, "packed"): "f3f11a809d21e33cdb83a740c4579bbc57d8c298fcb0b74beb241d1cf7ce798c",
+            (8, "auto"): "e937ef620d18b0d4cbc4a0b57ef382d53c7f1f1f329f8c25a0f6f8e69e294a61",
+            (4, "int8"): "cbd0ef992ea7b3d97a1c871127b65ab56a67bc63f5300346b24d2c42ea1895e2",
+            (4, "packed"): "543f46f20e07045cad58293eb1889deae031d72bd660902ea6885a5f2584617d",
+            (4, "auto"): "b55bc8872af446a35a04bcddb879ffe1bcee7718fecf5fcc63641d404974ed5a",
+            (32, "int8"): "ae7dc8fc4ed1ae297016d8b4839da7d1386421e4de1416622bd68aa159aa8863",
+            (32, "packed"): "76d3f9f7de785c4d6187ada69c61b8d8d55f8d1ef2d20ddff4f81a8db33777e9",
+            (32, "auto"): "53290f5d109e19a9a192de32788f774a936daf0a35dbffaff1197b778de93b10",
+        },
+    ),
+    "mnist_vit": (
+        "bf59aef08799c3f67d41993dada94c088f6251035d21b92ef548c66af94b8c6b",
+        {
+            (8, "int8"): "f3e5d8586fdcea7b3836260c15cf939ddc41b43a47d779ef3a55ccb2ade50570",
+            (8, "packed"): "f122cbbe8a8d4ba4e256b41f517236965ab2d2d87127c1de06b7a785ed9c5d0c",
+            (8, "auto"): "d45d07a6e4fe8c19c4258527d96d3fff652f0d24669ca6535cade6ea66cbaee8",
+            (4, "int8"): "648347298f9561de7a4443d43074647ac07a041e619aa649236fb6cb8b7f58b7",
+            (4, "packed"): "feae09dace6a8a5cc7ea647f12968135c42df5393c7d852fd517ceb308587e87",
+            (4, "auto"): "948b7ffe92f01ef8ec2a5aeb8e9f2f9475c04552dd5363dc628cf4565f5f5569",
+            (32, "int8"): "7d06d7e144dd4a6f16f5de19b6e671aba31ce2eff8b7c8be93adbdb0fc1c0a5b",
+            (32, "packed"): "31017f287d310c81508748c65a84f945b51a6adc28ec58f4ab2e0472c5e8e8ae",
+            (32, "auto"): "eb26e0b039e3aa2e4c2e9f4475af908fdd88d86871c4ec72766b03bc1a7c681a",
+        },
+    ),
+}
+
+
+def _emit_cases(path: str):
+    """(act bits, storage) -> emitted model, with a mixed 2..8-bit policy and given activation ranges (no
+    calibration: the bytes depend on the emit passes alone)."""
+    from passes.pipeline import prepare
+    from passes.qdq_plan import plan_activations
+
+    m = onnx.load(path)
+    prepared = prepare(m)
+    info = analyze(prepared)
+    for acts in (8, 4, 32):
+        pol = mixed(info.names, acts)
+        plan = plan_activations(prepared, info, pol)
+        ranges = {t: ActParams(range=(-1.0 - 0.25 * k, 2.0 + 0.5 * k)) for k, t in enumerate(plan)}
+        for storage in ("int8", "packed", "auto"):
+            yield (
+                (acts, storage),
+                quantize_model(m, pol, qparams=QuantParams(activations=ranges), storage=storage),
+            )
+
+
+def _digest(model: onnx.ModelProto) -> str:
+    import hashlib
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    keep = [(p.key, p.value) for p in m.metadata_props if p.key != "mqtool.version"]
+    del m.metadata_props[:]
+    for k, v in keep:
+        m.metadata_props.add(key=k, value=v)
+    return hashlib.sha256(m.SerializeToString()).hexdigest()
+
+
+def _example_digests(example: str) -> dict:
+    return {key: _digest(q) for key, q in _emit_cases(example_path(example))}
+
+
+@pytest.mark.parametrize("example", list(_EXAMPLE_DIGESTS))
+def test_emitted_bytes_of_the_examples_are_unchanged(example):
+    import hashlib
+
+    path = example_path(example)
+    source, expected = _EXAMPLE_DIGESTS[example]
+    if not os.path.exists(path) or hashlib.sha256(open(path, "rb").read()).hexdigest() != source:
+        pytest.skip(f"{example}/model.onnx differs from the one the digests were recorded with")
+    assert _example_digests(example) == expected
+
+
+def _weight_scale_loop(w, bits, axis):
+    """The MSE scale search as first written (one fake_quantize per candidate over the whole weight): the
+    reference the blocked in-place search in mqtool.numerics must reproduce bit for bit."""
+    from mqtool.numerics import MIN_SCALE, fake_quantize
+
+    qmin, qmax = int_range(bits, signed=True)
+    rows = np.moveaxis(np.asarray(w, np.float32), axis, 0).reshape(w.shape[axis], -1)
+    amax = np.max(np.abs(rows), axis=1) if rows.size else np.zeros(rows.shape[0], np.float32)
+    base = (amax / np.float32(-qmin)).astype(np.float32)
+    cs = np.unique(np.concatenate([np.linspace(0.15, 1.0, 40), [-qmin / qmax]])).astype(np.float32)
+    best, best_err = base.copy(), np.full(rows.shape[0], np.inf)
+    for c in cs:
+        s = np.maximum(base * c, MIN_SCALE)[:, None]
+        err = ((fake_quantize(rows, s, 0, qmin, qmax) - rows) ** 2).sum(axis=1, dtype=np.float64)
+        better = err < best_err
+        best, best_err = np.where(better, s[:, 0], best), np.where(better, err, best_err)
+    return np.where(amax > 0, np.maximum(best, MIN_SCALE), np.float32(1.0)).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    "shape, axis",
+    # Rows longer than numpy's 8192-element reduction buffer, several blocks of channels, 1-D, empty rows.
+    [((64, 3, 3, 3), 0), ((16, 20000), 0), ((300, 700), 0), ((300, 700), 1), ((5,), 0), ((4, 0), 0)],
+)
+def test_weight_scale_equals_the_per_candidate_loop(shape, axis, monkeypatch):
+    from mqtool import numerics
+
+    monkeypatch.setattr(numerics, "_MSE_BLOCK", 1000)  # many blocks even on small weights
+    rng = np.random.default_rng(7)
+    for w in (
+        rng.normal(size=shape) * 0.1,
+        rng.laplace(size=shape) ** 3,  # heavy tails: clipping the top values wins
+        np.where(rng.random(shape) < 0.5, 0.0, rng.normal(size=shape) * 1e-12),  # zero and tiny channels
+        np.full(shape, 0.02),  # the zoo models' constant weights: many exact ties between candidates
+    ):
+        w = w.astype(np.float32)
+        for bits in (2, 3, 4, 5, 8):
+            got = numerics.weight_scale(w, bits, axis)
+            assert got.tobytes() == _weight_scale_loop(w, bits, axis).tobytes(), (bits, shape)
