@@ -320,20 +320,73 @@ def _single_node_model(node: onnx.NodeProto, opset: int) -> onnx.ModelProto:
 
 def infer_shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
     """Inferred shape of every tensor (None for unknown dims); the model is not modified."""
+    # onnx serialises the model it infers on; with the weights that was most of the time (1 s of ResNet-50's
+    # 100 MB). Shape inference reads only the dims and type of a float weight (data propagation evaluates
+    # small integer tensors), so large float initializers go in as typed graph inputs instead. One listed
+    # as a graph input already stays (its declared type is what inference uses), and so does every one of
+    # an IR < 4 model, where onnx types only the initializers that are also inputs.
+    g = model.graph
+    listed = {vi.name for vi in g.input}
+    big = {
+        i.name
+        for i in g.initializer
+        if i.data_type in _FLOAT_TYPES and i.name not in listed and _numel(i.dims) > _INFER_INLINE_ELEMENTS
+    }
+    if model.ir_version < 4:
+        big = set()
+    light = model
+    if big:
+        light = onnx.ModelProto()
+        _copy_fields(model, light, skip="graph")
+        _copy_fields(g, light.graph, skip="initializer")
+        light.graph.initializer.extend(i for i in g.initializer if i.name not in big)
+        light.graph.input.extend(
+            onnx.helper.make_tensor_value_info(i.name, i.data_type, list(i.dims))
+            for i in g.initializer
+            if i.name in big
+        )
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
     except Exception as e:
         log.debug("shape inference failed: %s", e)
-        inferred = model
+        inferred = light
     shapes: dict[str, list[int | None]] = {}
-    g = inferred.graph
-    for vi in list(g.input) + list(g.value_info) + list(g.output):
+    ig = inferred.graph
+    for vi in list(ig.input) + list(ig.value_info) + list(ig.output):
+        if vi.name in big:
+            continue  # reported with the initializers below, in their order, as before
         t = vi.type.tensor_type
         if t.HasField("shape"):
             shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
     for init in g.initializer:
         shapes[init.name] = list(init.dims)
     return shapes
+
+
+_FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
+_INFER_INLINE_ELEMENTS = 1024
+
+
+def _numel(dims) -> int:
+    n = 1
+    for d in dims:
+        n *= d
+    return n
+
+
+def _copy_fields(src, dst, skip: str) -> None:
+    """Copy every set field of the message `src` except `skip` into `dst` (same message type)."""
+    for field, value in src.ListFields():
+        if field.name == skip:
+            continue
+        # protobuf 7 dropped FieldDescriptor.label for is_repeated
+        repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+        if repeated:
+            getattr(dst, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(dst, field.name).CopyFrom(value)
+        else:
+            setattr(dst, field.name, value)
 
 
 def graph_ops(model: onnx.ModelProto) -> Iterable[tuple[str, str]]:

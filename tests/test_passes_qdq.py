@@ -190,6 +190,39 @@ def test_plan_matmul_bias_add_depends_on_rank():
     assert plan_activations(m3, info, Policy.uniform(info.names, 8)) == {"n": 8, "h": 8}
 
 
+def test_infer_shapes_without_the_weights_equals_inference_on_the_full_model():
+    """infer_shapes hands large float weights to onnx as typed inputs; every shape must be what inference on
+    the whole model gives: weight dims feeding MatMul/Conv shapes, a Reshape target read by data
+    propagation, and a weight that is also a graph input (kept as an initializer)."""
+    from mqtool.model import infer_shapes
+
+    m = parser.parse_model(
+        """<ir_version: 8, opset_import: ["" : 13]>
+        g (float[N, 3, 16, 16] x, float[40, 3, 3, 3] Wc) => (float[N, 2, 20, 256] y, float[N, 40, 14, 14] z) {
+          h = Conv(x, Wc)
+          a = Reshape(h, shp)
+          b = MatMul(a, Wm)
+          y = Add(b, Bm)
+          z = Relu(h)
+        }"""
+    )
+    weights = {"Wc": w(40, 3, 3, 3), "shp": np.array([0, 2, 20, 196], np.int64), "Wm": w(196, 256)}
+    weights["Bm"] = w(256)
+    m.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in weights.items())
+    full = onnx.shape_inference.infer_shapes(m, data_prop=True).graph
+    want = {}
+    for vi in list(full.input) + list(full.value_info) + list(full.output):
+        want[vi.name] = [
+            d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim
+        ]
+    want.update({i.name: list(i.dims) for i in m.graph.initializer})
+    before = m.SerializeToString()
+    got = infer_shapes(m)
+    assert m.SerializeToString() == before
+    assert got == want
+    assert got["b"] == [None, 2, 20, 256] and got["h"] == [None, 40, 14, 14] and got["Wm"] == [196, 256]
+
+
 def test_plan_storage_modes():
     m = mlp3d()
     info = analyze(m)
