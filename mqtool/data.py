@@ -88,6 +88,8 @@ def _npy_array(path: str, key: str) -> _Array:
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except ValueError as e:  # object arrays need pickle: refused
+        if "pickle" not in str(e):  # e.g. a truncated file: "mmap length is greater than file size"
+            raise InputError(f"{path}: array '{key}' is not a readable .npy file ({_short(e)})") from e
         raise InputError(f"{path}: array '{key}' cannot be loaded without pickle ({e})") from e
     except Exception as e:
         raise InputError(f"{path}: not a readable .npy file ({e})") from e
@@ -122,7 +124,10 @@ def _npz_array(path: str, zf: zipfile.ZipFile, key: str) -> _Array:
             _npy_header(f)
             for i in range(0, limit, batch):
                 n = min(batch, limit - i)
-                buf = f.read(n * row)
+                try:  # a corrupt member shows only here (zip CRC checked at its end, zlib errors)
+                    buf = f.read(n * row)
+                except Exception as e:
+                    raise InputError(f"{path}: array '{key}' is corrupt ({_short(e)})") from e
                 if len(buf) != n * row:
                     raise InputError(f"{path}: array '{key}' is truncated")
                 yield np.frombuffer(buf, dtype=dtype).reshape((n,) + tuple(shape[1:]))
@@ -191,10 +196,15 @@ class Dataset:
 
     def _convert(self, spec: InputSpec, rows: np.ndarray, start: int) -> np.ndarray:
         arr = self._arrays[spec.name]
+        # Checked after the cast: float64 data beyond the float32 range becomes Inf in it.
+        cast = rows.dtype != spec.dtype
+        with np.errstate(over="ignore"):
+            rows = np.ascontiguousarray(rows, dtype=spec.dtype)
         if rows.dtype.kind == "f" and not np.all(np.isfinite(rows)):
             bad = start + int(np.argwhere(~np.isfinite(rows).reshape(len(rows), -1).all(axis=1))[0][0])
-            raise InputError(f"{arr.source}: array '{arr.key}' contains NaN or Inf (sample {bad})")
-        return np.ascontiguousarray(rows, dtype=spec.dtype)
+            beyond = f" or values beyond the {spec.dtype} range" if cast else ""
+            raise InputError(f"{arr.source}: array '{arr.key}' contains NaN or Inf (sample {bad}){beyond}")
+        return rows
 
 
 def open_data(path: str | os.PathLike, model: onnx.ModelProto | list[InputSpec]) -> Dataset:
@@ -270,7 +280,7 @@ def _match_names(path: str, keys: list[str], specs: list[InputSpec]) -> dict[str
 
 
 def _check_arrays(path: str, arrays: dict[str, _Array], specs: list[InputSpec]) -> None:
-    counts = set()
+    counts: dict[str, int] = {}
     for s in specs:
         a = arrays[s.name]
         where = f"{path}: array '{a.key}'"
@@ -289,9 +299,10 @@ def _check_arrays(path: str, arrays: dict[str, _Array], specs: list[InputSpec]) 
                     )
         if not _compatible(a.dtype, s.dtype):
             raise InputError(f"{where} has dtype {a.dtype}; model input '{s.name}' is {s.dtype}")
-        counts.add(a.shape[0])
-    if len(counts) > 1:
-        raise InputError(f"{path}: inputs have different numbers of samples {sorted(counts)}")
+        counts[a.key] = a.shape[0]
+    if len(set(counts.values())) > 1:
+        each = ", ".join(f"'{k}' {n}" for k, n in counts.items())
+        raise InputError(f"{path}: arrays have different numbers of samples ({each})")
 
 
 def _compatible(got: np.dtype, want: np.dtype) -> bool:
@@ -313,6 +324,11 @@ def _check_labels(path: str, y: np.ndarray, n: int) -> np.ndarray:
         )
     if len(y) != n:
         raise InputError(f"{path}: array 'y' has {len(y)} labels for {n} samples")
+    bad = np.flatnonzero((y < 0) | (y > np.iinfo(np.int64).max))  # class indices; uint64 must fit int64
+    if bad.size:
+        raise InputError(
+            f"{path}: array 'y' has label {y[bad[0]]} at sample {bad[0]}; labels are class indices >= 0"
+        )
     return y.astype(np.int64)
 
 
