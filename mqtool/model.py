@@ -8,6 +8,7 @@ every failure becomes an `InputError` that names the file.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Iterable, Iterator
 
@@ -330,15 +331,15 @@ def infer_shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
     big = {
         i.name
         for i in g.initializer
-        if i.data_type in _FLOAT_TYPES and i.name not in listed and _numel(i.dims) > _INFER_INLINE_ELEMENTS
+        if i.data_type in FLOAT_TYPES and i.name not in listed and math.prod(i.dims) > _INFER_INLINE_ELEMENTS
     }
     if model.ir_version < 4:
         big = set()
     light = model
     if big:
         light = onnx.ModelProto()
-        _copy_fields(model, light, skip="graph")
-        _copy_fields(g, light.graph, skip="initializer")
+        copy_fields_except(model, light, skip="graph")
+        copy_fields_except(g, light.graph, skip="initializer")
         light.graph.initializer.extend(i for i in g.initializer if i.name not in big)
         light.graph.input.extend(
             onnx.helper.make_tensor_value_info(i.name, i.data_type, list(i.dims))
@@ -363,18 +364,11 @@ def infer_shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
     return shapes
 
 
-_FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
+FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
 _INFER_INLINE_ELEMENTS = 1024
 
 
-def _numel(dims) -> int:
-    n = 1
-    for d in dims:
-        n *= d
-    return n
-
-
-def _copy_fields(src, dst, skip: str) -> None:
+def copy_fields_except(src, dst, skip: str) -> None:
     """Copy every set field of the message `src` except `skip` into `dst` (same message type)."""
     for field, value in src.ListFields():
         if field.name == skip:

@@ -222,6 +222,54 @@ def test_upgrade_opset_11_to_21_raises_ir_and_keeps_names():
     assert not upgrade_opset(out, 13).modified  # never downgrades
 
 
+def test_upgrade_opset_with_weight_stubs_equals_the_full_conversion(monkeypatch):
+    """Large float weights go through the version converter as data-less stubs: the result must be byte for
+    byte the converter's on the full model, for ops whose adapters rewrite attributes into inputs."""
+    import importlib
+
+    from onnx import version_converter
+
+    up = importlib.import_module("passes.upgrade_opset")  # the package attribute is the pass function
+
+    m = build(
+        """<ir_version: 5, opset_import: ["" : 10]>
+        g (float[N, 16, 8, 8] x) => (float[N, 1, 32] y) {
+          c = Conv <pads = [1, 1, 1, 1]> (x, Wc, Bc)
+          r = ReduceMean <axes = [2, 3], keepdims = 0> (c)
+          u = Unsqueeze <axes = [1]> (r)
+          k = Clip <min = 0.0, max = 6.0> (u)
+          y = MatMul(k, Wm)
+        }""",
+        {"Wc": w(32, 16, 3, 3), "Bc": w(32), "Wm": w(32, 32)},
+    )
+    full = version_converter.convert_version(m, 21)
+    full.ir_version = 10
+    calls = []
+    real = version_converter.convert_version
+    monkeypatch.setattr(version_converter, "convert_version", lambda mm, v: calls.append(mm) or real(mm, v))
+    got = upgrade_opset(m, 21).model
+    assert got.SerializeToString() == full.SerializeToString()
+    # One conversion; the converter saw the 4608-element Wc without its data, the 1024-element Wm with.
+    assert len(calls) == 1
+    seen = {i.name: i for i in calls[0].graph.initializer}
+    assert not seen["Wc"].raw_data and list(seen["Wc"].dims) == [32, 16, 3, 3] and seen["Wm"].raw_data
+    # A stub that comes back changed means the converter touched a weight: the full model is converted.
+    monkeypatch.setattr(up, "_STRIP_ELEMENTS", 0)
+    monkeypatch.setattr(
+        version_converter,
+        "convert_version",
+        lambda mm, v: calls.append(mm) or _touch_first_initializer(real(mm, v)),
+    )
+    calls.clear()
+    got = upgrade_opset(m, 21).model
+    assert len(calls) == 2 and numpy_helper.to_array(got.graph.initializer[0]).size == 32 * 16 * 9
+
+
+def _touch_first_initializer(m: onnx.ModelProto) -> onnx.ModelProto:
+    m.graph.initializer[0].doc_string = "changed"
+    return m
+
+
 def test_prepare_is_idempotent_and_keeps_inspect_names(tmp_path):
     p = bn_params(8)
     m = build(
