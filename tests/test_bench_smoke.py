@@ -19,6 +19,7 @@ SCRIPTS = [
     ("bench_proxy.py", "proxy"),
     ("bench_methods.py", "methods"),
     ("bench_peers.py", "peers"),
+    ("bench_large_model.py", "large_model"),
 ]
 
 
