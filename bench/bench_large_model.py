@@ -14,7 +14,8 @@ each in its own process, whose peak RSS `os.wait4` reports:
 
 Each output is checked in a third process: `onnx.checker.check_model(path, full_check=True)`, loaded in ONNX
 Runtime, and its outputs on 16 samples compared with the float model's (relative L2 error). --quick: H 256,
-3 layers (seconds; under the limit, so the > 2 GiB paths are not taken). Writes bench/results/large_model.json.
+3 layers (seconds; under the limit, so the > 2 GiB paths are not taken). Writes
+bench/results/large_model.json.
 """
 
 from __future__ import annotations
@@ -208,9 +209,10 @@ def _section(r: dict) -> str:
                 chk.get("peak_rss_gib", "-"),
             ]
         )
+    size = "over" if r["over_protobuf_limit"] else "under (quick mode)"
     return (
-        f"## Converting a model {'over' if r['over_protobuf_limit'] else 'under (quick mode)'} 2 GiB ({r['layers']} MatMul layers of {r['hidden']}x{r['hidden']}, fp32, "
-        f"opset {r['opset']}, external data)\n\n"
+        f"## Converting a model {size} 2 GiB ({r['layers']} MatMul layers of {r['hidden']}x{r['hidden']}, "
+        f"fp32, opset {r['opset']}, external data)\n\n"
         + common.table(
             [
                 "run", "input GiB", "output GiB", "output files", "convert s", "convert peak RSS GiB",
@@ -218,8 +220,8 @@ def _section(r: dict) -> str:
             ],
             rows,
         )
-        + "\n\nbits4: `convert --bits 4 --data` (every layer 4-bit, 8-bit activations); policy_first_layer: only "
-        "the first layer quantized (8 bits), so the output stays over 2 GiB and is saved with external data. "
+        + "\n\nbits4: `convert --bits 4 --data` (every layer 4-bit, 8-bit activations); policy_first_layer: "
+        "only the first layer quantized (8 bits), so the output stays over 2 GiB and is saved with external data. "
         "Peak RSS of the convert process (`os.wait4`); the check process runs the full ONNX checker and both "
         "models in ONNX Runtime on 16 samples."
     )  # fmt: skip
