@@ -182,6 +182,35 @@ def test_fold_batchnorm_leaves_shared_outputs_and_copies_shared_weights():
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+def test_fold_batchnorm_tracks_readers_across_folds():
+    """Two convs share W and both absorb a BN: the first gets a copy (W has two readers), the second then
+    changes W in place (one reader left). A chained second BN is not folded (its input is written by the
+    first BN, still in the graph while folding), as when the graph was rescanned per BN."""
+    p1, p2, p3 = bn_params(4), bn_params(4), bn_params(4)
+    weights = {"W": w(4, 4, 1, 1)}
+    for k, p in (("1", p1), ("2", p2), ("3", p3)):
+        weights.update({f"{n}{k}": v for n, v in p.items()})
+    m = build(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 4, 5, 5] x) => (float[N, 4, 5, 5] y) {
+          a = Conv(x, W)
+          b = BatchNormalization(a, g1, be1, mu1, var1)
+          c = Conv(b, W)
+          d = BatchNormalization(c, g2, be2, mu2, var2)
+          y = BatchNormalization(d, g3, be3, mu3, var3)
+        }""",
+        weights,
+    )
+    x = w(1, 4, 5, 5)
+    before = run(m, x=x)[0]
+    name_nodes(m)
+    assert fold_batchnorm(m).modified
+    convs = [n for n in m.graph.node if n.op_type == "Conv"]
+    assert convs[0].input[1] != "W" and convs[1].input[1] == "W"
+    assert [n.op_type for n in m.graph.node].count("BatchNormalization") == 1
+    np.testing.assert_allclose(run(m, x=x)[0], before, rtol=1e-4, atol=1e-5)
+
+
 def test_cleanup_drops_dead_parts_and_shadowing_inputs():
     m = build(
         """<ir_version: 3, opset_import: ["" : 9]>
