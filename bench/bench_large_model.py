@@ -222,8 +222,8 @@ def _section(r: dict) -> str:
         )
         + "\n\nbits4: `convert --bits 4 --data` (every layer 4-bit, 8-bit activations); policy_first_layer: "
         "only the first layer quantized (8 bits), so the output stays over 2 GiB and is saved with external "
-        "data. Peak RSS of the convert process (`os.wait4`); the check process runs the full ONNX checker and both "
-        "models in ONNX Runtime on 16 samples."
+        "data. Peak RSS of the convert process (`os.wait4`); the check process runs the full ONNX checker "
+        "and both models in ONNX Runtime on 16 samples."
     )  # fmt: skip
 
 
