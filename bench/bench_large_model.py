@@ -13,7 +13,8 @@ each in its own process, whose peak RSS `os.wait4` reports:
   written with external data (`<output>.data`), the path tests/test_external_data.py takes on a tiny model.
 
 Each output is checked in a third process: `onnx.checker.check_model(path, full_check=True)`, loaded in ONNX
-Runtime, and its outputs on 16 samples compared with the float model's (relative L2 error). --quick: H 256,
+Runtime, and its outputs on 16 samples compared with the float model's (relative L2 error); the 4-bit one
+also goes through `mqtool validate`. --quick: H 256,
 3 layers (seconds; under the limit, so the > 2 GiB paths are not taken). Writes
 bench/results/large_model.json.
 """
@@ -147,6 +148,19 @@ def convert_run(folder: str, name: str, policy_args: list[str]) -> dict:
         check.update(json.loads(check.pop("last_line")))
     print(name, "check:", check, flush=True)
     result["check"] = check
+    if name == "q_bits4":  # `mqtool validate` on the pair (it holds each model as one protobuf)
+        cmd = [
+            sys.executable,
+            "-m",
+            "mqtool.cli",
+            "validate",
+            out,
+            "--reference",
+            os.path.join(folder, "model.onnx"),
+        ]
+        cmd += ["--data", os.path.join(folder, "d.npz"), "--json"]
+        result["validate"] = measured(cmd, os.path.join(folder, f"{name}.validate.log"))
+        print(name, "validate:", result["validate"], flush=True)
     return result
 
 
@@ -210,6 +224,12 @@ def _section(r: dict) -> str:
             ]
         )
     size = "over" if r["over_protobuf_limit"] else "under (quick mode)"
+    v = r["runs"]["bits4"].get("validate")
+    validate = ""
+    if v is not None:
+        outcome = "succeeds" if v["exit_code"] == 0 else f"fails (exit {v['exit_code']}: `{v['last_line']}`)"
+        validate = f" `mqtool validate` on the bits4 pair {outcome} ({v['wall_s']} s, "
+        validate += f"peak RSS {v['peak_rss_gib']} GiB)."
     return (
         f"## Converting a model {size} 2 GiB ({r['layers']} MatMul layers of {r['hidden']}x{r['hidden']}, "
         f"fp32, opset {r['opset']}, external data)\n\n"
@@ -223,7 +243,7 @@ def _section(r: dict) -> str:
         + "\n\nbits4: `convert --bits 4 --data` (every layer 4-bit, 8-bit activations); policy_first_layer: "
         "only the first layer quantized (8 bits), so the output stays over 2 GiB and is saved with external "
         "data. Peak RSS of the convert process (`os.wait4`); the check process runs the full ONNX checker "
-        "and both models in ONNX Runtime on 16 samples."
+        "and both models in ONNX Runtime on 16 samples." + validate
     )  # fmt: skip
 
 
