@@ -14,11 +14,9 @@ import onnx
 from calibration.observers import DEFAULT_BINS, METHODS, Observer
 from calibration.readers import DataSource, iter_feeds
 from mqtool.errors import InputError
+from mqtool.model import over_protobuf_limit
 
 log = logging.getLogger(__name__)
-
-# Protobuf cannot serialise 2 GiB or more; such models go to ORT through a file with external data.
-_PROTOBUF_LIMIT = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -91,7 +89,7 @@ def _session(model: onnx.ModelProto, outputs: list[str], threads: int):
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
     try:
-        if model.ByteSize() < _PROTOBUF_LIMIT:
+        if not over_protobuf_limit(model):  # larger ones go to ORT through a file with external data
             return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "calib.onnx")

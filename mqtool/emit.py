@@ -29,7 +29,7 @@ from mqtool import __version__
 from mqtool.analysis import ModelInfo, analyze
 from mqtool.errors import InputError
 from mqtool.fileio import atomic_write_bytes
-from mqtool.model import load_model
+from mqtool.model import load_model, over_protobuf_limit
 from mqtool.numerics import activation_qparams
 from mqtool.policy import FLOAT, Policy, average_weight_bits
 from passes.base import run_passes
@@ -59,9 +59,6 @@ META_VERSION = "mqtool.version"
 META_POLICY = "mqtool.policy"
 META_STORAGE = "mqtool.storage"
 META_CALIBRATION = "mqtool.calibration"
-
-# Protobuf cannot serialise 2 GiB or more: larger models are saved with external data.
-_PROTOBUF_LIMIT = 2**31 - 1
 
 PolicySource = Callable[[onnx.ModelProto, ModelInfo], tuple[Policy, QuantParams | None]]
 """Produces the policy (and optional finetuned parameters) for a prepared model and its analysis."""
@@ -271,7 +268,7 @@ def save_model_atomic(model: onnx.ModelProto, path: str) -> None:
     """Write `model` to `path` atomically (`mqtool.fileio`: a temporary file in the same folder, then
     `os.replace`). Models of 2 GiB or more keep their tensors in `<name>.data` next to `path`; that file is
     moved into place before the model, so a reader never sees a model without its data."""
-    if model.ByteSize() < _PROTOBUF_LIMIT:
+    if not over_protobuf_limit(model):
         atomic_write_bytes(path, model.SerializeToString())
         return
     directory, base = os.path.dirname(os.path.abspath(path)), os.path.basename(path)

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 import onnx
+from google.protobuf.message import EncodeError
 from onnx import TensorProto, numpy_helper
 
 from mqtool.errors import InputError
@@ -65,10 +66,19 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
     return model
 
 
+def over_protobuf_limit(model: onnx.ModelProto) -> bool:
+    """Whether `model` is too large to be one protobuf (2 GiB): it must be checked, run and saved through a
+    file with external data. Above the limit upb's `ByteSize` raises instead of answering."""
+    try:
+        return model.ByteSize() >= _PROTOBUF_LIMIT
+    except EncodeError:
+        return True
+
+
 def check_model(model: onnx.ModelProto, source: str = "model") -> None:
     """Run `onnx.checker.check_model`; raise `InputError` naming `source` when it fails."""
     try:
-        if model.ByteSize() < _PROTOBUF_LIMIT:
+        if not over_protobuf_limit(model):
             onnx.checker.check_model(model)
         else:
             onnx.checker.check_model(source)
