@@ -1,7 +1,7 @@
 """Benchmark: our search (MetaQuantNet + GA + finetune) against uniform QAT, HAWQ and random search at the
 same average weight bits, and the search cost against a per-budget search that finetunes every candidate.
 
-    python bench/bench_methods.py [--example mnist_cnn] [--targets 2.5 3 4] [--quick]
+    python bench/bench_methods.py [--example mnist_cnn] [--targets 2.5 3 4] [--seeds 3] [--quick]
 
 One SearchEngine per example (train.npz; search split 20%), with the settings printed in the doc.
   ours      `search_policies` (MetaQuantNet once, GA per budget) + `finetune(policy)` (from MetaQuantNet's weights)
@@ -14,8 +14,10 @@ One SearchEngine per example (train.npz; search split 20%), with the settings pr
 Each policy is emitted with `quantize_model(engine.model, policy, qparams=...)` and scored by ONNX Runtime on
 test.npz. Search cost: 5 budgets; ours = MetaQuantNet training + the 5 GA runs (measured); HAQ-style = the
 number of candidates the GA evaluated x the measured cost of finetuning + scoring one candidate (finetune
-measured on a sample of candidates, not run for all). Writes bench/results/methods[_<example>].json and a
-plot docs/img/methods_<example>.png.
+measured on a sample of candidates, not run for all; measured with the first seed only). Every seed is a
+full independent run (search split, MetaQuantNet, GA, finetune, HAWQ probes all seeded by it); tables show the
+mean over seeds with the spread (min..max). Writes bench/results/methods[_<example>].json and a plot
+docs/img/methods_<example>.png.
 """
 
 from __future__ import annotations
@@ -62,13 +64,13 @@ def random_search(engine, target: float, count: int, seed: int):
     return engine._policy(genomes[best], Budget("bits", target), fits[best], len(genomes))
 
 
-def plot(res: dict, path: str, title: str) -> None:
+def plot(summary: list[dict], fp32: float, path: str, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for method, marker in (
         ("ours", "o-"),
         ("uniform_ptq", "x--"),
@@ -76,12 +78,20 @@ def plot(res: dict, path: str, title: str) -> None:
         ("hawq", "^-"),
         ("random", "v-"),
     ):
-        pts = sorted((r["avg_bits"], r["accuracy"]) for r in res["rows"] if r["method"] == method)
+        pts = sorted(
+            (r["avg_bits"], r["acc_mean"], r["acc_min"], r["acc_max"])
+            for r in summary
+            if r["method"] == method
+        )
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker, label=method)
-    ax.axhline(res["fp32"]["accuracy"], color="gray", lw=0.8, ls=":", label="fp32")
+            x = [p[0] for p in pts]
+            y = [p[1] for p in pts]
+            err = [[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]]
+            ax.errorbar(x, y, yerr=err, fmt=marker, capsize=3, label=method)
+    ax.axhline(fp32, color="gray", lw=0.8, ls=":", label="fp32")
     ax.set_xlabel("average weight bits")
     ax.set_ylabel("test accuracy (ORT)")
+    ax.set_ylim(max(0.0, min(0.9, ax.get_ylim()[0])), None)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -90,19 +100,7 @@ def plot(res: dict, path: str, title: str) -> None:
     plt.close(fig)
 
 
-def main() -> None:
-    ap = common.arg_parser(__doc__)
-    ap.add_argument("--example", default="mnist_cnn", choices=sorted(common.EXAMPLES))
-    ap.add_argument("--targets", type=float, nargs="+", default=[2.5, 3.0, 4.0])
-    ap.add_argument("--cost-budgets", type=float, nargs="+", default=[2.5, 3.0, 3.5, 4.0, 5.0])
-    ap.add_argument("--mqn-epochs", type=int, default=6)
-    ap.add_argument("--population", type=int, default=50)
-    ap.add_argument("--generations", type=int, default=20)
-    ap.add_argument("--finetune-epochs", type=int, default=3)
-    ap.add_argument("--cost-sample", type=int, default=3, help="candidates finetuned to measure the HAQ cost")
-    ap.add_argument("--hawq-iter", type=int, default=50, help="max Hutchinson iterations")
-    args = ap.parse_args()
-    common.setup_torch()
+def run_seed(args, seed: int, with_cost: bool) -> dict:
     import hawq
     import onnx
 
@@ -121,12 +119,13 @@ def main() -> None:
         population=args.population,
         generations=args.generations,
         finetune_epochs=args.finetune_epochs,
+        seed=seed,
     )
-    hawq_iter = args.hawq_iter
+    hawq_iter, uniform_extra = args.hawq_iter, args.uniform
     if args.quick:
         data = data.take(np.arange(300))
         xt, yt = xt[:200], yt[:200]
-        targets, cost_budgets, sample, hawq_iter = [3.0], [3.0, 4.0], 1, 3
+        targets, cost_budgets, sample, hawq_iter, uniform_extra = [3.0], [3.0, 4.0], 1, 3, []
         cfg = dataclasses.replace(
             cfg,
             epochs=1,
@@ -137,15 +136,19 @@ def main() -> None:
             crossovers=4,
             finetune_epochs=1,
         )
+    if not with_cost:
+        cost_budgets = []
     ft = cfg.finetune_epochs
     rows: list[dict] = []
 
     def add(method: str, target: float, policy, params, extra: dict | None = None) -> None:
-        r = {"method": method, "target": target, **emit_eval(engine, policy, params, xt, yt), **(extra or {})}
+        r = {"method": method, "target": target, "seed": seed, **emit_eval(engine, policy, params, xt, yt)}
+        r.update(extra or {})
         r["wbits"] = [policy.get(n).weight_bits for n in engine.names]
         rows.append(r)
         print(
-            f"{method:12s} target {target:g}: avg {r['avg_bits']:.3f} acc {r['accuracy']:.4f} loss {r['loss']:.4f}",
+            f"seed {seed} {method:12s} target {target:g}: avg {r['avg_bits']:.3f} acc {r['accuracy']:.4f} "
+            f"loss {r['loss']:.4f}",
             flush=True,
         )
 
@@ -161,20 +164,18 @@ def main() -> None:
         for b in sorted(set(cost_budgets) | set(targets)):
             searched[b] = engine.search(Budget("bits", b))
             print(f"GA {b:g}: {searched[b].evaluated} evaluated in {searched[b].seconds:.1f} s", flush=True)
-        # ours
-        for t in targets:
-            params, fit = engine.finetune(searched[t].policy, ft)
+        for t in targets:  # ours
+            params, _ = engine.finetune(searched[t].policy, ft)
             add("ours", t, searched[t].policy, params, {"ga_fitness": searched[t].fitness})
-        # baselines 1 and 2: uniform k-bit
-        for k in sorted({int(np.floor(t)) for t in targets} | {int(np.ceil(t)) for t in targets}):
-            if k < 2:
-                continue
+        # baselines 1 and 2: uniform k-bit (PTQ for every k asked, QAT around the targets)
+        around = {int(np.floor(t)) for t in targets} | {int(np.ceil(t)) for t in targets}
+        for k in sorted((around | set(uniform_extra)) - {0, 1}):
             pol = Policy.uniform(engine.names, k)
             add("uniform_ptq", float(k), pol, ptq_params(engine))
-            params, _ = engine.finetune(pol, ft, start="ptq")
-            add("uniform_qat", float(k), pol, params)
-        # baseline 4: HAWQ
-        t0 = time.time()
+            if k in around:
+                params, _ = engine.finetune(pol, ft, start="ptq")
+                add("uniform_qat", float(k), pol, params)
+        t0 = time.time()  # baseline 4: HAWQ
         traces = hawq.hessian_traces(engine, max_iter=hawq_iter)
         omega = hawq.sensitivities(engine, traces, engine.widths)
         t_hawq = time.time() - t0
@@ -182,87 +183,154 @@ def main() -> None:
             pol = hawq.allocate(engine, omega, t)
             params, _ = engine.finetune(pol, ft, start="ptq")
             add("hawq", t, pol, params)
-        # baseline 5: random search, same evaluations, same fitness
-        for t in targets:
+        for t in targets:  # baseline 5: random search, same evaluations, same fitness
             t0 = time.time()
-            pol = random_search(engine, t, searched[t].evaluated, seed=7)
+            pol = random_search(engine, t, searched[t].evaluated, seed=7 + seed)
             secs = time.time() - t0
             params, _ = engine.finetune(pol, ft)
-            add(
-                "random",
-                t,
-                pol,
-                params,
-                {
-                    "evaluated": pol.meta["evaluated"],
-                    "search_s": secs,
-                    "ga_fitness": pol.meta["fitness"]["value"],
-                },
-            )
-        # search cost: per-candidate finetune + scoring, on a sample of GA candidates
-        per = []
-        rng = np.random.default_rng(3)
-        cands = [searched[b].policy for b in cost_budgets]
-        for i in rng.choice(len(cands), size=min(sample, len(cands)), replace=False):
-            t0 = time.time()
-            engine.finetune(cands[int(i)], ft)
-            per.append(time.time() - t0)
-    per_cand = statistics.median(per)
-    evaluated = {b: searched[b].evaluated for b in cost_budgets}
-    ours_cost = t_mqn + sum(searched[b].seconds for b in cost_budgets)
-    haq_cost = sum(evaluated.values()) * per_cand
-    cost = {
-        "budgets": cost_budgets,
-        "metaquantnet_s": t_mqn,
-        "ga_s": {str(b): searched[b].seconds for b in cost_budgets},
-        "evaluated": {str(b): v for b, v in evaluated.items()},
-        "per_candidate_finetune_s": per_cand,
-        "per_candidate_sample": per,
-        "ours_s": ours_cost,
-        "haq_style_s": haq_cost,
-        "ratio": ours_cost / haq_cost,
-    }
-    result = {
-        "example": args.example,
+            extra = {
+                "evaluated": pol.meta["evaluated"],
+                "search_s": secs,
+                "ga_fitness": pol.meta["fitness"]["value"],
+            }
+            add("random", t, pol, params, extra)
+        per = []  # search cost: per-candidate finetune + scoring, on a sample of GA candidates
+        if cost_budgets:
+            rng = np.random.default_rng(3)
+            cands = [searched[b].policy for b in cost_budgets]
+            for i in rng.choice(len(cands), size=min(sample, len(cands)), replace=False):
+                t0 = time.time()
+                engine.finetune(cands[int(i)], ft)
+                per.append(time.time() - t0)
+    out = {
+        "seed": seed,
         "config": dataclasses.asdict(cfg),
-        "seeds": 1,
         "fp32": fp32,
         "seconds": {"setup": t_setup, "metaquantnet": t_mqn, "hawq_traces": t_hawq},
+        "ga_seconds": {str(b): r.seconds for b, r in searched.items()},
         "rows": rows,
-        "search_cost": cost,
     }
+    if cost_budgets:
+        per_cand = statistics.median(per)
+        evaluated = {b: searched[b].evaluated for b in cost_budgets}
+        ours_cost = t_mqn + sum(searched[b].seconds for b in cost_budgets)
+        haq_cost = sum(evaluated.values()) * per_cand
+        out["search_cost"] = {
+            "budgets": cost_budgets,
+            "metaquantnet_s": t_mqn,
+            "ga_s": {str(b): searched[b].seconds for b in cost_budgets},
+            "evaluated": {str(b): v for b, v in evaluated.items()},
+            "per_candidate_finetune_s": per_cand,
+            "per_candidate_sample": per,
+            "ours_s": ours_cost,
+            "haq_style_s": haq_cost,
+            "ratio": ours_cost / haq_cost,
+        }
+    return out
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["target"]), []).append(r)
+    out = []
+    for (method, target), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        acc = [r["accuracy"] for r in rs]
+        out.append(
+            {
+                "method": method,
+                "target": target,
+                "seeds": len(rs),
+                "avg_bits": statistics.fmean(r["avg_bits"] for r in rs),
+                "acc_mean": statistics.fmean(acc),
+                "acc_min": min(acc),
+                "acc_max": max(acc),
+                "acc_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+                "loss_mean": statistics.fmean(r["loss"] for r in rs),
+            }
+        )
+    return out
+
+
+def main() -> None:
+    ap = common.arg_parser(__doc__)
+    ap.add_argument("--example", default="mnist_cnn", choices=sorted(common.EXAMPLES))
+    ap.add_argument("--targets", type=float, nargs="+", default=[2.5, 3.0, 4.0])
+    ap.add_argument("--uniform", type=int, nargs="*", default=[5, 6, 8], help="extra uniform PTQ widths")
+    ap.add_argument("--cost-budgets", type=float, nargs="+", default=[2.5, 3.0, 3.5, 4.0, 5.0])
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--mqn-epochs", type=int, default=4)
+    ap.add_argument("--population", type=int, default=50)
+    ap.add_argument("--generations", type=int, default=20)
+    ap.add_argument("--finetune-epochs", type=int, default=3)
+    ap.add_argument("--cost-sample", type=int, default=3, help="candidates finetuned to measure the HAQ cost")
+    ap.add_argument("--hawq-iter", type=int, default=50, help="max Hutchinson iterations")
+    args = ap.parse_args()
+    common.setup_torch()
+    seeds = 1 if args.quick else args.seeds
+    runs = [run_seed(args, s, with_cost=s == 0) for s in range(seeds)]
+    rows = [r for run in runs for r in run["rows"]]
+    summary = summarise(rows)
+    fp32 = runs[0]["fp32"]
+    cost = runs[0].get("search_cost")
+    result = {"example": args.example, "seeds": seeds, "fp32": fp32, "runs": runs, "summary": summary}
     name = "methods" if args.example == "mnist_cnn" else f"methods_{args.example}"
     png = common.img_path(args, f"methods_{args.example}.png")
-    plot(result, png, f"{args.example}: test accuracy vs average weight bits (1 seed)")
+    plot(
+        summary,
+        fp32["accuracy"],
+        png,
+        f"{args.example}: ORT test accuracy vs average weight bits ({seeds} seeds)",
+    )
+    cfg = runs[0]["config"]
     table_rows = [
-        [r["method"], r["target"], round(r["avg_bits"], 3), round(r["accuracy"], 4), round(r["loss"], 4)]
-        for r in sorted(rows, key=lambda r: (r["target"], r["method"]))
+        [
+            r["method"],
+            r["target"],
+            round(r["avg_bits"], 3),
+            f"{r['acc_mean']:.4f}",
+            f"{r['acc_min']:.4f}..{r['acc_max']:.4f}",
+            round(r["acc_std"], 4),
+            round(r["loss_mean"], 4),
+        ]
+        for r in summary
     ]
     body = (
         f"## Ours vs uniform PTQ / uniform QAT / HAWQ / random search ({args.example})\n\n"
-        f"fp32: accuracy {fp32['accuracy']:.4f}, CE {fp32['loss']:.4f}. Settings: MetaQuantNet {cfg.epochs} "
-        f"epochs, GA population {cfg.population} x {cfg.generations} generations, finetune {ft} epochs for "
-        f"every method, 8-bit activations, widths {list(cfg.widths)}, **1 seed** (no spread measured).\n\n"
-        + common.table(["method", "target bits", "avg bits", "test acc", "test CE"], table_rows)
-        + f"\n\n![accuracy vs bits](img/{os.path.basename(png)})\n\n"
-        f"### Search cost, {len(cost_budgets)} budgets ({', '.join(f'{b:g}' for b in cost_budgets)} bits)\n\n"
+        f"fp32: accuracy {fp32['accuracy']:.4f}, CE {fp32['loss']:.4f}. Settings: MetaQuantNet {cfg['epochs']} "
+        f"epochs, GA population {cfg['population']} x {cfg['generations']} generations, finetune "
+        f"{cfg['finetune_epochs']} epochs for every method except PTQ, 8-bit activations, widths "
+        f"{list(cfg['widths'])}; {seeds} seed(s) (each a full independent run). Accuracy = ONNX Runtime on the "
+        "emitted file, test.npz.\n\n"
         + common.table(
-            ["", "seconds"],
-            [
-                ["ours: MetaQuantNet training (once)", round(t_mqn, 1)],
-                ["ours: GA, all budgets", round(sum(searched[b].seconds for b in cost_budgets), 1)],
-                ["ours: total", round(ours_cost, 1)],
-                [
-                    f"HAQ-style: {sum(evaluated.values())} candidates x {per_cand:.2f} s finetune each",
-                    round(haq_cost, 1),
-                ],
-                ["ratio ours / HAQ-style (goal <= 0.1)", round(cost["ratio"], 4)],
-            ],
+            ["method", "target bits", "avg bits", "test acc (mean)", "min..max", "std", "test CE (mean)"],
+            table_rows,
         )
-        + "\n\nThe HAQ-style cost is an estimate: the per-candidate finetune (same epochs as above) was measured "
-        f"on {len(per)} candidate(s) and multiplied by the number of candidates our GA evaluated; it was not "
-        "run for every candidate."
+        + f"\n\n![accuracy vs bits](img/{os.path.basename(png)})\n"
     )
+    if cost:
+        ga_total = sum(cost["ga_s"].values())
+        n_eval = sum(cost["evaluated"].values())
+        body += (
+            f"\n### Search cost, {len(cost['budgets'])} budgets ({', '.join(f'{b:g}' for b in cost['budgets'])} bits)"
+            "\n\n"
+            + common.table(
+                ["", "seconds"],
+                [
+                    ["ours: MetaQuantNet training (once)", round(cost["metaquantnet_s"], 1)],
+                    ["ours: GA, all budgets", round(ga_total, 1)],
+                    ["ours: total", round(cost["ours_s"], 1)],
+                    [
+                        f"HAQ-style: {n_eval} candidates x {cost['per_candidate_finetune_s']:.2f} s finetune each",
+                        round(cost["haq_style_s"], 1),
+                    ],
+                    ["ratio ours / HAQ-style (goal <= 0.1)", round(cost["ratio"], 4)],
+                ],
+            )
+            + "\n\nThe HAQ-style cost is an estimate: the per-candidate finetune (same epochs as above) was "
+            f"measured on {len(cost['per_candidate_sample'])} candidate(s) and multiplied by the number of "
+            "candidates our GA evaluated; it was not run for every candidate. First seed only."
+        )
     extra = "" if args.example == "mnist_cnn" else f" --example {args.example}"
     common.finish(name, "bench_methods.py", args, result, body, extra)
 

@@ -21,6 +21,13 @@ class _Group(click.Group):
 
     def invoke(self, ctx: click.Context):
         try:
+            return self._invoke(ctx)
+        finally:
+            if "mqtool.search.distributed" in sys.modules:  # never import torch just to shut it down
+                sys.modules["mqtool.search.distributed"].shutdown()
+
+    def _invoke(self, ctx: click.Context):
+        try:
             return super().invoke(ctx)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
@@ -33,7 +40,7 @@ class _Group(click.Group):
             ctx.exit(130)
         except MemoryError:
             _debug_traceback(ctx)
-            click.echo("mqtool: out of memory (try a smaller --batch-size or fewer samples)", err=True)
+            click.echo("mqtool: out of memory (try fewer samples in --data or a smaller model)", err=True)
             ctx.exit(1)
         except Exception as e:
             _debug_traceback(ctx)
@@ -144,6 +151,14 @@ def search_options(f):
         ),
         click.option("--widths", default="2,3,4,5,6,8", show_default=True, help="Candidate weight widths."),
         click.option("--restart", is_flag=True, help="Ignore (and overwrite) checkpoints in the workdir."),
+        click.option(
+            "--device",
+            type=click.Choice(["auto", "cpu", "cuda"]),
+            default="auto",
+            show_default=True,
+            help="Where to train and score (auto: CUDA when available). Under torchrun each rank takes its "
+            "LOCAL_RANK-th GPU; see docs/distributed.md.",
+        ),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -164,7 +179,18 @@ def _search_config(**kw):
     except ValueError as e:
         raise InputError(f"--widths: expected comma-separated integers, got {kw.get('widths')!r}") from e
     kw.pop("workdir", None)
-    return SearchConfig(pins=pins, widths=widths, **kw)
+    config = SearchConfig(pins=pins, widths=widths, **kw)
+    _join_ranks(config.device)
+    return config
+
+
+def _join_ranks(device: str) -> None:
+    """Under torchrun: join the process group; ranks other than 0 stay silent and write nothing."""
+    from mqtool.search import distributed
+
+    if distributed.init_from_env(distributed.resolve_device(device)) and not distributed.is_main():
+        global _QUIET
+        _QUIET = True
 
 
 def _budgets(target_bits: str | None, target_bitops: str | None) -> list:
@@ -198,8 +224,17 @@ class _Progress:
             _err(f"  finetune epoch {d['epoch']}/{d['epochs']}  loss {d['loss']:.4f}", bar=True)
 
 
+_QUIET = False  # set on torchrun ranks other than 0
+
+
 def _err(msg: str, bar: bool = False) -> None:
-    click.echo(msg, err=True)
+    if not _QUIET:
+        click.echo(msg, err=True)
+
+
+def _echo(msg: str) -> None:
+    if not _QUIET:
+        click.echo(msg)
 
 
 @cli.command()
@@ -231,9 +266,11 @@ def search(model, data, target_bits, target_bitops, output, workdir, **kw) -> No
     workdir = workdir or default_workdir(model, data)
     _err(f"workdir: {workdir}")
     outcome = search_policies(m, ds, budgets, config, workdir, _Progress())
+    if _QUIET:
+        return  # rank 0 writes the outputs
     written = write_search_outputs(outcome, output)
     for r in outcome.results:
-        click.echo(
+        _echo(
             f"{r.budget.describe()}: avg {r.avg_bits:.3f} bits, BitOPs {r.bitops_ratio:.3f} x w8a8, "
             f"fitness {r.fitness:.4f} ({outcome.engine.metric}), {r.evaluated} candidates in {r.seconds:.1f}s"
             + (f" [{r.note}]" if r.note else "")
@@ -336,6 +373,11 @@ def convert(
             source = searched_policy(data, budgets[0], config, workdir, _Progress(), summary)
         else:
             source = finetuned_policy(source, data, epochs, config, workdir, _Progress())
+        if _QUIET:
+            from mqtool.search.api import run_policy_source
+
+            run_policy_source(model, source)  # its share of the training; rank 0 emits
+            return
     result = emit.convert(model, output, source, data=data, calibration=calibration, storage=storage)
     if summary:
         pol = summary["policy"]

@@ -198,3 +198,13 @@ def finetuned_policy(
         return policy, params
 
     return source
+
+
+def run_policy_source(model_path: str, source) -> None:
+    """Run a policy source for its side of the collectives only (torchrun ranks other than 0)."""
+    from mqtool.analysis import analyze
+    from mqtool.model import load_model
+    from passes.pipeline import prepare
+
+    prepared = prepare(load_model(model_path))
+    source(prepared, analyze(prepared))

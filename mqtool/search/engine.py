@@ -19,12 +19,13 @@ import numpy as np
 import onnx
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from mqtool import numerics
 from mqtool.analysis import ModelInfo, analyze
 from mqtool.errors import InputError
 from mqtool.policy import FLOAT, LayerBits, Policy, average_weight_bits, bitops_ratio
-from mqtool.search import checkpoint
+from mqtool.search import checkpoint, distributed
 from mqtool.search.budgets import Budget, BudgetCost, feasible_range
 from mqtool.search.ga import GAConfig, GeneticSearch, Genome
 from mqtool.search.metaquantnet import MetaQuantNet, weight_quant_ste
@@ -62,6 +63,7 @@ class SearchConfig:
     finetune_epochs: int = 3
     finetune_lr: float = 5e-4
     restart: bool = False
+    device: str = "auto"  # auto (CUDA when available) | cpu | cuda
 
     def ga(self) -> GAConfig:
         return GAConfig(
@@ -106,8 +108,16 @@ def _noop(event: str, info: dict) -> None:
 
 # Options that do not change MetaQuantNet's training or the calibration: a later search with other GA or
 # finetune settings reuses the trained MetaQuantNet. The GA checkpoint is fingerprinted with _GA_FIELDS.
-_GA_FIELDS = ("population", "generations", "parents", "mutations", "crossovers", "mutation_prob", "fitness_samples")
-_NOT_IN_MQN_FINGERPRINT = {*_GA_FIELDS, "finetune_epochs", "finetune_lr", "restart"}
+_GA_FIELDS = (
+    "population",
+    "generations",
+    "parents",
+    "mutations",
+    "crossovers",
+    "mutation_prob",
+    "fitness_samples",
+)
+_NOT_IN_MQN_FINGERPRINT = {*_GA_FIELDS, "finetune_epochs", "finetune_lr", "restart", "device"}
 
 
 def _channels_last(t: torch.Tensor) -> torch.Tensor:
@@ -131,10 +141,12 @@ class SearchEngine:
         self.cfg = config
         self.workdir = workdir
         self.progress = progress or _noop
-        os.makedirs(workdir, exist_ok=True)
-        for f in os.listdir(workdir):  # temp files of a killed run (outputs are renamed into place)
-            if f.startswith(".") and f.endswith(".tmp"):
-                os.unlink(os.path.join(workdir, f))
+        self.device = distributed.resolve_device(config.device)
+        if distributed.is_main():
+            os.makedirs(workdir, exist_ok=True)
+            for f in os.listdir(workdir):  # temp files of a killed run (outputs are renamed into place)
+                if f.startswith(".") and f.endswith(".tmp"):
+                    os.unlink(os.path.join(workdir, f))
         torch.set_flush_denormal(True)
         self.model = prepare(model)
         self.info: ModelInfo = analyze(self.model)
@@ -155,7 +167,7 @@ class SearchEngine:
             raise InputError("--metric ce needs labels: the data file has no 'y' array")
         self.data = data
         self._split(data)
-        self.net = to_torch(self.model, self.info)
+        self.net = to_torch(self.model, self.info).to(self.device)
         self.net.eval()
         for p in self.net.parameters():
             p.requires_grad_(False)
@@ -198,7 +210,39 @@ class SearchEngine:
     def _feeds(self, ds: Samples, idx: slice | np.ndarray | None = None) -> list[torch.Tensor]:
         names = self.info.inputs
         arrays = [ds.inputs[n] if idx is None else ds.inputs[n][idx] for n in names]
-        return [_channels_last(torch.from_numpy(np.ascontiguousarray(a))) for a in arrays]
+        return [_channels_last(torch.from_numpy(np.ascontiguousarray(a)).to(self.device)) for a in arrays]
+
+    def _labels(self, ds: Samples) -> torch.Tensor | None:
+        return None if ds.y is None else torch.from_numpy(ds.y).to(self.device)
+
+    def _load(self, path: str, fp: str, restart_on_corrupt: bool = False) -> dict | None:
+        """Rank 0 reads the checkpoint and sends it to the others (nodes need no shared disk)."""
+        if distributed.world() == 1:
+            return checkpoint.load(path, fp, restart_on_corrupt)
+        box: tuple = ("ok", None)
+        if distributed.is_main():
+            try:
+                box = ("ok", checkpoint.load(path, fp, restart_on_corrupt))
+            except InputError as e:  # every rank must fail the same way, or the others hang
+                box = ("error", str(e))
+        box = distributed.broadcast(box)
+        if box[0] == "error":
+            raise InputError(box[1])
+        return box[1]
+
+    @staticmethod
+    def _save(path: str, state: dict) -> None:
+        if distributed.is_main():
+            checkpoint.save(path, state)
+
+    def _local(self, idx: np.ndarray) -> tuple[np.ndarray, float]:
+        """This rank's share of a global mini-batch and the factor that makes the ranks' averaged
+        gradients equal the gradient of the loss averaged over the whole batch (unequal shares included)."""
+        n = distributed.world()
+        if n == 1:
+            return idx, 1.0
+        mine = idx[distributed.rank() :: n]
+        return mine, len(mine) * n / max(1, len(idx))
 
     @torch.no_grad()
     def _forward_all(self, ds: Samples, bs: int = 512) -> torch.Tensor:
@@ -218,11 +262,17 @@ class SearchEngine:
 
         all8 = Policy.uniform(self.names, 8, self.cfg.act_bits)
         tensors = plan_activations(self.model, self.info, all8)
-        cached = checkpoint.load(os.path.join(self.workdir, "calibration.pt"), self.fp, True)
+        cached = self._load(os.path.join(self.workdir, "calibration.pt"), self.fp, True)
         if cached is not None:
             return {k: (float(v[0]), float(v[1])) for k, v in cached["ranges"].items()}
-        ranges = calibrate(self.model, tensors, self.train.inputs, method=self.cfg.calibration)
-        checkpoint.save(
+        # Calibrated once, on rank 0: every rank must quantize activations with the same ranges.
+        ranges = (
+            calibrate(self.model, tensors, self.train.inputs, method=self.cfg.calibration)
+            if distributed.is_main()
+            else None
+        )
+        ranges = distributed.broadcast(ranges)
+        self._save(
             os.path.join(self.workdir, "calibration.pt"),
             {"fingerprint": self.fp, "ranges": {k: list(v) for k, v in ranges.items()}},
         )
@@ -270,11 +320,19 @@ class SearchEngine:
             loss = loss + F.cross_entropy(out.flatten(1), y)
         return loss
 
+    def _step_loss(self, weights: dict[str, torch.Tensor], idx: np.ndarray, y_all: torch.Tensor | None):
+        if len(idx) == 0:  # a rank with no sample in a tiny last batch still joins the gradient average
+            return sum(w.sum() for w in weights.values()) * 0.0
+        with self.net.override_weights(weights):
+            out = self._out(self.net(*self._feeds(self.train, idx)))
+        t = torch.as_tensor(idx, device=self.device)
+        return self._train_loss(out, self.teacher_train[t], None if y_all is None else y_all[t])
+
     def _fitness(self, out: torch.Tensor) -> float:
         """Lower is better; a smooth quantity (accuracy on a few hundred samples saturates)."""
         t = self.teacher_search
         if self.metric == "ce":
-            return float(F.cross_entropy(out.flatten(1), torch.from_numpy(self.search_set.y)))
+            return float(F.cross_entropy(out.flatten(1), self._labels(self.search_set)))
         if self.metric == "kl":
             return float(self._kd(out, t) / self.cfg.temperature**2)
         if self.metric == "cosine":
@@ -309,20 +367,23 @@ class SearchEngine:
     def train_metaquantnet(self) -> MetaQuantNet:
         """Train once (resuming from the work directory's checkpoint); reused by every budget."""
         torch.manual_seed(self.cfg.seed)
-        mqn = self._build_mqn()
+        mqn = self._build_mqn().to(self.device)
         opt = torch.optim.Adam(mqn.parameters(), lr=self.cfg.lr)
         path = os.path.join(self.workdir, "metaquantnet.pt")
-        state = None if self.cfg.restart else checkpoint.load(path, self.fp)
+        state = None if self.cfg.restart else self._load(path, self.fp)
         start = 0
         if state is not None:
             mqn.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             start = int(state["epoch"])
             self.progress("mqn_resume", {"epoch": start})
+        # Under torchrun, DistributedDataParallel averages MetaQuantNet's gradients over the ranks; a layer
+        # pinned to float has no block in use, hence find_unused_parameters.
+        gen = _ddp(mqn, any(b == FLOAT for b in self.pins.values()))
         n = len(self.train)
         bs = min(self.cfg.batch_size, n)
         steps = math.ceil(n / bs)
-        y_all = None if self.train.y is None else torch.from_numpy(self.train.y)
+        y_all = self._labels(self.train)
         self.set_activation_quant(tuple([self.cfg.act_bits] * self.n))
         self.progress(
             "mqn_start",
@@ -340,16 +401,17 @@ class SearchEngine:
             perm = rng.permutation(n)
             total = 0.0
             for s in range(steps):
-                idx = np.sort(perm[s * bs : (s + 1) * bs])
+                # The policy comes from the step's generator: identical on every rank.
+                idx, share = self._local(np.sort(perm[s * bs : (s + 1) * bs]))
                 bits = self._sample_policy(rng, epoch * steps + s)
-                with self.net.override_weights(mqn.generate(bits)):
-                    out = self._out(self.net(*self._feeds(self.train, idx)))
-                loss = self._train_loss(out, self.teacher_train[idx], None if y_all is None else y_all[idx])
+                weights = gen(bits)
+                loss = self._step_loss(weights, idx, y_all) * share
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                total += float(loss.detach())
-            checkpoint.save(
+                total += float(loss.detach()) / share if share else 0.0
+            total = _mean_over_ranks(total, self.device)
+            self._save(
                 path,
                 {
                     "fingerprint": self.fp,
@@ -374,6 +436,10 @@ class SearchEngine:
     def evaluate(self, genomes: list[Genome]) -> list[float]:
         """Fitness of each candidate with the weights MetaQuantNet generates for it (no training)."""
         assert self.mqn is not None
+        # Each rank scores its slice of the candidates; every rank gets all the fitness values back.
+        return distributed.gather_slices(genomes, self._evaluate_here)
+
+    def _evaluate_here(self, genomes: list[Genome]) -> list[float]:
         feeds = self._feeds(self.search_set)
         out = []
         for g in genomes:
@@ -424,16 +490,16 @@ class SearchEngine:
             seed=self.cfg.seed,
         )
         path = os.path.join(self.workdir, f"ga-{budget.label}.pt")
-        gfp = checkpoint.fingerprint(
-            self.fp, budget.label, {k: getattr(self.cfg, k) for k in _GA_FIELDS}
-        )
-        state = None if self.cfg.restart else checkpoint.load(path, gfp)
+        gfp = checkpoint.fingerprint(self.fp, budget.label, {k: getattr(self.cfg, k) for k in _GA_FIELDS})
+        state = None if self.cfg.restart else self._load(path, gfp)
         if state is not None:
             ga.load_state(state["ga"])
             self.progress("ga_resume", {"generation": ga.generation, "budget": budget.label})
 
         def on_generation(g: GeneticSearch) -> None:
-            checkpoint.save(path, {"fingerprint": gfp, "ga": g.state()})
+            ga_state = g.state()
+            distributed.same_on_every_rank(checkpoint.fingerprint(ga_state), "the GA population")
+            self._save(path, {"fingerprint": gfp, "ga": ga_state})
             h = g.history[-1]
             self.progress(
                 "ga_generation",
@@ -499,7 +565,8 @@ class SearchEngine:
                 w, s = gen[layer.name]
             else:
                 w = q.weight.detach()
-                s = torch.from_numpy(numerics.weight_scale(w.numpy(), b, layer.channel_axis, "mse"))
+                s = torch.from_numpy(numerics.weight_scale(w.cpu().numpy(), b, layer.channel_axis, "mse"))
+                s = s.to(self.device)
             weights[layer.name] = torch.nn.Parameter(w.detach().clone())
             scales[layer.name] = torch.nn.Parameter(s.detach().clone())
             axes[layer.name] = (b, layer.channel_axis)
@@ -517,13 +584,13 @@ class SearchEngine:
         )
         self.set_activation_quant(abits)
 
-        def current() -> dict[str, torch.Tensor]:
-            return {n: weight_quant_ste(w, scales[n], *axes[n]) for n, w in weights.items()}
+        trainable = _Finetuned(weights, scales, axes, biases)
+        current = _ddp(trainable, False)
 
         n = len(self.train)
         bs = min(self.cfg.batch_size, n)
         steps = math.ceil(n / bs)
-        y_all = None if self.train.y is None else torch.from_numpy(self.train.y)
+        y_all = self._labels(self.train)
         total_steps = max(1, epochs * steps)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, total_steps) / total_steps))
@@ -534,12 +601,8 @@ class SearchEngine:
                 perm = rng.permutation(n)
                 total = 0.0
                 for s in range(steps):
-                    idx = np.sort(perm[s * bs : (s + 1) * bs])
-                    with self.net.override_weights(current()):
-                        out = self._out(self.net(*self._feeds(self.train, idx)))
-                    loss = self._train_loss(
-                        out, self.teacher_train[idx], None if y_all is None else y_all[idx]
-                    )
+                    idx, share = self._local(np.sort(perm[s * bs : (s + 1) * bs]))
+                    loss = self._step_loss(current(), idx, y_all) * share
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
@@ -547,11 +610,12 @@ class SearchEngine:
                     with torch.no_grad():
                         for sc in scales.values():
                             sc.clamp_(min=float(numerics.MIN_SCALE))
-                    total += float(loss.detach())
+                    total += float(loss.detach()) / share if share else 0.0
+                total = _mean_over_ranks(total, self.device)
                 self.progress("finetune_epoch", {"epoch": epoch + 1, "epochs": epochs, "loss": total / steps})
-            with torch.no_grad(), self.net.override_weights(current()):
+            with torch.no_grad(), self.net.override_weights(trainable()):
                 fitness = self._fitness(self._out(self.net(*self._feeds(self.search_set))))
-            final_bias = {n: p.detach().numpy().copy() for n, p in biases.items()}
+            final_bias = {n: p.detach().cpu().numpy().copy() for n, p in biases.items()}
         finally:
             with torch.no_grad():
                 for n, p in biases.items():
@@ -559,8 +623,8 @@ class SearchEngine:
                     p.requires_grad_(False)
         layers = {
             n: LayerParams(
-                weight=weights[n].detach().numpy().copy(),
-                scale=scales[n].detach().numpy().astype(np.float32).copy(),
+                weight=weights[n].detach().cpu().numpy().copy(),
+                scale=scales[n].detach().cpu().numpy().astype(np.float32).copy(),
                 bias=final_bias.get(n),
             )
             for n in weights
@@ -580,3 +644,43 @@ def _data_digest(data: Samples) -> str:
     if data.y is not None:
         h.update(np.ascontiguousarray(data.y).tobytes())
     return h.hexdigest()
+
+
+class _Finetuned(nn.Module):
+    """The finetuned tensors as one module, so DistributedDataParallel can average their gradients;
+    calling it gives the fake-quantized weights. The biases are the network's own parameters."""
+
+    def __init__(self, weights: dict, scales: dict, axes: dict, biases: dict):
+        super().__init__()
+        self.names = list(weights)
+        # ParameterDict keys cannot hold the dots and slashes of ONNX node names: index them.
+        self.w = nn.ParameterList(weights[n] for n in self.names)
+        self.s = nn.ParameterList(scales[n] for n in self.names)
+        self.b = nn.ParameterList(biases.values())
+        self.axes = [axes[n] for n in self.names]
+
+    def forward(self) -> dict[str, torch.Tensor]:
+        return {n: weight_quant_ste(w, s, *ax) for n, w, s, ax in zip(self.names, self.w, self.s, self.axes)}
+
+
+def _ddp(module: nn.Module, find_unused: bool):
+    """`module` itself in one process; wrapped in DistributedDataParallel under torchrun."""
+    if distributed.world() == 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    dev = next(module.parameters()).device
+    return DistributedDataParallel(
+        module,
+        device_ids=[dev] if dev.type == "cuda" else None,
+        find_unused_parameters=find_unused,
+        forward_sync_buffers=False,  # the buffers (pretrained weights, PTQ scales) never change
+    )
+
+
+def _mean_over_ranks(x: float, device: torch.device) -> float:
+    if distributed.world() == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return float(t[0]) / distributed.world()

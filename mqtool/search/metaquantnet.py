@@ -117,6 +117,10 @@ class MetaQuantNet(nn.Module):
             out[name] = weight_quant_ste(w, scale, wbits[i], block.axis) if quantize else w
         return out
 
+    def forward(self, wbits: list[int]) -> dict[str, torch.Tensor]:
+        # `generate` as the module's call, so DistributedDataParallel can wrap MetaQuantNet.
+        return self.generate(wbits)
+
     def generate_float(self, wbits: list[int]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Layer name -> (float weight, per-channel scale): the starting point of finetuning."""
         enc = self.encode(wbits)
