@@ -115,6 +115,13 @@ def search_options(f):
             show_default=True,
             help="MetaQuantNet training epochs.",
         ),
+        click.option(
+            "--batch-size",
+            type=click.IntRange(1, 1_000_000),
+            default=128,
+            show_default=True,
+            help="Mini-batch of MetaQuantNet training and finetuning (global: split across torchrun ranks).",
+        ),
         click.option("--population", type=click.IntRange(2, 100_000), default=50, show_default=True),
         click.option("--generations", type=click.IntRange(1, 100_000), default=20, show_default=True),
         click.option(
