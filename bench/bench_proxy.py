@@ -76,7 +76,7 @@ def main() -> None:
     ap.add_argument("--example", default="mnist_cnn", choices=sorted(common.EXAMPLES))
     ap.add_argument("--policies", type=int, default=20)
     ap.add_argument("--seeds", type=int, default=2, help="finetune seeds per policy")
-    ap.add_argument("--mqn-epochs", type=int, default=6)
+    ap.add_argument("--mqn-epochs", type=int, default=4, help="the product default")
     ap.add_argument("--finetune-epochs", type=int, default=3)
     ap.add_argument("--start", default="metaquantnet", choices=("metaquantnet", "ptq"))
     ap.add_argument("--lo", type=float, default=2.3)
