@@ -283,6 +283,10 @@ def save_model_atomic(model: onnx.ModelProto, path: str) -> None:
             location=location,
             size_threshold=1024,
         )
+        umask = os.umask(0)
+        os.umask(umask)
+        for name in (base, location):  # onnx creates the data file 0600; outputs get the umask's permissions
+            os.chmod(os.path.join(tmpdir, name), 0o666 & ~umask)
         data, backup = os.path.join(directory, location), os.path.join(tmpdir, "previous.data")
         with contextlib.suppress(OSError):  # a previous output's data, put back if the model cannot follow
             os.link(data, backup)

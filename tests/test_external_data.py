@@ -114,6 +114,10 @@ def test_output_over_the_limit_is_saved_with_external_data(setup, big):
     summary = convert(inp / "m.onnx", out_dir / "q.onnx", tmp_path / "d.npz")
     assert digest(inp) == before
     assert sorted(os.listdir(out_dir)) == ["q.onnx", "q.onnx.data"]  # no temporary file or folder left
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in ("q.onnx", "q.onnx.data"):  # like any output: 0666 less the umask (onnx writes its data 0600)
+        assert os.stat(out_dir / f).st_mode & 0o777 == 0o666 & ~umask
     size = sum(os.path.getsize(out_dir / f) for f in os.listdir(out_dir))
     assert f"{size / 2**10:.1f} KiB" in summary  # the reported size counts the data file
 
