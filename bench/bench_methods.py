@@ -164,26 +164,28 @@ def run_seed(args, seed: int, with_cost: bool) -> dict:
         for b in sorted(set(cost_budgets) | set(targets)):
             searched[b] = engine.search(Budget("bits", b))
             print(f"GA {b:g}: {searched[b].evaluated} evaluated in {searched[b].seconds:.1f} s", flush=True)
+        only = set(args.methods)
         for t in targets:  # ours
             params, _ = engine.finetune(searched[t].policy, ft)
             add("ours", t, searched[t].policy, params, {"ga_fitness": searched[t].fitness})
         # baselines 1 and 2: uniform k-bit (PTQ for every k asked, QAT around the targets)
         around = {int(np.floor(t)) for t in targets} | {int(np.ceil(t)) for t in targets}
-        for k in sorted((around | set(uniform_extra)) - {0, 1}):
+        for k in sorted((around | set(uniform_extra)) - {0, 1}) if "uniform" in only else []:
             pol = Policy.uniform(engine.names, k)
             add("uniform_ptq", float(k), pol, ptq_params(engine))
             if k in around:
                 params, _ = engine.finetune(pol, ft, start="ptq")
                 add("uniform_qat", float(k), pol, params)
         t0 = time.time()  # baseline 4: HAWQ
-        traces = hawq.hessian_traces(engine, max_iter=hawq_iter)
-        omega = hawq.sensitivities(engine, traces, engine.widths)
+        if "hawq" in only:
+            traces = hawq.hessian_traces(engine, max_iter=hawq_iter)
+            omega = hawq.sensitivities(engine, traces, engine.widths)
         t_hawq = time.time() - t0
-        for t in targets:
+        for t in targets if "hawq" in only else []:
             pol = hawq.allocate(engine, omega, t)
             params, _ = engine.finetune(pol, ft, start="ptq")
             add("hawq", t, pol, params)
-        for t in targets:  # baseline 5: random search, same evaluations, same fitness
+        for t in targets if "random" in only else []:  # baseline 5: random search, same evaluations
             t0 = time.time()
             pol = random_search(engine, t, searched[t].evaluated, seed=7 + seed)
             secs = time.time() - t0
@@ -257,8 +259,15 @@ def main() -> None:
     ap.add_argument("--example", default="mnist_cnn", choices=sorted(common.EXAMPLES))
     ap.add_argument("--targets", type=float, nargs="+", default=[2.5, 3.0, 4.0])
     ap.add_argument("--uniform", type=int, nargs="*", default=[5, 6, 8], help="extra uniform PTQ widths")
-    ap.add_argument("--cost-budgets", type=float, nargs="+", default=[2.5, 3.0, 3.5, 4.0, 5.0])
+    ap.add_argument("--cost-budgets", type=float, nargs="*", default=[2.5, 3.0, 3.5, 4.0, 5.0])
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument(
+        "--methods",
+        nargs="+",
+        default=["uniform", "hawq", "random"],
+        choices=["uniform", "hawq", "random"],
+        help="baselines to run next to ours",
+    )
     ap.add_argument("--mqn-epochs", type=int, default=4)
     ap.add_argument("--population", type=int, default=50)
     ap.add_argument("--generations", type=int, default=20)
@@ -268,7 +277,11 @@ def main() -> None:
     args = ap.parse_args()
     common.setup_torch()
     seeds = 1 if args.quick else args.seeds
-    runs = [run_seed(args, s, with_cost=s == 0) for s in range(seeds)]
+    runs = []
+    partial = os.path.join(args.out_dir, f"methods_{args.example}.partial.json")
+    for s in range(seeds):
+        runs.append(run_seed(args, s, with_cost=s == 0 and bool(args.cost_budgets)))
+        common.write_json(args.out_dir, os.path.basename(partial)[:-5], {"runs": runs})  # survives a cut-off
     rows = [r for run in runs for r in run["rows"]]
     summary = summarise(rows)
     fp32 = runs[0]["fp32"]
