@@ -6,15 +6,26 @@ A ResNet-18-width network (torchvision's layout: 64-128-256-512 channels, 2 basi
 parameters) with random weights (BatchNorm given random statistics) is built with torch and exported to
 ONNX (opset 17) in the bench, at `--size` x `--size` input (default 32). Models: fp32; ours uniform w8a8 and a
 mixed 4/8-bit policy, both with int8 storage (`quantize_model`, calibrated on 64 random images); ORT
-`quantize_static` (QDQ, per-channel int8, uint8 activations). Latency = median of interleaved runs at batch 1
-and 32 with 2 intra-op threads. --quick: 1 block per stage, fewer runs. Writes bench/results/latency.json.
+`quantize_static` (QDQ, per-channel int8, uint8 activations); and, as a diagnostic, our w8a8 file with its
+8-bit weights rewritten from UINT8 (zero point 128, ORT's u8u8 kernels) to INT8 (zero point 0, u8s8 kernels,
+as ORT's own model): same dequantized values, so it isolates the cost of the container.
+
+Measures, each the median of interleaved runs at batch 1 and 32:
+- wall: 2 intra-op threads, ORT's default session (the goal's definition);
+- cpu: 2 threads with spinning off, CPU time of the process per run (work done, nearly independent of other
+  processes competing for the cores, which inflate and scatter wall times on a shared machine);
+- exactness: the fused (ORT_ENABLE_ALL) output of each quantized model against its unfused
+  (ORT_DISABLE_ALL) graph, at batch 32; u8s8 kernels saturate int16 pair sums on x86 CPUs without VNNI.
+--quick: 1 block per stage, 8x8 input, 16 calibration images, 3 runs. Writes bench/results/latency.json.
 """
 
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 import tempfile
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,9 +68,136 @@ def resnet18(blocks: int = 2, classes: int = 10):
     return net.eval()
 
 
+OURS, MIXED, ORT, OURS_S8 = (
+    "ours-w8a8-int8",
+    "ours-mixed48-int8",
+    "ort-quantize_static-int8",
+    "ours-w8a8-int8weights",
+)
+
+
+def int8_weights(model):
+    """`model` with every UINT8 weight of zero point 128 stored as INT8 with zero point 0 (same values)."""
+    import onnx
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    weights, zeros = set(), set()
+    for n in model.graph.node:
+        if n.op_type != "DequantizeLinear" or len(n.input) < 3 or n.input[0] not in inits:
+            continue
+        if inits[n.input[0]].data_type == onnx.TensorProto.UINT8 and n.input[2] in inits:
+            z = numpy_helper.to_array(inits[n.input[2]])
+            if z.ndim == 1 and np.all(z == 128):
+                weights.add(n.input[0])
+                zeros.add(n.input[2])
+    for name in weights:  # zero points may be shared between layers: collected first, converted once
+        q = numpy_helper.to_array(inits[name]).astype(np.int16) - 128
+        inits[name].CopyFrom(numpy_helper.from_array(q.astype(np.int8), name))
+    for name in zeros:
+        shape = numpy_helper.to_array(inits[name]).shape
+        inits[name].CopyFrom(numpy_helper.from_array(np.zeros(shape, np.int8), name))
+    return model
+
+
+def cpu_session(path: str):
+    """2 threads that sleep instead of spinning when idle: process CPU time then counts work only."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = common.THREADS
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+
+def interleaved_cpu_ms(fns: dict, runs: int, warmup: int = 1) -> dict[str, float]:
+    """Median process CPU ms of each function, interleaved in a rotating order."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    order = list(fns.items())
+    for i in range(runs):
+        for name, fn in order[i % len(order) :] + order[: i % len(order)]:
+            t0 = time.process_time()
+            fn()
+            times[name].append(time.process_time() - t0)
+    return {k: 1000 * statistics.median(v) for k, v in times.items()}
+
+
+def optimized_ops(path: str, tmp: str) -> str:
+    """Compute ops of the graph ORT runs (ORT_ENABLE_ALL, `optimized_model_filepath`), most frequent first;
+    layout and Q/DQ plumbing (Transpose, Reorder*, QuantizeLinear, DequantizeLinear, Flatten) left out."""
+    import collections
+
+    import onnx
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
+    ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    skip = {"Transpose", "ReorderInput", "ReorderOutput", "QuantizeLinear", "DequantizeLinear", "Flatten"}
+    ops = collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+    return ", ".join(f"{n} {op}" for op, n in ops.most_common() if op not in skip)
+
+
+def fused_error(path: str, x: np.ndarray) -> float:
+    """max |fused - unfused| / max |unfused| of the first output."""
+    import onnxruntime as ort
+
+    outs = []
+    for level in (ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_DISABLE_ALL):
+        so = ort.SessionOptions()
+        so.graph_optimization_level = level
+        so.log_severity_level = 3
+        s = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        outs.append(s.run(None, {"x": x})[0])
+    return float(np.abs(outs[0] - outs[1]).max() / np.abs(outs[1]).max())
+
+
+def cpu_isa() -> str:
+    """The CPU's int8 dot-product support, from /proc/cpuinfo: what decides ORT's int8 speed and exactness."""
+    try:
+        flags = set(open("/proc/cpuinfo", encoding="utf-8").read().split())
+    except OSError:
+        return "unknown"
+    if flags & {"avx512_vnni", "avx_vnni"}:
+        return "VNNI (" + ", ".join(sorted(flags & {"avx512_vnni", "avx_vnni"})) + ")"
+    return "AVX2 without VNNI" if "avx2" in flags else "no AVX2"
+
+
+def conclusion(ratios: dict, exact: dict) -> str:
+    """What the ratios say about the two goals, in words (from this run's numbers)."""
+    ceiling = max(ratios[f"{t}fp32_over_ort_int8_b{b}"] for t in ("", "cpu_") for b in (1, 32))
+    gap = ratios["cpu_ours_int8_over_ort_int8_b32"]
+    same = ratios["cpu_ours_int8weights_over_ort_int8_b32"]
+    text = (
+        f"CPU: {cpu_isa()}. ours / ORT at batch 32 is {gap} in CPU time, {same} once our 8-bit weights are "
+    )
+    text += "stored as INT8" + (
+        ": the difference is the 8-bit weight container alone. " if gap > 1.05 >= same else ". "
+    )
+    text += (
+        "UINT8 weights (zero point 128) run on ORT's u8u8 kernels; INT8 ones on u8s8 kernels, which on x86 "
+        f"without VNNI saturate int16 pair sums (fused vs unfused {exact[OURS_S8]} for the INT8 form vs "
+        f"{exact[OURS]} for ours here; mnist_cnn w8a8 accuracy 0.982 -> 0.965, docs/passes.md), so the emitter "
+        "keeps UINT8."
+    )
+    if ceiling < 3:
+        text += (
+            f" fp32 / ORT's own int8 model is at most {ceiling} in this run: ORT's int8 kernels are barely "
+            "faster than fp32 on this CPU, so fp32 / ours >= 3 cannot be reached here (the shared notes' 3.5x "
+            "was measured on a VNNI CPU)."
+        )
+    return text
+
+
 def main() -> None:
     ap = common.arg_parser(__doc__)
-    ap.add_argument("--size", type=int, default=32)
+    ap.add_argument("--size", type=int, default=None, help="input height/width (default 32, --quick 8)")
     args = ap.parse_args()
     common.setup_torch()
     import onnx
@@ -70,11 +208,12 @@ def main() -> None:
     from mqtool.emit import quantize_model, save_model_atomic
     from mqtool.policy import LayerBits, Policy
 
+    size = args.size or (8 if args.quick else 32)
     torch.manual_seed(0)
     net = resnet18(1 if args.quick else 2)
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(64, 3, args.size, args.size)).astype(np.float32)
-    runs = 5 if args.quick else 40
+    x = rng.normal(size=(16 if args.quick else 64, 3, size, size)).astype(np.float32)
+    runs = 3 if args.quick else 40
     with tempfile.TemporaryDirectory() as tmp:
         fp = os.path.join(tmp, "fp32.onnx")
         torch.onnx.export(
@@ -92,53 +231,107 @@ def main() -> None:
         names = info.names
         paths = {"fp32": fp}
         mixed = Policy({n: LayerBits(4 if i % 2 else 8, 8) for i, n in enumerate(names)})
-        for key, pol in (("ours-w8a8-int8", Policy.uniform(names, 8)), ("ours-mixed48-int8", mixed)):
+        for key, pol in ((OURS, Policy.uniform(names, 8)), (MIXED, mixed)):
             q = quantize_model(model, pol, data={"x": x}, storage="int8")
             paths[key] = os.path.join(tmp, key + ".onnx")
             save_model_atomic(q, paths[key])
-        paths["ort-quantize_static-int8"] = os.path.join(tmp, "ort.onnx")
-        ort_quantize(fp, x, paths["ort-quantize_static-int8"], 8)
-        sessions = {k: common.session(p) for k, p in paths.items()}
+        paths[ORT] = os.path.join(tmp, "ort.onnx")
+        ort_quantize(fp, x, paths[ORT], 8)
+        paths[OURS_S8] = os.path.join(tmp, OURS_S8 + ".onnx")
+        onnx.save(int8_weights(onnx.load(paths[OURS])), paths[OURS_S8])
         lat: dict[str, dict[str, float]] = {k: {} for k in paths}
-        for b in (1, 32):
-            feed = {"x": np.ascontiguousarray(np.resize(x, (b,) + x.shape[1:]))}
-            fns = {k: (lambda s=s, feed=feed: s.run(None, feed)) for k, s in sessions.items()}
-            for k, ms in common.interleaved_ms(fns, runs if b == 1 else max(5, runs // 2)).items():
-                lat[k][f"batch{b}_ms"] = round(ms, 3)
-            print(b, lat, flush=True)
+        cpu: dict[str, dict[str, float]] = {k: {} for k in paths}
+        for measure, make, timer in (
+            (lat, common.session, common.interleaved_ms),
+            (cpu, cpu_session, interleaved_cpu_ms),
+        ):
+            sessions = {k: make(p) for k, p in paths.items()}
+            for b in (1, 32):
+                feed = {"x": np.ascontiguousarray(np.resize(x, (b,) + x.shape[1:]))}
+                fns = {k: (lambda s=s, feed=feed: s.run(None, feed)) for k, s in sessions.items()}
+                n = runs if b == 1 else max(3, runs // 4)
+                for k, ms in timer(fns, n).items():
+                    measure[k][f"batch{b}_ms"] = round(ms, 3)
+                print("wall" if measure is lat else "cpu", b, {k: v for k, v in measure.items()}, flush=True)
+            del sessions
+        big = np.ascontiguousarray(np.resize(x, (32,) + x.shape[1:]))
+        exact = {k: round(fused_error(p, big), 5) for k, p in paths.items() if k != "fp32"}
+        print("fused vs unfused", exact, flush=True)
+        ops = {k: optimized_ops(p, tmp) for k, p in paths.items()}
         sizes = {k: os.path.getsize(p) for k, p in paths.items()}
     ratios = {}
     for b in (1, 32):
         k = f"batch{b}_ms"
-        ratios[f"ours_int8_over_ort_int8_b{b}"] = round(
-            lat["ours-w8a8-int8"][k] / lat["ort-quantize_static-int8"][k], 3
-        )
-        ratios[f"fp32_over_ours_int8_b{b}"] = round(lat["fp32"][k] / lat["ours-w8a8-int8"][k], 3)
-        ratios[f"fp32_over_ours_mixed_b{b}"] = round(lat["fp32"][k] / lat["ours-mixed48-int8"][k], 3)
+        for tag, m in (("", lat), ("cpu_", cpu)):
+            ratios[f"{tag}ours_int8_over_ort_int8_b{b}"] = round(m[OURS][k] / m[ORT][k], 3)
+            ratios[f"{tag}ours_int8weights_over_ort_int8_b{b}"] = round(m[OURS_S8][k] / m[ORT][k], 3)
+            ratios[f"{tag}fp32_over_ours_int8_b{b}"] = round(m["fp32"][k] / m[OURS][k], 3)
+            ratios[f"{tag}fp32_over_ours_mixed_b{b}"] = round(m["fp32"][k] / m[MIXED][k], 3)
+            ratios[f"{tag}fp32_over_ort_int8_b{b}"] = round(m["fp32"][k] / m[ORT][k], 3)
     params = info.totals.params
-    result = {"input": args.size, "params": params, "latency_ms": lat, "bytes": sizes, "ratios": ratios}
+    result = {
+        "cpu_isa": cpu_isa(),
+        "input": size,
+        "params": params,
+        "latency_ms": lat,
+        "cpu_ms": cpu,
+        "fused_vs_unfused": exact,
+        "ort_optimized_ops": ops,
+        "bytes": sizes,
+        "ratios": ratios,
+    }
+
+    def ratio_rows(tag: str) -> list[list]:
+        rows = []
+        for b in (1, 32):
+            rows += [
+                [f"ours int8 / ORT int8, batch {b}", ratios[f"{tag}ours_int8_over_ort_int8_b{b}"], "<= 1.05"],
+                [
+                    f"ours with INT8 8-bit weights / ORT int8, batch {b}",
+                    ratios[f"{tag}ours_int8weights_over_ort_int8_b{b}"],
+                    "(diagnostic)",
+                ],
+                [f"fp32 / ours w8a8, batch {b}", ratios[f"{tag}fp32_over_ours_int8_b{b}"], ">= 3"],
+                [f"fp32 / ours mixed 4/8, batch {b}", ratios[f"{tag}fp32_over_ours_mixed_b{b}"], ">= 3"],
+                [f"fp32 / ORT int8 (the ceiling), batch {b}", ratios[f"{tag}fp32_over_ort_int8_b{b}"], ""],
+            ]
+        return rows
+
     body = (
-        f"## ORT latency: ResNet-18 width, {args.size}x{args.size} input, random weights ({params / 1e6:.1f}M "
+        f"## ORT latency: ResNet-18 width, {size}x{size} input, random weights ({params / 1e6:.1f}M "
         f"weight params)\n\n"
         + common.table(
-            ["model", "ms batch 1", "ms batch 32", "bytes"],
-            [[k, v["batch1_ms"], v["batch32_ms"], sizes[k]] for k, v in lat.items()],
-        )
-        + "\n\n"
-        + common.table(
-            ["ratio", "value", "goal"],
+            ["model", "wall ms b1", "wall ms b32", "CPU ms b1", "CPU ms b32", "fused vs unfused", "bytes"],
             [
-                ["ours int8 / ORT int8, batch 1", ratios["ours_int8_over_ort_int8_b1"], "<= 1.05"],
-                ["ours int8 / ORT int8, batch 32", ratios["ours_int8_over_ort_int8_b32"], "<= 1.05"],
-                ["fp32 / ours w8a8, batch 1", ratios["fp32_over_ours_int8_b1"], ">= 3"],
-                ["fp32 / ours w8a8, batch 32", ratios["fp32_over_ours_int8_b32"], ">= 3"],
-                ["fp32 / ours mixed 4/8, batch 1", ratios["fp32_over_ours_mixed_b1"], ">= 3"],
-                ["fp32 / ours mixed 4/8, batch 32", ratios["fp32_over_ours_mixed_b32"], ">= 3"],
+                [
+                    k,
+                    lat[k]["batch1_ms"],
+                    lat[k]["batch32_ms"],
+                    cpu[k]["batch1_ms"],
+                    cpu[k]["batch32_ms"],
+                    exact.get(k, ""),
+                    sizes[k],
+                ]
+                for k in paths
             ],
         )
-        + "\n\nMixed 4/8 = every other layer at 4 bits, stored in INT8 tensors (runs at int8 speed)."
+        + "\n\nThe graphs ORT runs (ORT_ENABLE_ALL; layout and Q/DQ nodes not counted):\n\n"
+        + common.table(["model", "compute ops"], [[k, v] for k, v in ops.items()])
+        + "\n\nWall: 2 threads, ORT's default session. CPU: 2 threads without spinning, process CPU time per "
+        "run (work done; on a shared machine wall times also measure the other processes). Fused vs unfused: "
+        "max |ORT_ENABLE_ALL - ORT_DISABLE_ALL| / max |output| at batch 32: the integer kernels' "
+        "requantization rounding, compounded over 20 layers, plus for u8s8 kernels on an x86 CPU without VNNI "
+        "(this one) int16 saturation of pair sums. Mixed 4/8 = every other layer at 4 bits, stored in INT8 "
+        f"tensors. `{OURS_S8}` is a diagnostic, not an emitter output: our w8a8 file with its 8-bit "
+        "weights rewritten from UINT8 (zero point 128, ORT's u8u8 kernels) to INT8 (zero point 0, the u8s8 "
+        "kernels ORT's own model gets).\n\n"
+        + common.table(["ratio (wall)", "value", "goal"], ratio_rows(""))
+        + "\n\n"
+        + common.table(["ratio (CPU time)", "value", "goal"], ratio_rows("cpu_"))
+        + "\n\n"
+        + conclusion(ratios, exact)
     )
-    extra = "" if args.size == 32 else f" --size {args.size}"
+    extra = "" if args.size is None else f" --size {args.size}"
     common.finish("latency", "bench_latency.py", args, result, body, extra)
 
 
