@@ -98,7 +98,12 @@ def test_policy_meets_budget_and_reuses_metaquantnet(trained, cnn):
     assert "mqn_epoch" not in events and "mqn_resume" in events
     events.clear()
     search_policies(
-        model, data, [Budget("bits", 2.5)], SearchConfig(**(TINY | {"hidden": 4})), wd, lambda e, d: events.append(e)
+        model,
+        data,
+        [Budget("bits", 2.5)],
+        SearchConfig(**(TINY | {"hidden": 4})),
+        wd,
+        lambda e, d: events.append(e),
     )
     assert "mqn_epoch" in events
 
