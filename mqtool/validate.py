@@ -237,9 +237,28 @@ def _session(model: onnx.ModelProto, extra_outputs: list[str]):
     so.intra_op_num_threads = THREADS
     so.log_severity_level = 3
     try:
-        return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return ort_session(m, so)
     except Exception as e:
         raise InputError(f"ONNX Runtime cannot load the model: {' '.join(str(e).split())[:300]}") from e
+
+
+def ort_session(model: onnx.ModelProto, so):
+    """A CPU session of `model`; one over protobuf's 2 GiB goes through a temporary file with external data
+    (the folder lives as long as the session, in case ORT maps the data file)."""
+    import onnxruntime as ort
+
+    from mqtool.model import over_protobuf_limit
+
+    if not over_protobuf_limit(model):
+        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    tmp = tempfile.TemporaryDirectory(prefix="mqtool-ort-")
+    m = onnx.ModelProto()
+    m.CopyFrom(model)  # save_model moves the tensors out of the proto it is given
+    path = os.path.join(tmp.name, "model.onnx")
+    onnx.save_model(m, path, save_as_external_data=True, location="model.onnx.data")
+    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    sess._mqtool_tmp = tmp
+    return sess
 
 
 def _run(sess, names, feed, path):
@@ -268,9 +287,11 @@ def _kernels(model: onnx.ModelProto, layers: list[str]) -> dict[str, str]:
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.optimized_model_filepath = out
+        # Weights go to a side file: a > 2 GiB optimized model cannot be one protobuf, and only ops are read.
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "opt.data")
         so.log_severity_level = 3
-        ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        opt = onnx.load(out)
+        ort_session(model, so)
+        opt = onnx.load(out, load_external_data=False)
     by_name = {n.name: n for n in opt.graph.node}
     weights = _layer_weights(model)
     result = {}

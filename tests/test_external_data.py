@@ -9,6 +9,7 @@ here on a tiny model by lowering the limit `mqtool.model.over_protobuf_limit` co
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 
 import numpy as np
@@ -140,6 +141,23 @@ def test_output_over_the_limit_is_saved_with_external_data(setup, big):
     np.testing.assert_array_equal(run(moved / "q.onnx", x), run(ref / "q.onnx", x))
     r = CliRunner().invoke(cli, ["report", str(moved / "q.onnx"), "--json"])
     assert r.exit_code == 0 and '"weight_bits": 4' in r.stdout, r.stderr
+
+
+def test_validate_over_the_limit_runs_through_external_data(setup, monkeypatch):
+    tmp_path, inp, ref, x = setup
+    q, m, d = str(ref / "q.onnx"), str(ref / "m.onnx"), str(tmp_path / "d.npz")
+
+    def validate() -> dict:
+        r = CliRunner().invoke(cli, ["validate", q, "--reference", m, "--data", d, "--json", "--per-layer"])
+        assert r.exit_code == 0, r.stderr
+        doc = json.loads(r.stdout)
+        doc.pop("latency", None)  # timings differ between runs
+        return doc
+
+    normal = validate()
+    monkeypatch.setattr(mqtool.model, "_PROTOBUF_LIMIT", 0)  # both models now take the > 2 GiB route
+    assert validate() == normal
+    assert normal["layers"] and all(la["kernel"] != "?" for la in normal["layers"])
 
 
 def test_refuses_to_overwrite_the_input_with_external_data(setup, big):
