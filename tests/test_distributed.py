@@ -84,3 +84,29 @@ def test_resume_under_torchrun_reuses_the_checkpoint(small_data, tmp_path):
     # the second budget reuses the MetaQuantNet rank 0 read from the workdir and sent to rank 1
     assert "resuming after epoch 1" in again.stderr and "epoch 1/1" not in again.stderr
     assert json.loads((tmp_path / "p.json").read_text())["meta"]["budget"]["value"] == 2.5
+
+
+def test_convert_under_torchrun_finetunes_and_emits_once(small_data, tmp_path):
+    model = example_path("mnist_cnn")
+    args = [model, "--data", small_data, "-o", "q.onnx", "--workdir", "wd", "--finetune-epochs", "1", *TINY]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    r = subprocess.run(
+        [*launcher, "-m", "mqtool", "convert", *args],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("searched bits-3") == 1 and r.stderr.count("finetune epoch 1/1") == 1
+    assert sorted(os.listdir(tmp_path)) == ["q.onnx", "wd"]
+    import onnx
+    import onnxruntime as ort
+
+    onnx.checker.check_model(str(tmp_path / "q.onnx"), full_check=True)
+    x = np.load(example_path("mnist_cnn", "test.npz"))["x"][:200]
+    y = np.load(example_path("mnist_cnn", "test.npz"))["y"][:200]
+    sess = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
+    acc = float((sess.run(None, {sess.get_inputs()[0].name: x})[0].argmax(1) == y).mean())
+    assert acc > 0.8  # 1 epoch of MetaQuantNet on 481 samples, 3 bits: far above chance (0.1)
