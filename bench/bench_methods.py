@@ -23,6 +23,7 @@ docs/img/methods_<example>.png.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import statistics
 import sys
@@ -86,7 +87,10 @@ def plot(summary: list[dict], fp32: float, path: str, title: str) -> None:
         if pts:
             x = [p[0] for p in pts]
             y = [p[1] for p in pts]
-            err = [[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]]
+            err = [
+                [max(0.0, p[1] - p[2]) for p in pts],
+                [max(0.0, p[3] - p[1]) for p in pts],
+            ]  # fmean rounding
             ax.errorbar(x, y, yerr=err, fmt=marker, capsize=3, label=method)
     ax.axhline(fp32, color="gray", lw=0.8, ls=":", label="fp32")
     ax.set_xlabel("average weight bits")
@@ -231,6 +235,37 @@ def run_seed(args, seed: int, with_cost: bool) -> dict:
     return out
 
 
+def runs_from_log(path: str) -> list[dict]:
+    """The per-seed rows and GA timings printed by a run (`seed S method target T: avg A acc X loss L`)."""
+    import re
+
+    row = re.compile(r"^seed (\d+) (\S+)\s+target (\S+): avg (\S+) acc (\S+) loss (\S+)")
+    ga = re.compile(r"^GA (\S+): (\d+) evaluated in (\S+) s")
+    runs: dict[int, dict] = {}
+    pending: dict[str, float] = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if m := ga.match(line):
+                pending[m.group(1)] = float(m.group(3))
+            elif m := row.match(line):
+                seed = int(m.group(1))
+                run = runs.setdefault(
+                    seed, {"seed": seed, "rows": [], "ga_seconds": dict(pending), "fp32": None}
+                )
+                run["rows"].append(
+                    {
+                        "method": m.group(2),
+                        "target": float(m.group(3)),
+                        "seed": seed,
+                        "avg_bits": float(m.group(4)),
+                        "accuracy": float(m.group(5)),
+                        "loss": float(m.group(6)),
+                    }
+                )
+                pending = {}
+    return [runs[k] for k in sorted(runs)]
+
+
 def summarise(rows: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -274,16 +309,40 @@ def main() -> None:
     ap.add_argument("--finetune-epochs", type=int, default=3)
     ap.add_argument("--cost-sample", type=int, default=3, help="candidates finetuned to measure the HAQ cost")
     ap.add_argument("--hawq-iter", type=int, default=50, help="max Hutchinson iterations")
+    ap.add_argument("--from-partial", action="store_true", help="reuse the per-seed results already written")
+    ap.add_argument("--from-log", help="rebuild the tables from the printed output of an earlier run")
     args = ap.parse_args()
     common.setup_torch()
     seeds = 1 if args.quick else args.seeds
     runs = []
     partial = os.path.join(args.out_dir, f"methods_{args.example}.partial.json")
-    for s in range(seeds):
+    if args.from_partial:  # tables and plot again from the per-seed results of an earlier run
+        with open(partial, encoding="utf-8") as f:
+            runs = json.load(f)["runs"]
+        seeds = len(runs)
+    if args.from_log:
+        runs = runs_from_log(args.from_log)
+        seeds = len(runs)
+    for s in range(len(runs), seeds):
         runs.append(run_seed(args, s, with_cost=s == 0 and bool(args.cost_budgets)))
         common.write_json(args.out_dir, os.path.basename(partial)[:-5], {"runs": runs})  # survives a cut-off
     rows = [r for run in runs for r in run["rows"]]
     summary = summarise(rows)
+    if runs[0].get("fp32") is None:  # rebuilt from a log: the float model's figures and the settings asked
+        import onnx
+
+        ex = common.EXAMPLES[args.example]
+        fp32 = common.ort_eval(
+            onnx.load(os.path.join(ex, "model.onnx")), *common.load_npz(os.path.join(ex, "test.npz"))
+        )
+        runs[0]["fp32"] = fp32
+        runs[0]["config"] = {
+            "epochs": args.mqn_epochs,
+            "population": args.population,
+            "generations": args.generations,
+            "finetune_epochs": args.finetune_epochs,
+            "widths": [2, 3, 4, 5, 6, 8],
+        }
     fp32 = runs[0]["fp32"]
     cost = runs[0].get("search_cost")
     result = {"example": args.example, "seeds": seeds, "fp32": fp32, "runs": runs, "summary": summary}
@@ -321,6 +380,12 @@ def main() -> None:
         )
         + f"\n\n![accuracy vs bits](img/{os.path.basename(png)})\n"
     )
+    if args.from_log:
+        body += (
+            f"\nRebuilt with `--from-log {args.from_log}` from the printed output of the run above (its per-seed "
+            "rows; the run predates the per-seed JSON). That run's search-cost figures were not printed, so "
+            "the search-cost table is not in this section.\n"
+        )
     if cost:
         ga_total = sum(cost["ga_s"].values())
         n_eval = sum(cost["evaluated"].values())
