@@ -22,7 +22,6 @@ Measures, each the median of interleaved runs at batch 1 and 32:
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -110,21 +109,6 @@ def cpu_session(path: str):
     so.log_severity_level = 3
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-
-
-def interleaved_cpu_ms(fns: dict, runs: int, warmup: int = 1) -> dict[str, float]:
-    """Median process CPU ms of each function, interleaved in a rotating order."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    order = list(fns.items())
-    for i in range(runs):
-        for name, fn in order[i % len(order) :] + order[: i % len(order)]:
-            t0 = time.process_time()
-            fn()
-            times[name].append(time.process_time() - t0)
-    return {k: 1000 * statistics.median(v) for k, v in times.items()}
 
 
 def optimized_ops(path: str, tmp: str) -> str:
@@ -243,7 +227,7 @@ def main() -> None:
         cpu: dict[str, dict[str, float]] = {k: {} for k in paths}
         for measure, make, timer in (
             (lat, common.session, common.interleaved_ms),
-            (cpu, cpu_session, interleaved_cpu_ms),
+            (cpu, cpu_session, lambda f, n: common.interleaved_ms(f, n, warmup=1, clock=time.process_time)),
         ):
             sessions = {k: make(p) for k, p in paths.items()}
             for b in (1, 32):
