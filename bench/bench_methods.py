@@ -95,7 +95,22 @@ def plot(summary: list[dict], fp32: float, path: str, title: str) -> None:
     ax.axhline(fp32, color="gray", lw=0.8, ls=":", label="fp32")
     ax.set_xlabel("average weight bits")
     ax.set_ylabel("test accuracy (ORT)")
-    ax.set_ylim(max(0.0, min(0.9, ax.get_ylim()[0])), None)
+    lo = fp32 - 0.03  # the methods differ by tenths of a point: zoom there, list what falls below
+    ax.set_ylim(lo, min(1.0, fp32 + 0.012))
+    below = [
+        f"{r['method']} {r['target']:g} bits: {r['acc_mean']:.3f}" for r in summary if r["acc_mean"] < lo
+    ]
+    if below:
+        ax.text(
+            0.98,
+            0.03,
+            "off scale:\n" + "\n".join(below),
+            transform=ax.transAxes,
+            ha="right",
+            va="bottom",
+            fontsize=7,
+            bbox={"facecolor": "white", "alpha": 0.8, "lw": 0.5},
+        )
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
