@@ -2,7 +2,8 @@
 
     python bench/run_all.py [--quick] [--out-dir DIR] [--no-docs] [--only NAME ...]
 
-Order: backend, ptq, latency, emit_speed, peers (NNCF: set NNCF_PATH, see bench_peers.py), proxy, methods (mnist_cnn, then mnist_vit). Each script writes its
+Order: backend, ptq, latency, emit_speed, peers (NNCF: set NNCF_PATH, see bench_peers.py), proxy, methods (mnist_cnn, then mnist_vit),
+fitness_samples, distributed (bench_large_model.py, ~15 min and 9 GiB, runs only on its own). Each script writes its
 own JSON and its own section of the doc; a failing script is reported and the others still run.
 `bench/bench_backend.py` writes only its JSON; its section is written here from that JSON.
 """
@@ -29,6 +30,8 @@ JOBS: list[tuple[str, list[str]]] = [
     ("proxy", ["bench_proxy.py"]),
     ("methods", ["bench_methods.py"]),
     ("methods_vit", ["bench_methods.py", "--example", "mnist_vit"]),
+    ("fitness_samples", ["bench_fitness_samples.py"]),
+    ("distributed", ["bench_distributed.py"]),
 ]
 
 

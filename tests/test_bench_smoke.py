@@ -20,6 +20,8 @@ SCRIPTS = [
     ("bench_methods.py", "methods"),
     ("bench_peers.py", "peers"),
     ("bench_large_model.py", "large_model"),
+    ("bench_distributed.py", "distributed"),
+    ("bench_fitness_samples.py", "fitness_samples"),
 ]
 
 
