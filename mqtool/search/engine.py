@@ -172,7 +172,7 @@ class SearchEngine:
         for p in self.net.parameters():
             p.requires_grad_(False)
         self.fp = checkpoint.fingerprint(
-            self.model.SerializeToString(deterministic=True),
+            _model_digest(self.model),
             _data_digest(data),
             {k: v for k, v in asdict(config).items() if k not in _NOT_IN_MQN_FINGERPRINT},
         )
@@ -632,6 +632,27 @@ class SearchEngine:
         plan = self.act_plan(abits)
         acts = {t: ActParams(range=self.act_ranges[t]) for t in plan if t in self.act_ranges}
         return QuantParams(layers=layers, activations=acts), fitness
+
+
+def _model_digest(model: onnx.ModelProto) -> str:
+    """Part by part: a model over 2 GiB cannot be serialised whole, but each tensor and node can."""
+    import hashlib
+
+    h = hashlib.sha256()
+    g = model.graph
+    for part in (
+        model.opset_import,
+        model.functions,
+        g.input,
+        g.output,
+        g.node,
+        g.initializer,
+        g.sparse_initializer,
+    ):
+        h.update(str(len(part)).encode())
+        for item in part:
+            h.update(item.SerializeToString(deterministic=True))
+    return h.hexdigest()
 
 
 def _data_digest(data: Samples) -> str:
