@@ -28,7 +28,7 @@ def run_example(name: str, n_policies: int, sizes: list[int], quick: bool) -> li
 
     from mqtool.search.api import load_dataset
     from mqtool.search.budgets import BudgetCost
-    from mqtool.search.engine import SearchConfig, SearchEngine
+    from mqtool.search.engine import _RACE_CHUNK, SearchConfig, SearchEngine, _chunks
     from mqtool.search.ga import GeneticSearch
 
     ex = common.EXAMPLES[name]
@@ -39,7 +39,8 @@ def run_example(name: str, n_policies: int, sizes: list[int], quick: bool) -> li
         data, epochs = data.take(np.arange(400)), 1
     full = max(sizes)
     with tempfile.TemporaryDirectory() as wd:
-        eng = SearchEngine(model, data, SearchConfig(epochs=epochs, fitness_samples=full), wd)
+        cfg = SearchConfig(epochs=epochs, fitness_samples=full, rerank_samples=full, racing=False)
+        eng = SearchEngine(model, data, cfg, wd)
         eng.train_metaquantnet()
         ga = GeneticSearch(
             eng.n, eng.widths, BudgetCost("bits", eng.info.layers), 2.5, config=eng.cfg.ga(), seed=1
@@ -48,8 +49,9 @@ def run_example(name: str, n_policies: int, sizes: list[int], quick: bool) -> li
         whole = eng.search_set
         fits, secs = {}, {}
         for k in sorted(sizes, reverse=True):
-            eng.search_set = whole.take(np.arange(min(k, len(whole))))
-            eng.teacher_search = eng._forward_all(eng.search_set)
+            # The GA scores a candidate on the first k rows of the search split.
+            eng._chunks = _chunks(min(k, len(whole)), _RACE_CHUNK)
+            eng._feed_cache.clear()
             t0 = time.perf_counter()
             fits[k] = np.array(eng.evaluate(genomes))
             secs[k] = (time.perf_counter() - t0) / len(genomes)

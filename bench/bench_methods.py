@@ -61,8 +61,10 @@ def random_search(engine, target: float, count: int, seed: int):
     fits = []
     for i in range(0, len(genomes), 50):
         fits += engine.evaluate(genomes[i : i + 50])
-    best = int(np.argmin(fits))
-    return engine._policy(genomes[best], Budget("bits", target), fits[best], len(genomes))
+    # the same final step as the GA: the best few re-scored on the whole search split
+    order = sorted(range(len(genomes)), key=lambda i: (fits[i], genomes[i].key()))
+    best, fit = engine._rerank([genomes[i] for i in order[: max(1, engine.cfg.rerank)]])
+    return engine._policy(best, Budget("bits", target), fit, len(genomes))
 
 
 def plot(summary: list[dict], fp32: float, path: str, title: str) -> None:

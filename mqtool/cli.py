@@ -152,9 +152,18 @@ def search_options(f):
         click.option(
             "--fitness-samples",
             type=click.IntRange(1, 10_000_000),
-            default=256,
+            default=128,
             show_default=True,
-            help="Search-split samples each candidate is scored on (fewer: faster GA, noisier ranking).",
+            help="Search-split samples each GA candidate is scored on (fewer: faster GA, noisier ranking); "
+            "the --rerank finalists are scored on the whole split.",
+        ),
+        click.option(
+            "--rerank",
+            type=click.IntRange(0, 10_000),
+            default=10,
+            show_default=True,
+            help="Re-score the GA's best N on the whole search split (up to 1024 samples) and keep the "
+            "best of them; 0: keep the GA's own winner.",
         ),
         click.option("--widths", default="2,3,4,5,6,8", show_default=True, help="Candidate weight widths."),
         click.option("--restart", is_flag=True, help="Ignore (and overwrite) checkpoints in the workdir."),
@@ -226,6 +235,10 @@ class _Progress:
                 f"  {d['budget']} generation {d['generation']}/{d['generations']}  best {d['best_fitness']:.4f}"
                 f"  cost {d['best_cost']:.3f}  evaluated {d['cached']}",
                 bar=True,
+            )
+        elif event == "ga_rerank":
+            _err(
+                f"  re-ranked the best {d['finalists']} on {d['samples']} samples: fitness {d['fitness']:.4f}"
             )
         elif event == "finetune_epoch":
             _err(f"  finetune epoch {d['epoch']}/{d['epochs']}  loss {d['loss']:.4f}", bar=True)

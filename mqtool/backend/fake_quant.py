@@ -124,6 +124,14 @@ def fake_quantize(
     if not (torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad)):
         # Inference (GA fitness, calibration): the same float32 ops, in place, without autograd's bookkeeping.
         s = _bcast(scale, x.dim(), axis)
+        if zp.dim() == 0:
+            # Per tensor (every activation): clamp(round(x/s), qmin-z, qmax-z) * s is the same value as
+            # (clamp(round(x/s) + z, qmin, qmax) - z) * s (integers in float32 are exact) in 4 passes
+            # over memory instead of 7: about a third of a GA candidate's time on the CNN example.
+            z0 = float(zp)
+            lo, hi = float(qmin) - z0, float(qmax) - z0
+            q = torch.div(x, s).round_().nan_to_num_(nan=-z0, posinf=hi, neginf=lo).clamp_(lo, hi)
+            return q.mul_(s)
         z = _bcast(zp, x.dim(), axis)
         q = torch.div(x, s).round_().add_(z)
         q = q.nan_to_num_(nan=0.0, posinf=float(qmax), neginf=float(qmin)).clamp_(int(qmin), int(qmax))
@@ -244,6 +252,10 @@ class ActFakeQuant(nn.Module):
         with torch.no_grad():
             self.scale.fill_(float(scale))
             self.zero_point.fill_(float(zp))
+
+    def clamps_at_zero(self) -> bool:
+        """True when every output is >= 0 and negative inputs give 0 (a preceding Relu is redundant)."""
+        return self.qmin == 0 and float(self.zero_point) == 0.0
 
     def qparams(self) -> tuple[np.float32, int]:
         """(scale, zero point) as the emitter writes them."""

@@ -85,6 +85,7 @@ class OnnxModule(nn.Module):
         self._plan: list = []
         self._plan_stale = True
         self._post: dict[int, nn.Module] = {}
+        self._relu_steps: set[int] = set()
 
     # ------------------------------------------------------------------------------------ execution
 
@@ -214,18 +215,61 @@ class OnnxModule(nn.Module):
         # ModuleDict so that deepcopy / .to() keep pointing at the right objects.
         self._post = {self._slot[t]: self.act_quant[k] for t, k in self._qkeys.items()}
         self._plan = [
-            (fn, ins, outs, single, free, tuple(s for s in outs if s in self._post))
-            for fn, ins, outs, single, free in self._steps
+            (
+                _relu_into(self._post[outs[0]]) if i in self._relu_steps and outs[0] in self._post else fn,
+                ins,
+                outs,
+                single,
+                free,
+                tuple(s for s in outs if s in self._post),
+            )
+            for i, (fn, ins, outs, single, free) in enumerate(self._steps)
         ]
         self._plan_stale = False
 
 
-def to_torch(model: onnx.ModelProto, info: ModelInfo | None = None, *, source: str = "model") -> OnnxModule:
+def _relu_into(quantizer: nn.Module) -> Any:
+    """A Relu whose output is fake-quantized with zero point 0 and qmin 0: at inference the quantizer's
+    clamp at 0 is the Relu (same values), so the Relu's pass over memory is skipped. Training keeps the
+    Relu: its gradient is 0 for inputs just below 0 that the quantizer rounds to 0."""
+
+    def relu(x: Tensor) -> Tensor:
+        if not torch.is_grad_enabled() and getattr(quantizer, "clamps_at_zero", lambda: False)():
+            return x
+        return torch.relu(x)
+
+    return relu
+
+
+def _channels_last_input(fn: Any) -> Any:
+    def conv(x: Tensor, *rest: Any) -> Tensor:
+        if x.dim() == 4:
+            _, c, h, w = x.shape
+            if c == 1 and x.is_contiguous():
+                # One channel: the same memory in both layouts, but only NHWC strides make PyTorch
+                # produce an NHWC output (`.contiguous(channels_last)` keeps the NCHW strides here).
+                x = x.as_strided(x.shape, (h * w, 1, w, 1), x.storage_offset())
+            else:
+                x = x.contiguous(memory_format=torch.channels_last)
+        return fn(x, *rest)
+
+    return conv
+
+
+def to_torch(
+    model: onnx.ModelProto,
+    info: ModelInfo | None = None,
+    *,
+    source: str = "model",
+    channels_last: bool = False,
+) -> OnnxModule:
     """Convert `model` into an `OnnxModule` computing the same function in float32.
 
     `info` (default `analyze(model)`) selects the quantizable layers. Raises one `InputError` (naming
     `source`) listing every op type the backend cannot run, and one listing every node whose attributes
-    it does not support.
+    it does not support. `channels_last` feeds every 2-D convolution NHWC input: oneDNN's CPU convolutions
+    (depthwise and pointwise above all) run several times faster on it, and the output stays NHWC, so
+    only the first convolution after a layout change pays for a copy.
     """
     graph = model.graph
     opset = _opset(model)
@@ -284,6 +328,8 @@ def to_torch(model: onnx.ModelProto, info: ModelInfo | None = None, *, source: s
         except InputError as e:
             errors.append(str(e))
             continue
+        if channels_last and node.op_type == "Conv":
+            fn = _channels_last_input(fn)
         inputs = list(node.input)
         layer = layer_by_name.get(name)
         if (
@@ -306,6 +352,8 @@ def to_torch(model: onnx.ModelProto, info: ModelInfo | None = None, *, source: s
         ins = tuple(slot(t) for t in runtime)
         outs = tuple(slot(t) for t in node.output)
         steps.append((fn, ins, outs, len(outs) == 1))
+        if node.op_type == "Relu":
+            m._relu_steps.add(len(steps) - 1)
     if errors:
         raise InputError(f"{source}: unsupported attributes for the PyTorch backend: {'; '.join(errors)}")
 

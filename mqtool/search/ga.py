@@ -64,6 +64,7 @@ class GeneticSearch:
         act_widths: tuple[int, int] = (8, 32),
         config: GAConfig | None = None,
         seed: int = 0,
+        racing: bool = False,
     ):
         self.n = n_layers
         self.widths = np.array(sorted(widths))
@@ -73,6 +74,9 @@ class GeneticSearch:
         self.search_act = search_act
         self.act_widths = np.array(act_widths)
         self.cfg = config or GAConfig()
+        # With racing, `evaluate(new, reference)` also gets the worst parent: a candidate confidently
+        # worse than it cannot become a parent, so the evaluator may stop scoring it early.
+        self.racing = racing
         self.rng = np.random.default_rng(seed)
         self.cache: dict[tuple, float] = {}
         self.population: list[Genome] = []
@@ -140,7 +144,7 @@ class GeneticSearch:
         return out
 
     # ---- the loop ---------------------------------------------------------------------------------
-    def step(self, evaluate: Callable[[list[Genome]], list[float]]) -> None:
+    def step(self, evaluate: Callable[..., list[float]]) -> None:
         """Run one generation: breed, score what is new, keep the population sorted by fitness."""
         cfg = self.cfg
         seen = {g.key() for g in self.population}
@@ -166,7 +170,13 @@ class GeneticSearch:
             cands += self._fill(self._random, cfg.population - len(cands), seen)
         new = [g for g in cands if g.key() not in self.cache]
         if new:
-            for g, f in zip(new, evaluate(new)):
+            ref = (
+                self.population[cfg.parents - 1]
+                if self.racing and len(self.population) >= cfg.parents
+                else None
+            )
+            scores = evaluate(new, ref) if ref is not None else evaluate(new)
+            for g, f in zip(new, scores):
                 self.cache[g.key()] = float(f) if np.isfinite(f) else float("inf")
         # Sort by fitness, ties broken by the genes themselves so the order is deterministic.
         self.population = sorted(cands, key=lambda g: (self.cache[g.key()], g.key()))
@@ -184,7 +194,7 @@ class GeneticSearch:
 
     def run(
         self,
-        evaluate: Callable[[list[Genome]], list[float]],
+        evaluate: Callable[..., list[float]],
         on_generation: Callable[[GeneticSearch], None] | None = None,
     ) -> GAResult:
         while self.generation < self.cfg.generations:

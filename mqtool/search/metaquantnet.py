@@ -31,7 +31,7 @@ from mqtool.policy import FLOAT
 def weight_quant_ste(w: torch.Tensor, scale: torch.Tensor, bits: int, axis: int) -> torch.Tensor:
     """k-bit symmetric per-channel fake quantization of `w` with the numerics' definition (STE)."""
     qmin, qmax = numerics.int_range(bits, signed=True)
-    return fake_quantize(w, scale, torch.zeros_like(scale), qmin, qmax, axis)
+    return fake_quantize(w, scale, 0, qmin, qmax, axis)  # symmetric: one zero point, 0
 
 
 class LayerBlock(nn.Module):
@@ -108,14 +108,42 @@ class MetaQuantNet(nn.Module):
     def generate(self, wbits: list[int], quantize: bool = True) -> dict[str, torch.Tensor]:
         """Layer name -> the weight fed to the layer under the policy `wbits` (layer order)."""
         enc = self.encode(wbits)
+        heads = None if torch.is_grad_enabled() else self._all_heads(enc)
         out = {}
         for i, (name, block) in enumerate(zip(self.names, self.blocks)):
             if wbits[i] == FLOAT:  # a layer pinned to float keeps its pretrained weights
                 out[name] = block.w0
                 continue
-            w, scale = block(enc[i], wbits[i])
+            if heads is None:
+                w, scale = block(enc[i], wbits[i])
+            else:
+                c = block.channels
+                h = heads[i]
+                w = block.w0 * (1.0 + block._chan(h[:c]))
+                scale = block.s0[block.widths.index(wbits[i])] * torch.exp(h[c : 2 * c])
             out[name] = weight_quant_ste(w, scale, wbits[i], block.axis) if quantize else w
         return out
+
+    def _all_heads(self, enc: torch.Tensor) -> torch.Tensor:
+        """Every block's head output at once ([L, 2 x max channels], zero-padded): two batched matrix
+        products instead of 2L small ones. Inference only (the GA scores ~1000 policies per budget); the
+        stacked parameters are rebuilt when training has changed them."""
+        params = list(self.parameters())
+        version = tuple(p._version for p in params)
+        if getattr(self, "_stacked_version", None) != version or self._stacked[0].device != enc.device:
+            width = max(2 * b.channels for b in self.blocks)
+            w1 = torch.stack([b.net[0].weight.t() for b in self.blocks])  # [L, enc, hidden]
+            b1 = torch.stack([b.net[0].bias for b in self.blocks])[:, None, :]
+            w2 = torch.zeros(len(self.blocks), w1.shape[2], width, device=w1.device)
+            b2 = torch.zeros(len(self.blocks), 1, width, device=w1.device)
+            for i, b in enumerate(self.blocks):
+                w2[i, :, : 2 * b.channels] = b.net[2].weight.t()
+                b2[i, 0, : 2 * b.channels] = b.net[2].bias
+            self._stacked = (w1, b1, w2, b2)
+            self._stacked_version = version
+        w1, b1, w2, b2 = self._stacked
+        hidden = torch.tanh(torch.baddbmm(b1, enc.to(w1.device)[:, None, :], w1))
+        return torch.baddbmm(b2, hidden, w2)[:, 0, :]
 
     def forward(self, wbits: list[int]) -> dict[str, torch.Tensor]:
         # `generate` as the module's call, so DistributedDataParallel can wrap MetaQuantNet.
