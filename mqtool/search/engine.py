@@ -183,11 +183,12 @@ class SearchEngine:
         self._act_key: tuple | None = None
         self.mqn: MetaQuantNet | None = None
         # Racing: the search split in equal chunks, and the per-sample fitness terms of every candidate
-        # scored in full on this rank (a reference must be scored in full; see `_score`).
+        # scored in full on this rank (a reference must be scored in full; see `_score`). A policy's
+        # fitness does not depend on the budget, so later budgets reuse these scores.
         self._chunks = _chunks(min(len(self.search_set), self.cfg.fitness_samples), _RACE_CHUNK)
         self._terms: dict[tuple, np.ndarray] = {}
         self._feed_cache: dict[tuple, list[torch.Tensor]] = {}
-        self.race_stats = {"scored": 0, "stopped": 0, "samples": 0}
+        self.race_stats = {"scored": 0, "stopped": 0, "samples": 0, "reused": 0}
 
     # ---- setup -----------------------------------------------------------------------------------
     def _resolve_pins(self, pins: dict[str, int]) -> dict[int, int]:
@@ -492,8 +493,11 @@ class SearchEngine:
         samples hard), so most poor candidates are told apart after one chunk. A stopped candidate gets
         the reference's total plus the estimated difference: worse than the reference, so it can never
         become a parent, which is all the GA uses fitness for."""
-        self.set_activation_quant(g.abits)
         n = self._chunks[-1].stop
+        if g.key() in self._terms:  # scored in full before, in an earlier budget's search
+            self.race_stats["reused"] += 1
+            return self._aggregate(float(self._terms[g.key()].sum()), n)
+        self.set_activation_quant(g.abits)
         parts: list[np.ndarray] = []
         done = 0
         self.race_stats["scored"] += 1
@@ -610,9 +614,11 @@ class SearchEngine:
 
         fits = distributed.gather_slices(finalists, score)
         i = min(range(len(finalists)), key=lambda k: (fits[k], finalists[k].key()))
-        self.progress(
-            "ga_rerank", {"finalists": len(finalists), "samples": len(self.search_set), "fitness": fits[i]}
-        )
+        if len(finalists) > 1:
+            self.progress(
+                "ga_rerank",
+                {"finalists": len(finalists), "samples": len(self.search_set), "fitness": fits[i]},
+            )
         return finalists[i], fits[i]
 
     def _policy(self, g: Genome, budget: Budget, fitness: float, evaluated: int) -> Policy:
