@@ -63,7 +63,7 @@ def random_search(engine, target: float, count: int, seed: int):
         fits += engine.evaluate(genomes[i : i + 50])
     # the same final step as the GA: the best few re-scored on the whole search split
     order = sorted(range(len(genomes)), key=lambda i: (fits[i], genomes[i].key()))
-    best, fit = engine._rerank([genomes[i] for i in order[: max(1, engine.cfg.rerank)]])
+    best, fit = engine._rerank([genomes[i] for i in order[: max(1, engine.cfg.rerank)]], cost)
     return engine._policy(best, Budget("bits", target), fit, len(genomes))
 
 

@@ -3,7 +3,7 @@
     python bench/run_all.py [--quick] [--out-dir DIR] [--no-docs] [--only NAME ...]
 
 Order: backend, ptq, latency, emit_speed, peers (NNCF: set NNCF_PATH, see bench_peers.py), proxy, methods (mnist_cnn, then mnist_vit),
-fitness_samples, distributed (bench_large_model.py, ~15 min and 9 GiB, runs only on its own). Each script writes its
+fitness_samples, ga_time, distributed (bench_large_model.py, ~15 min and 9 GiB, runs only on its own). Each script writes its
 own JSON and its own section of the doc; a failing script is reported and the others still run.
 `bench/bench_backend.py` writes only its JSON; its section is written here from that JSON.
 """
@@ -31,6 +31,7 @@ JOBS: list[tuple[str, list[str]]] = [
     ("methods", ["bench_methods.py"]),
     ("methods_vit", ["bench_methods.py", "--example", "mnist_vit"]),
     ("fitness_samples", ["bench_fitness_samples.py"]),
+    ("ga_time", ["bench_ga_time.py"]),
     ("distributed", ["bench_distributed.py"]),
 ]
 

@@ -22,6 +22,7 @@ SCRIPTS = [
     ("bench_large_model.py", "large_model"),
     ("bench_distributed.py", "distributed"),
     ("bench_fitness_samples.py", "fitness_samples"),
+    ("bench_ga_time.py", "ga_time"),
 ]
 
 

@@ -115,3 +115,24 @@ def test_ga_hands_the_worst_parent_to_the_evaluator_only_with_racing() -> None:
         lambda gs: plain.append(1) or [float(sum(g.wbits)) for g in gs]
     )
     assert len(plain) == 3
+
+
+def test_rerank_prefers_the_bigger_policy_when_the_split_cannot_tell_them_apart(engine) -> None:
+    from mqtool.search.budgets import BudgetCost
+
+    eng = engine
+    small = _genome(eng, [6] * eng.n)
+    big = _genome(eng, [6] * (eng.n - 1) + [8])  # one more layer at 8 bits: a near-identical loss
+    cost = BudgetCost("bits", eng.info.layers)
+    terms = []
+    for g in (small, big):
+        eng.set_activation_quant(g.abits)
+        with eng.net.override_weights(eng.mqn.generate(list(g.wbits))):
+            terms.append(eng._full_terms())
+    d = terms[1] - terms[0]
+    tied = float(d.mean()) <= float(d.std(ddof=1)) / np.sqrt(len(d))
+    got, _ = eng._rerank([small, big], cost)
+    assert got == (big if tied else small)
+    # without a cost, plain lowest fitness
+    plain, _ = eng._rerank([small, big])
+    assert plain == (small if terms[0].sum() <= terms[1].sum() else big)
