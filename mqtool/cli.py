@@ -163,7 +163,8 @@ def search_options(f):
             default=10,
             show_default=True,
             help="Re-score the GA's best N on the whole search split (up to 1024 samples) and keep the "
-            "best of them; 0: keep the GA's own winner.",
+            "best of them (among statistical ties, the one using most of the budget); 0: keep the GA's "
+            "own winner.",
         ),
         click.option("--widths", default="2,3,4,5,6,8", show_default=True, help="Candidate weight widths."),
         click.option("--restart", is_flag=True, help="Ignore (and overwrite) checkpoints in the workdir."),
