@@ -28,7 +28,7 @@ def run_example(name: str, n_policies: int, sizes: list[int], quick: bool) -> li
 
     from mqtool.search.api import load_dataset
     from mqtool.search.budgets import BudgetCost
-    from mqtool.search.engine import _RACE_CHUNK, SearchConfig, SearchEngine, _chunks
+    from mqtool.search.engine import SearchConfig, SearchEngine
     from mqtool.search.ga import GeneticSearch
 
     ex = common.EXAMPLES[name]
@@ -50,8 +50,7 @@ def run_example(name: str, n_policies: int, sizes: list[int], quick: bool) -> li
         fits, secs = {}, {}
         for k in sorted(sizes, reverse=True):
             # The GA scores a candidate on the first k rows of the search split.
-            eng._chunks = _chunks(min(k, len(whole)), _RACE_CHUNK)
-            eng._feed_cache.clear()
+            eng._set_ga_samples(k)
             t0 = time.perf_counter()
             fits[k] = np.array(eng.evaluate(genomes))
             secs[k] = (time.perf_counter() - t0) / len(genomes)

@@ -182,13 +182,12 @@ class SearchEngine:
         self._act_plan_cache: dict[tuple, dict[str, int]] = {}
         self._act_key: tuple | None = None
         self.mqn: MetaQuantNet | None = None
-        # Racing: the search split in equal chunks, and the per-sample fitness terms of every candidate
-        # scored in full on this rank (a reference must be scored in full; see `_score`). A policy's
-        # fitness does not depend on the budget, so later budgets reuse these scores.
-        self._chunks = _chunks(min(len(self.search_set), self.cfg.fitness_samples), _RACE_CHUNK)
+        # Racing: the per-sample fitness terms of every candidate scored in full on this rank (a
+        # reference must be scored in full; see `_score`).
         self._terms: dict[tuple, np.ndarray] = {}
         self._feed_cache: dict[tuple, list[torch.Tensor]] = {}
-        self.race_stats = {"scored": 0, "stopped": 0, "samples": 0, "reused": 0}
+        self._set_ga_samples(self.cfg.fitness_samples)
+        self.race_stats = {"scored": 0, "stopped": 0, "samples": 0, "first_look": 0}
 
     # ---- setup -----------------------------------------------------------------------------------
     def _resolve_pins(self, pins: dict[str, int]) -> dict[int, int]:
@@ -480,53 +479,68 @@ class SearchEngine:
         # Each rank scores its slice of the candidates; every rank gets all the fitness values back.
         return distributed.gather_slices(genomes, lambda gs: self._evaluate_here(gs, ref))
 
-    def _evaluate_here(self, genomes: list[Genome], reference: Genome | None) -> list[float]:
-        ref_terms = None
-        if reference is not None:
-            if reference.key() not in self._terms:  # after a resume, or scored on another rank
-                self._score(reference, None)
-            ref_terms = self._terms[reference.key()]
-        return [self._score(g, ref_terms) for g in genomes]
+    def _set_ga_samples(self, k: int) -> None:
+        """Score GA candidates on the first `k` rows of the search split. Two chunkings: with a first look
+        after `_RACE_CHUNK` rows (racing), and in chunks twice that size (fewer, faster forward passes)."""
+        n = min(len(self.search_set), k)
+        self._plans = {True: _chunks(n, _RACE_CHUNK), False: _chunks(n, 2 * _RACE_CHUNK)}
+        self._first_look = True
+        self._feed_cache.clear()
 
-    def _score(self, g: Genome, ref: np.ndarray | None) -> float:
+    def _evaluate_here(self, genomes: list[Genome], reference: Genome | None) -> list[float]:
+        if reference is None:
+            return [self._score(g, None, self._plans[False]) for g in genomes]
+        if reference.key() not in self._terms:  # after a resume, or scored on another rank
+            self._score(reference, None, self._plans[False])
+        ref_terms = self._terms[reference.key()]
+        before = dict(self.race_stats)
+        out = [self._score(g, ref_terms, self._plans[self._first_look]) for g in genomes]
+        # The first look costs one more, smaller forward pass per candidate and pays only when enough
+        # candidates stop there (break-even ~1/3 on the CNN example). Whether they would have is known
+        # either way (see `_score`), so the next generation looks first only if this one's rate was high.
+        scored = self.race_stats["scored"] - before["scored"]
+        if scored:
+            rate = (self.race_stats["first_look"] - before["first_look"]) / scored
+            self._first_look = rate >= _FIRST_LOOK_BREAK_EVEN
+        return out
+
+    def _score(self, g: Genome, ref: np.ndarray | None, plan: list[slice]) -> float:
         """Racing (Maron & Moore's Hoeffding races, here with a paired normal test): after each chunk of
         the search split, the candidate's per-sample terms are compared with the reference's on the same
         samples. Paired differences vary far less than the terms themselves (both networks find the same
         samples hard), so most poor candidates are told apart after one chunk. A stopped candidate gets
         the reference's total plus the estimated difference: worse than the reference, so it can never
         become a parent, which is all the GA uses fitness for."""
-        n = self._chunks[-1].stop
-        if g.key() in self._terms:  # scored in full before, in an earlier budget's search
-            self.race_stats["reused"] += 1
-            return self._aggregate(float(self._terms[g.key()].sum()), n)
+        n = plan[-1].stop
         self.set_activation_quant(g.abits)
         parts: list[np.ndarray] = []
         done = 0
         self.race_stats["scored"] += 1
         with self.net.override_weights(self.mqn.generate(list(g.wbits))):
-            for rows in self._chunks:
+            for rows in plan:
                 feeds = self._search_feeds(rows)
                 parts.append(self._terms_of(self._out(self.net(*feeds)), rows))
                 done = rows.stop
                 if ref is None or done == n:
                     continue
-                d = np.concatenate(parts) - ref[:done]
-                mean = float(d.mean())
-                # Standard error of the mean difference, with the finite-population correction: the
-                # search split is all there is, so the error is 0 once every sample is in.
-                se = float(d.std(ddof=1)) / math.sqrt(done) * math.sqrt(1 - done / n)
-                if mean - _RACE_Z * se > 0:
+                worse, mean = _worse(np.concatenate(parts), ref, n)
+                if worse:
                     self.race_stats["stopped"] += 1
                     self.race_stats["samples"] += done
+                    if done <= _RACE_CHUNK:
+                        self.race_stats["first_look"] += 1
                     return self._aggregate(float(ref.sum()) + mean * n, n)
         terms = np.concatenate(parts)
         self.race_stats["samples"] += n
+        if ref is not None and plan[0].stop > _RACE_CHUNK and n > _RACE_CHUNK:
+            # scored without a first look: would it have stopped there?
+            self.race_stats["first_look"] += int(_worse(terms[:_RACE_CHUNK], ref, n)[0])
         self._terms[g.key()] = terms
         return self._aggregate(float(terms.sum()), n)
 
     def _search_feeds(self, rows: slice) -> list[torch.Tensor]:
         # The GA's chunks are fed ~1000 times per budget: kept as ready tensors (channels-last copies).
-        if rows not in self._chunks:
+        if rows not in self._plans[True] and rows not in self._plans[False]:
             return self._feeds(self.search_set, rows)
         key = (rows.start, rows.stop)
         if key not in self._feed_cache:
@@ -575,17 +589,28 @@ class SearchEngine:
             seed=self.cfg.seed,
             racing=self.cfg.racing,
         )
+        self._first_look = True
         path = os.path.join(self.workdir, f"ga-{budget.label}.pt")
         gfp = checkpoint.fingerprint(self.fp, budget.label, {k: getattr(self.cfg, k) for k in _GA_FIELDS})
         state = None if self.cfg.restart else self._load(path, gfp)
         if state is not None:
             ga.load_state(state["ga"])
+            # A resumed search must race exactly as the uninterrupted one: same chunking, and the
+            # parents' per-sample terms as they were computed (not recomputed in other batch sizes).
+            self._first_look = bool(state.get("first_look", True))
+            for key, terms in state.get("parent_terms", []):
+                self._terms[tuple(key)] = np.asarray(terms, dtype=np.float64)
             self.progress("ga_resume", {"generation": ga.generation, "budget": budget.label})
 
         def on_generation(g: GeneticSearch) -> None:
             ga_state = g.state()
             distributed.same_on_every_rank(checkpoint.fingerprint(ga_state), "the GA population")
-            self._save(path, {"fingerprint": gfp, "ga": ga_state})
+            parents = [p.key() for p in g.population[: g.cfg.parents]]
+            kept = [[list(k), self._terms[k].tolist()] for k in parents if k in self._terms]
+            self._save(
+                path,
+                {"fingerprint": gfp, "ga": ga_state, "first_look": self._first_look, "parent_terms": kept},
+            )
             h = g.history[-1]
             self.progress(
                 "ga_generation",
@@ -767,6 +792,19 @@ class SearchEngine:
 # one-sided z of the paired test (about 1 in 160 comparisons of two equally good candidates stops wrongly).
 _RACE_CHUNK = 64
 _RACE_Z = 2.5
+_FIRST_LOOK_BREAK_EVEN = 1 / 3
+
+
+def _worse(terms: np.ndarray, ref: np.ndarray, n: int) -> tuple[bool, float]:
+    """(confidently worse than the reference?, mean per-sample difference) from the first len(terms)
+    samples, paired with the reference's terms on the same samples."""
+    done = len(terms)
+    d = terms - ref[:done]
+    mean = float(d.mean())
+    # Standard error of the mean difference, with the finite-population correction: the search split
+    # is all there is, so the error is 0 once every sample is in.
+    se = float(d.std(ddof=1)) / math.sqrt(done) * math.sqrt(1 - done / n)
+    return mean - _RACE_Z * se > 0, mean
 
 
 def _chunks(n: int, size: int) -> list[slice]:
