@@ -599,14 +599,15 @@ class SearchEngine:
             # parents' per-sample terms as they were computed (not recomputed in other batch sizes).
             self._first_look = bool(state.get("first_look", True))
             for key, terms in state.get("parent_terms", []):
-                self._terms[tuple(key)] = np.asarray(terms, dtype=np.float64)
+                self._terms[tuple(key)] = np.asarray(terms, dtype=np.float64).copy()
             self.progress("ga_resume", {"generation": ga.generation, "budget": budget.label})
 
         def on_generation(g: GeneticSearch) -> None:
             ga_state = g.state()
-            distributed.same_on_every_rank(checkpoint.fingerprint(ga_state), "the GA population")
+            if distributed.world() > 1:
+                distributed.same_on_every_rank(checkpoint.fingerprint(ga_state), "the GA population")
             parents = [p.key() for p in g.population[: g.cfg.parents]]
-            kept = [[list(k), self._terms[k].tolist()] for k in parents if k in self._terms]
+            kept = [[list(k), torch.from_numpy(self._terms[k])] for k in parents if k in self._terms]
             self._save(
                 path,
                 {"fingerprint": gfp, "ga": ga_state, "first_look": self._first_look, "parent_terms": kept},
