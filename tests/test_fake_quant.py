@@ -278,3 +278,21 @@ def test_full_2bit_range_beats_ternary(dist: str) -> None:
     full, ternary = range_choice_mse((w * 0.05).astype(np.float32))
     # Measured: 0.78x (Gaussian), 0.80x (Laplacian). The claim in numerics.py's docstring.
     assert full < 0.9 * ternary, (full, ternary)
+
+
+@torch.no_grad()
+def test_act_quantizer_inference_constants_follow_changes() -> None:
+    # The no-grad path caches scale and zero point; every way they can change must reach it.
+    x = np.array([np.nan, np.inf, -np.inf, -0.7, 0.0, 0.49, 2.5, 9.0], np.float32)
+    a = ActFakeQuant.from_range(-0.5, 4.0, bits=8)
+    for bits in (8, 3, 5):
+        a.set_bits(bits)  # after at least one call with other constants
+        scale, zp = a.qparams()
+        expected = numerics.fake_quantize(x, scale, zp, 0, 2**bits - 1)
+        assert np.array_equal(a(torch.from_numpy(x)).numpy(), expected, equal_nan=True)
+    b = ActFakeQuant(8, 0.25, 10)
+    b(torch.from_numpy(x))
+    b.load_state_dict(a.state_dict())  # in-place copies into the cached tensors
+    b.bits, b.qmin, b.qmax = a.bits, a.qmin, a.qmax
+    assert np.array_equal(b(torch.from_numpy(x)).numpy(), a(torch.from_numpy(x)).numpy())
+    assert b.clamps_at_zero() == (a.qparams()[1] == 0)

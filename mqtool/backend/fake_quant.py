@@ -255,7 +255,19 @@ class ActFakeQuant(nn.Module):
 
     def clamps_at_zero(self) -> bool:
         """True when every output is >= 0 and negative inputs give 0 (a preceding Relu is redundant)."""
-        return self.qmin == 0 and float(self.zero_point) == 0.0
+        return self.qmin == 0 and self._inference_consts()[3] == 0.0
+
+    def _inference_consts(self) -> tuple[Tensor, float, float, float]:
+        """(scale, qmin - zp, qmax - zp, zp) for the no-grad path, rebuilt only when scale, zero point or
+        bits change: reading them per call (`.to`, `.item`) cost ~1 ms per GA candidate."""
+        key = (id(self.scale), self.scale._version, id(self.zero_point), self.zero_point._version)
+        key += (self.qmin, self.qmax, self.scale.device)
+        cached = self.__dict__.get("_consts")
+        if cached is None or cached[0] != key:
+            z0 = float(self.zero_point)
+            cached = (key, (self.scale.detach(), float(self.qmin) - z0, float(self.qmax) - z0, z0))
+            self._consts = cached
+        return cached[1]
 
     def qparams(self) -> tuple[np.float32, int]:
         """(scale, zero point) as the emitter writes them."""
@@ -263,6 +275,11 @@ class ActFakeQuant(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         s = self.scale
+        if x.dtype == torch.float32 and not (torch.is_grad_enabled() and (x.requires_grad or s.requires_grad)):
+            # `fake_quantize`'s per-tensor inference path, with the constants read once
+            s, lo, hi, z0 = self._inference_consts()
+            q = torch.div(x, s).round_().nan_to_num_(nan=-z0, posinf=hi, neginf=lo).clamp_(lo, hi)
+            return q.mul_(s)
         if s.requires_grad and torch.is_grad_enabled():
             s = _GradScale.apply(s, _lsq_grad_scale(x.numel(), self.qmax))
         return fake_quantize(x, s.to(x.dtype), self.zero_point.to(x.dtype), self.qmin, self.qmax, None)
