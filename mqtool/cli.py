@@ -166,6 +166,14 @@ def search_options(f):
             "best of them (among statistical ties, the one using most of the budget); 0: keep the GA's "
             "own winner.",
         ),
+        click.option(
+            "--exact-screening",
+            is_flag=True,
+            help="Score every GA candidate with its activations quantized as emitted (slower). Default: "
+            "candidates are screened with float activations while the activation widths are fixed "
+            "(no --search-act), and the --rerank finalists get the exact fitness; with --rerank 0 or "
+            "--search-act screening is always exact.",
+        ),
         click.option("--widths", default="2,3,4,5,6,8", show_default=True, help="Candidate weight widths."),
         click.option("--restart", is_flag=True, help="Ignore (and overwrite) checkpoints in the workdir."),
         click.option(

@@ -158,3 +158,37 @@ def test_ga_checkpoint_keeps_what_a_resumed_race_needs(tmp_path) -> None:
     for key, terms in state["parent_terms"]:
         np.testing.assert_array_equal(again._terms[tuple(key)], np.asarray(terms))
     assert res.policy.dumps() == first.policy.dumps()
+
+
+def test_float_activation_screening_only_while_activation_widths_are_fixed(tmp_path) -> None:
+    import torch
+
+    from mqtool.search import Budget
+
+    model = load_model(example_path("mnist_cnn"))
+    data = load_dataset(example_path("mnist_cnn", "train.npz"), model).take(np.arange(500))
+    cfg = SearchConfig(
+        epochs=1, population=6, generations=2, parents=2, mutations=2, crossovers=2, fitness_samples=64, rerank=3
+    )
+    eng = SearchEngine(model, data, cfg, str(tmp_path))
+    eng.train_metaquantnet()
+    seen: list = []
+    real = eng.set_activation_quant
+    eng.set_activation_quant = lambda abits: (seen.append(abits), real(abits))[1]
+    res = eng.search(Budget("bits", 3.0))
+    assert None in seen, "candidates were not screened with float activations"
+    assert any(a is not None for a in seen), "the finalists were not re-ranked with quantized activations"
+    # the reported fitness is the exact one: activations quantized as emitted, whole search split
+    wbits = [res.policy.layers[n].weight_bits for n in eng.names]
+    abits = tuple(res.policy.layers[n].act_bits for n in eng.names)
+    with torch.no_grad(), eng.net.override_weights(eng.mqn.generate(wbits)):
+        real(abits)
+        assert res.fitness == eng._fitness()
+        real(None)
+        assert res.fitness != eng._fitness()
+    for option in ("exact_screening", "search_act"):
+        setattr(eng.cfg, option, True)
+        seen.clear()
+        eng.search(Budget("bits", 2.5))
+        assert seen and None not in seen, option
+        setattr(eng.cfg, option, False)
