@@ -168,7 +168,14 @@ def test_float_activation_screening_only_while_activation_widths_are_fixed(tmp_p
     model = load_model(example_path("mnist_cnn"))
     data = load_dataset(example_path("mnist_cnn", "train.npz"), model).take(np.arange(500))
     cfg = SearchConfig(
-        epochs=1, population=6, generations=2, parents=2, mutations=2, crossovers=2, fitness_samples=64, rerank=3
+        epochs=1,
+        population=6,
+        generations=2,
+        parents=2,
+        mutations=2,
+        crossovers=2,
+        fitness_samples=64,
+        rerank=3,
     )
     eng = SearchEngine(model, data, cfg, str(tmp_path))
     eng.train_metaquantnet()

@@ -275,7 +275,9 @@ class ActFakeQuant(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         s = self.scale
-        if x.dtype == torch.float32 and not (torch.is_grad_enabled() and (x.requires_grad or s.requires_grad)):
+        if x.dtype == torch.float32 and not (
+            torch.is_grad_enabled() and (x.requires_grad or s.requires_grad)
+        ):
             # `fake_quantize`'s per-tensor inference path, with the constants read once
             s, lo, hi, z0 = self._inference_consts()
             q = torch.div(x, s).round_().nan_to_num_(nan=-z0, posinf=hi, neginf=lo).clamp_(lo, hi)
