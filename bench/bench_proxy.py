@@ -27,6 +27,15 @@ import common  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def _screened(engine, g) -> float:
+    """The GA loop's default score: first 128 samples, float activations (see SearchConfig.exact_screening)."""
+    engine.set_float_screening(True)
+    try:
+        return engine.evaluate([g])[0]
+    finally:
+        engine.set_float_screening(False)
+
+
 def random_policies(engine, count: int, lo: float, hi: float, seed: int) -> list[list[int]]:
     """Distinct random per-layer widths with lo <= average weight bits <= hi."""
     rng = np.random.default_rng(seed)
@@ -138,6 +147,7 @@ def main() -> None:
                 # on the whole search split (the re-ranking's look) and on the GA loop's first look
                 "mqn_fitness": engine._rerank([g])[1],
                 "mqn_fitness_ga": engine.evaluate([g])[0],
+                "mqn_fitness_screen": _screened(engine, g),
                 "ptq_proxy": ptq_proxy(engine, wbits),
                 "hawq_sum": hawq.sensitivity_sum(omega, policy),
                 "test_loss": [],
@@ -188,7 +198,7 @@ def summarize(args, rows: list[dict], seconds: dict, s: dict, note: str = "") ->
     seeds, mqn_epochs, ft_epochs, hawq_iter = s["seeds"], s["mqn_epochs"], s["ft_epochs"], s["hawq_iter"]
     truth = [r["test_loss_mean"] for r in rows]
     taus = {}
-    for key in ("mqn_fitness", "mqn_fitness_ga", "ptq_proxy", "hawq_sum"):
+    for key in ("mqn_fitness", "mqn_fitness_ga", "mqn_fitness_screen", "ptq_proxy", "hawq_sum"):
         if key not in rows[0]:  # rows from runs before the GA's sample count was split off
             continue
         tau, p = kendalltau([r[key] for r in rows], truth)
@@ -210,7 +220,8 @@ def summarize(args, rows: list[dict], seconds: dict, s: dict, note: str = "") ->
     }
     names = {
         "mqn_fitness": "MetaQuantNet fitness, whole search split (ours: re-ranking)",
-        "mqn_fitness_ga": "MetaQuantNet fitness, GA's first 128 samples (ours: GA loop)",
+        "mqn_fitness_ga": "MetaQuantNet fitness, GA's first 128 samples, quantized activations (--exact-screening)",
+        "mqn_fitness_screen": "MetaQuantNet fitness, GA's first 128 samples, float activations (ours: GA loop)",
         "ptq_proxy": "PTQ loss",
         "hawq_sum": "HAWQ sensitivity sum",
     }
