@@ -306,6 +306,25 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _non_default_args(ap, args) -> str:
+    """The options this run changed, so the doc's command line reproduces it."""
+    out = []
+    for action in ap._actions:
+        if not action.option_strings or action.dest in ("help", "quick", "no_docs", "out_dir"):
+            continue
+        value = getattr(args, action.dest, None)
+        if value == action.default:
+            continue
+        flag = action.option_strings[-1]
+        if isinstance(value, bool):
+            out.append(flag)
+        elif isinstance(value, list):
+            out.append(" ".join([flag, *(f"{v:g}" if isinstance(v, float) else str(v) for v in value)]))
+        else:
+            out.append(f"{flag} {value}")
+    return "".join(" " + o for o in out)
+
+
 def main() -> None:
     ap = common.arg_parser(__doc__)
     ap.add_argument("--example", default="mnist_cnn", choices=sorted(common.EXAMPLES))
@@ -426,7 +445,7 @@ def main() -> None:
             f"measured on {len(cost['per_candidate_sample'])} candidate(s) and multiplied by the number of "
             "candidates our GA evaluated; it was not run for every candidate. First seed only."
         )
-    extra = "" if args.example == "mnist_cnn" else f" --example {args.example}"
+    extra = _non_default_args(ap, args)
     common.finish(name, "bench_methods.py", args, result, body, extra)
 
 
