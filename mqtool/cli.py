@@ -246,8 +246,13 @@ class _Progress:
                 bar=True,
             )
         elif event == "ga_rerank":
+            how = (
+                " (screened with float activations; re-ranked with them quantized)"
+                if d.get("screened_float")
+                else ""
+            )
             _err(
-                f"  re-ranked the best {d['finalists']} on {d['samples']} samples: fitness {d['fitness']:.4f}"
+                f"  re-ranked the best {d['finalists']} on {d['samples']} samples{how}: fitness {d['fitness']:.4f}"
             )
         elif event == "finetune_epoch":
             _err(f"  finetune epoch {d['epoch']}/{d['epochs']}  loss {d['loss']:.4f}", bar=True)

@@ -676,7 +676,12 @@ class SearchEngine:
         if len(finalists) > 1:
             self.progress(
                 "ga_rerank",
-                {"finalists": len(finalists), "samples": n, "fitness": fits[i]},
+                {
+                    "finalists": len(finalists),
+                    "samples": n,
+                    "fitness": fits[i],
+                    "screened_float": self._float_screen,
+                },
             )
         return finalists[i], fits[i]
 
