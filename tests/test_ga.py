@@ -133,3 +133,12 @@ def test_feasible_range_and_parse():
         with pytest.raises(InputError, match="--target-bits"):
             parse_budgets("bits", bad)
     assert Budget("bitops", 0.25).label == "bitops-0.25"
+
+
+def test_cache_packing_round_trips_including_empty_and_old_format() -> None:
+    from mqtool.search.ga import _pack_cache, _unpack_cache
+
+    cache = {(2, 3, 8, 8): 0.5, (8, 2, 8, 32): float("inf")}
+    assert _unpack_cache(_pack_cache(cache)) == cache
+    assert _unpack_cache(_pack_cache({})) == {}
+    assert _unpack_cache([[[2, 3], 0.25]]) == {(2, 3): 0.25}

@@ -230,9 +230,10 @@ class GeneticSearch:
 
 
 def _pack_cache(cache: dict[tuple, float]) -> dict:
-    keys = np.array(list(cache), dtype=np.int16).reshape(len(cache), -1)
+    width = len(next(iter(cache))) if cache else 0  # empty after a generation with no feasible candidate
+    keys = np.array(list(cache), dtype=np.int16).reshape(len(cache), width)
     values = np.array(list(cache.values()), dtype=np.float64)
-    return {"width": int(keys.shape[1]), "keys": keys.tobytes(), "values": values.tobytes()}
+    return {"width": width, "keys": keys.tobytes(), "values": values.tobytes()}
 
 
 def _unpack_cache(packed: dict | list) -> dict[tuple, float]:
