@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 import onnx
 
-from mqtool.model import constant_values, infer_shapes, node_names
+from mqtool.model import constant_values, infer_shapes, node_names, quantized_nodes, refuse_quantized
 
 QUANTIZABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -68,6 +68,8 @@ class ModelInfo:
     opset: int
     inputs: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
+    # (node, op) of each quantization node when the model is already quantized (`analyze(allow_quantized=True)`).
+    quantized_nodes: list[tuple[str, str]] = field(default_factory=list)
 
     def layer(self, name: str) -> LayerInfo:
         for layer in self.layers:
@@ -80,17 +82,28 @@ class ModelInfo:
         return [layer.name for layer in self.layers]
 
     def to_json(self) -> dict:
-        return {
+        doc = {
             "opset": self.opset,
             "inputs": self.inputs,
             "outputs": self.outputs,
             "layers": [layer.to_json() for layer in self.layers],
             "totals": self.totals.to_json(),
         }
+        if self.quantized_nodes:
+            doc["already_quantized"] = [list(n) for n in self.quantized_nodes]
+        return doc
 
 
-def analyze(model: onnx.ModelProto) -> ModelInfo:
-    """Find and measure the quantizable layers of `model` (which is not modified)."""
+def analyze(model: onnx.ModelProto, *, allow_quantized: bool = False) -> ModelInfo:
+    """Find and measure the quantizable layers of `model` (which is not modified).
+
+    A model that is already quantized (QDQ, QLinear*, ConvInteger, ... anywhere) is an `InputError` naming
+    one such node, unless `allow_quantized` (readers of quantized models: report, inspect); its quantization
+    nodes are then listed in `quantized_nodes`.
+    """
+    quantized = quantized_nodes(model)
+    if quantized and not allow_quantized:
+        refuse_quantized(model)
     consts = constant_values(model)
     shapes = infer_shapes(model)
     const_shapes = {k: list(v.shape) for k, v in consts.items()}
@@ -118,7 +131,7 @@ def analyze(model: onnx.ModelProto) -> ModelInfo:
         model_params=model_params,
     )
     opset = next((i.version for i in model.opset_import if i.domain in ("", "ai.onnx")), 0)
-    return ModelInfo(layers, totals, opset, graph_inputs, [o.name for o in model.graph.output])
+    return ModelInfo(layers, totals, opset, graph_inputs, [o.name for o in model.graph.output], quantized)
 
 
 def _attr(node: onnx.NodeProto, name: str, default):

@@ -78,10 +78,16 @@ def inspect(model: str, as_json: bool) -> None:
     from mqtool.analysis import analyze
     from mqtool.model import load_model
 
-    info = analyze(load_model(model))
+    info = analyze(load_model(model, allow_quantized=True), allow_quantized=True)
     if as_json:
         click.echo(json.dumps({"model": model, **info.to_json()}, indent=2))
         return
+    if info.quantized_nodes:
+        name, op = info.quantized_nodes[0]
+        _err(
+            f"note: {model} is already quantized ({len(info.quantized_nodes)} quantization nodes, e.g. "
+            f"'{name}' {op}); convert and search refuse it"
+        )
     from mqtool.tables import format_table
 
     rows = [

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -25,11 +26,15 @@ log = logging.getLogger(__name__)
 _PROTOBUF_LIMIT = 2**31 - 1
 
 
-def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProto:
+def load_model(
+    path: str | os.PathLike, *, check: bool = True, allow_quantized: bool = False
+) -> onnx.ModelProto:
     """Read the model at `path` (with its external data, if any), run the ONNX checker, return it.
 
     Raises `InputError` naming `path` for a missing/empty/corrupt file, unsafe or missing external data,
-    or a graph that fails the checker.
+    a graph that fails the checker, or, unless `allow_quantized`, a model that is already quantized
+    (`quantized_nodes`): quantizing it again would stack a second rounding on the first. Readers of
+    quantized models (report, validate, inspect) pass `allow_quantized=True`.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -63,6 +68,8 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
             raise
         for tensor in _all_tensors(model):  # decode each once: the checker does not look at the bytes
             tensor_value(tensor, path)
+    if not allow_quantized:
+        refuse_quantized(model, path)
     return model
 
 
@@ -105,9 +112,8 @@ def _check_ops(model: onnx.ModelProto, path: str) -> None:
                 except onnx.defs.SchemaError:
                     op = node.op_type if domain == "ai.onnx" else f"{domain}.{node.op_type}"
                     unknown.setdefault(op, []).append(name)
-            for attr in node.attribute:
-                for g in [attr.g] if attr.HasField("g") else attr.graphs:
-                    walk(g)
+            for _, g in subgraphs(node):
+                walk(g)
 
     try:
         walk(model.graph)
@@ -135,19 +141,13 @@ def _external_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
 
 
 def _all_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
-    def graph_tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
+    for graph in all_graphs(model.graph):
         yield from graph.initializer
         for node in graph.node:
             for attr in node.attribute:
                 if attr.HasField("t"):
                     yield attr.t
                 yield from attr.tensors
-                if attr.HasField("g"):
-                    yield from graph_tensors(attr.g)
-                for g in attr.graphs:
-                    yield from graph_tensors(g)
-
-    yield from graph_tensors(model.graph)
 
 
 def _check_external_location(path: str, base: str, tensor: TensorProto) -> None:
@@ -200,10 +200,137 @@ def node_names(graph: onnx.GraphProto) -> list[str]:
 
 
 def assign_node_names(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Write `node_names` into the nodes of `model` (in place) and return it."""
-    for node, name in zip(model.graph.node, node_names(model.graph)):
-        node.name = name
+    """Write the names of `scoped_graphs` into every node of `model`, subgraphs included (in place), and
+    return it."""
+    for scoped in scoped_graphs(model.graph):
+        for node, name in zip(scoped.graph.node, scoped.names):
+            node.name = name
     return model
+
+
+# ------------------------------------------------------------------------------------------- subgraphs
+# The one place that reads graph-valued attributes (If branches, Loop and Scan bodies): everything else
+# walks subgraphs through these helpers.
+
+Scope = tuple[tuple[str, str], ...]
+
+
+def subgraphs(node: onnx.NodeProto) -> list[tuple[str, onnx.GraphProto]]:
+    """(key, graph) of each graph held by `node`'s attributes: If's `then_branch`/`else_branch`, Loop's
+    and Scan's `body`. The key is the attribute name (`name[k]` for the k-th graph of a list attribute)."""
+    out = []
+    for attr in node.attribute:
+        if attr.HasField("g"):
+            out.append((attr.name, attr.g))
+        out.extend((f"{attr.name}[{k}]", g) for k, g in enumerate(attr.graphs))
+    return out
+
+
+def nested_graphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    """Every graph inside `node` at any depth: its bodies, their nodes' bodies, and so on."""
+    for _, g in subgraphs(node):
+        yield g
+        for n in g.node:
+            yield from nested_graphs(n)
+
+
+def all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """`graph` itself, then every graph nested in its nodes (depth first, in node order)."""
+    yield graph
+    for node in graph.node:
+        yield from nested_graphs(node)
+
+
+@dataclass(frozen=True)
+class ScopedGraph:
+    """A graph of the model with the unique names of its nodes.
+
+    `scope` addresses it from the main graph: a path of (node name, attribute key) pairs, () for the main
+    graph, `(("If_0", "else_branch"), ("/rnn/If", "then_branch"))` for a branch of an If inside a branch.
+    """
+
+    scope: Scope
+    graph: onnx.GraphProto
+    names: list[str]
+
+
+def scoped_graphs(graph: onnx.GraphProto) -> list[ScopedGraph]:
+    """The main graph and every subgraph (depth first, in node order), with names unique across all.
+
+    The main graph's names are `node_names(graph)`, unchanged by what its subgraphs hold. A subgraph node
+    keeps its own name (or `<OpType>_<index>`) when no node named before it has it, else takes its scope
+    as a prefix (`If_0/then_branch/Conv_3`), then `__<k>` if that is taken too. Same file, same names.
+    """
+    main = node_names(graph)
+    taken = set(main)
+    out = [ScopedGraph((), graph, main)]
+
+    def visit(g: onnx.GraphProto, names: list[str], scope: Scope) -> None:
+        for node, name in zip(g.node, names):
+            for key, sub in subgraphs(node):
+                inner = scope + ((name, key),)
+                sub_names = []
+                for i, n in enumerate(sub.node):
+                    local = n.name or f"{n.op_type}_{i}"
+                    candidate = local if local not in taken else f"{name}/{key}/{local}"
+                    unique, k = candidate, 1
+                    while unique in taken:
+                        unique = f"{candidate}__{k}"
+                        k += 1
+                    taken.add(unique)
+                    sub_names.append(unique)
+                out.append(ScopedGraph(inner, sub, sub_names))
+                visit(sub, sub_names, inner)
+
+    visit(graph, main, ())
+    return out
+
+
+def find_scope(graph: onnx.GraphProto, scope: Scope | list) -> onnx.GraphProto:
+    """The subgraph at `scope` (as in `ScopedGraph.scope` or `LayerInfo.subgraph`); KeyError if absent."""
+    for scoped in scoped_graphs(graph):
+        if scoped.scope == tuple(tuple(step) for step in scope):
+            return scoped.graph
+    raise KeyError(f"no subgraph at {list(scope)}")
+
+
+# ------------------------------------------------------------------------------- quantized models
+
+# Ops that only a model that is already quantized holds (ONNX and ONNX Runtime's com.microsoft domain);
+# every op whose name starts with "QLinear" counts too.
+QUANTIZED_OPS = frozenset(
+    {
+        "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger",
+        "DynamicQuantizeLSTM", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulNBits", "MatMulBnb4",
+        "QGemm", "QAttention", "QOrderedMatMul", "GatherBlockQuantized",
+    }
+)  # fmt: skip
+
+
+def is_quantized_op(op_type: str) -> bool:
+    return op_type in QUANTIZED_OPS or op_type.startswith("QLinear")
+
+
+def quantized_nodes(model: onnx.ModelProto) -> list[tuple[str, str]]:
+    """(node name, op type) of every quantization node of `model`, subgraphs included, in graph order."""
+    return [
+        (name, node.op_type)
+        for scoped in scoped_graphs(model.graph)
+        for node, name in zip(scoped.graph.node, scoped.names)
+        if is_quantized_op(node.op_type)
+    ]
+
+
+def refuse_quantized(model: onnx.ModelProto, source: str = "model") -> None:
+    """Raise `InputError` naming `source` and one quantization node when `model` is already quantized."""
+    found = quantized_nodes(model)
+    if found:
+        name, op = found[0]
+        more = f" and {len(found) - 1} more quantization nodes" if len(found) > 1 else ""
+        raise InputError(
+            f"{source}: already quantized (node '{name}' is {op}{more}); mqtool quantizes float models: "
+            "give it the float original"
+        )
 
 
 # Ops that are deterministic and cheap to evaluate once at load time when all their inputs are constant.

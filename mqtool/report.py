@@ -112,12 +112,12 @@ def report(model: onnx.ModelProto | str | os.PathLike) -> QuantReport:
     path = None
     if isinstance(model, str | os.PathLike):
         path = os.fspath(model)
-        model = load_model(path)
+        model = load_model(path, allow_quantized=True)
     g = model.graph
     inits = {i.name: i for i in g.initializer}
     prod = {o: n for n in g.node for o in n.output if o}
     meta = _metadata_layers(model)
-    info = analyze(_dequantized_view(model))
+    info = analyze(_dequantized_view(model), allow_quantized=True)
     weight_tensors: set[str] = set()
     rows = []
     for layer in info.layers:

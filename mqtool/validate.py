@@ -129,7 +129,7 @@ def validate(
     from mqtool.report import report
 
     qpath, rpath = os.fspath(quantized), os.fspath(reference)
-    qmodel, rmodel = load_model(qpath), load_model(rpath)
+    qmodel, rmodel = load_model(qpath, allow_quantized=True), load_model(rpath)
     q_inputs = [
         i.name for i in qmodel.graph.input if i.name not in {t.name for t in qmodel.graph.initializer}
     ]

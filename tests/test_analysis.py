@@ -11,6 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper, parser
 
 from mqtool.analysis import analyze
+from mqtool.errors import InputError
 from mqtool.model import load_model
 
 from .conftest import ZOO
@@ -177,3 +178,23 @@ def test_resnet50_macs_by_hand():
     # The published figure for ResNet-50 is ~4.1 GMACs and 25.5M parameters (conv+fc weights).
     assert math.isclose(info.totals.macs, 4.09e9, rel_tol=0.01)
     assert math.isclose(info.totals.params, 25.5e6, rel_tol=0.01)
+
+
+def test_already_quantized_model_is_refused_unless_allowed():
+    m = _model(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 4] x) => (float[N, 3] y) {
+          w = DequantizeLinear (Wq, s)
+          y = MatMul (x, w)
+        }""",
+        {"Wq": np.ones((4, 3), np.int8), "s": np.array(0.1, np.float32)},
+    )
+    with pytest.raises(
+        InputError, match=r"already quantized \(node 'DequantizeLinear_0' is DequantizeLinear\)"
+    ):
+        analyze(m)
+    info = analyze(m, allow_quantized=True)
+    assert info.quantized_nodes == [("DequantizeLinear_0", "DequantizeLinear")]
+    assert json.loads(json.dumps(info.to_json()))["already_quantized"] == [
+        ["DequantizeLinear_0", "DequantizeLinear"]
+    ]

@@ -245,3 +245,33 @@ def test_two_bit_matmul_with_any_output_width(tmp_path, n):
         got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
         # MatMulNBits quantizes the activations to 8 bits on the fly (accuracy_level 4): a few % of error.
         assert np.linalg.norm(got - ref) < 0.1 * np.linalg.norm(ref)
+
+
+def _already_quantized() -> onnx.ModelProto:
+    """x -> DynamicQuantizeLinear -> MatMulInteger with an int8 weight, as ORT's dynamic quantizer writes."""
+    nodes = [
+        helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"], name="x_quant"),
+        helper.make_node("MatMulInteger", ["xq", "Wq", "xz"], ["acc"], name="fc_int"),
+        helper.make_node("Cast", ["acc"], ["accf"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["accf", "xs"], ["y"]),
+    ]
+    m = model(nodes, {})
+    m.graph.initializer.append(numpy_helper.from_array(np.eye(4, dtype=np.int8), "Wq"))
+    return m
+
+
+def test_already_quantized_models_are_refused_by_convert_and_search(tmp_path):
+    m = _already_quantized()
+    code, _, err, _ = convert(tmp_path, m, "--bits", "8")
+    assert code == 2 and "m.onnx: already quantized (node 'x_quant' is DynamicQuantizeLinear" in err
+    r = CliRunner().invoke(
+        cli,
+        ["search", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "d.npz"), "--target-bits", "4"]
+        + ["-o", str(tmp_path / "p.json")],
+    )
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "already quantized" in r.stderr, r.stderr
+    assert not (tmp_path / "p.json").exists()
+    # inspect still lists the model, and says what it is.
+    r = CliRunner().invoke(cli, ["inspect", str(tmp_path / "m.onnx")])
+    assert r.exit_code == 0 and "already quantized (2 quantization nodes, e.g. 'x_quant'" in r.stderr
+    assert "0 quantizable layers" in r.stdout

@@ -10,7 +10,15 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from mqtool.errors import InputError
-from mqtool.model import assign_node_names, constant_values, load_model, node_names
+from mqtool.model import (
+    assign_node_names,
+    constant_values,
+    find_scope,
+    load_model,
+    node_names,
+    quantized_nodes,
+    scoped_graphs,
+)
 
 
 def _matmul_model(w: np.ndarray) -> onnx.ModelProto:
@@ -123,3 +131,77 @@ def test_constant_values_fold_constant_of_shape_and_constant_nodes():
     vals = constant_values(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
     np.testing.assert_array_equal(vals["W"], np.full((3, 2), 0.5, np.float32))
     assert "y" not in vals
+
+
+def _quantized_in_branch() -> onnx.ModelProto:
+    """y = If(c): x @ DequantizeLinear(Wq) in the then-branch, x @ W in the else-branch."""
+    then = helper.make_graph(
+        [
+            helper.make_node("DequantizeLinear", ["Wq", "s"], ["Wd"], name="dq"),
+            helper.make_node("MatMul", ["x", "Wd"], ["yt"], name="mm"),
+        ],
+        "then",
+        [],
+        [helper.make_tensor_value_info("yt", TensorProto.FLOAT, [1, 2])],
+        [
+            numpy_helper.from_array(np.ones((3, 2), np.int8), "Wq"),
+            numpy_helper.from_array(np.array(0.5, np.float32), "s"),
+        ],
+    )
+    other = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["ye"], name="mm")],
+        "else",
+        [],
+        [helper.make_tensor_value_info("ye", TensorProto.FLOAT, [1, 2])],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+        [
+            numpy_helper.from_array(np.array(True), "c"),
+            numpy_helper.from_array(np.ones((3, 2), np.float32), "W"),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_already_quantized_models_are_refused_unless_allowed(tmp_path):
+    m = _quantized_in_branch()
+    onnx.save(m, tmp_path / "q.onnx")
+    with pytest.raises(InputError) as e:
+        load_model(tmp_path / "q.onnx")
+    msg = str(e.value)
+    assert (
+        str(tmp_path / "q.onnx") in msg and "already quantized" in msg and "'dq' is DequantizeLinear" in msg
+    )
+    assert quantized_nodes(load_model(tmp_path / "q.onnx", allow_quantized=True)) == [
+        ("dq", "DequantizeLinear")
+    ]
+    # ONNX Runtime's contrib ops count too (the checker does not look into that domain).
+    nbits = _matmul_model(np.ones((4, 2), np.float32))
+    nbits.graph.node[0].op_type, nbits.graph.node[0].domain = "MatMulNBits", "com.microsoft"
+    nbits.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    onnx.save(nbits, tmp_path / "n.onnx")
+    with pytest.raises(InputError, match=r"already quantized \(node 'mm' is MatMulNBits\)"):
+        load_model(tmp_path / "n.onnx")
+    onnx.save(_matmul_model(np.ones((4, 2), np.float32)), tmp_path / "f.onnx")
+    assert quantized_nodes(load_model(tmp_path / "f.onnx")) == []
+
+
+def test_scoped_names_are_unique_across_subgraphs_and_stable():
+    m = _quantized_in_branch()
+    scoped = scoped_graphs(m.graph)
+    # Attribute order (onnx.helper sorts by name): the else-branch comes first.
+    assert [s.scope for s in scoped] == [(), (("If_0", "else_branch"),), (("If_0", "then_branch"),)]
+    # Both branches call their MatMul "mm": the first keeps it, the second takes its scope as a prefix.
+    assert [s.names for s in scoped] == [["If_0"], ["mm"], ["dq", "If_0/then_branch/mm"]]
+    assert [s.names for s in scoped_graphs(m.graph)] == [s.names for s in scoped]
+    assert find_scope(m.graph, [["If_0", "then_branch"]]).name == "then"
+    with pytest.raises(KeyError):
+        find_scope(m.graph, [["If_0", "body"]])
+    assign_node_names(m)
+    branch = m.graph.node[0].attribute
+    named = {a.name: [n.name for n in a.g.node] for a in branch}
+    assert named == {"then_branch": ["dq", "If_0/then_branch/mm"], "else_branch": ["mm"]}
