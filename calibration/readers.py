@@ -1,9 +1,11 @@
 """Calibration data sources, all turned into a stream of ONNX Runtime feeds (dict input name -> batch).
 
-Accepted: a path to an `.npz` file or a directory of `.npy` files (see `mqtool.data`), an opened
+Accepted: what `mqtool.data.open_data` reads (a path to an `.npz` file or a directory of `.npy` files, or a
+`FILE.py:function` / `package.module:function` spec, as text or a `mqtool.dataspec.DataSpec`), an opened
 `mqtool.data.Dataset`, a dict of in-memory arrays, or any object with ONNX Runtime's `CalibrationDataReader`
-protocol (`get_next()` returns a feed dict, then None). Feeds come in file order, so calibration is
-deterministic; memory is bounded by the batch size.
+protocol (`get_next()` returns a feed dict, then None; its items may be one sample or a batch, and may carry
+labels, as `mqtool.data.split_item` describes). Feeds come in order, so calibration is deterministic; memory
+is bounded by the batch size (a function's samples are held in memory, up to its `max_samples`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import onnx
 
-from mqtool.data import Dataset, InputSpec, model_inputs, open_data
+from mqtool.data import SINGLE_INPUT, Dataset, InputSpec, model_inputs, open_data, split_item, to_input
+from mqtool.dataspec import DataSpec
 from mqtool.errors import InputError
 
 
@@ -26,7 +29,7 @@ class CalibrationDataReader(Protocol):
     def get_next(self) -> dict[str, np.ndarray] | None: ...
 
 
-DataSource = str | os.PathLike | Dataset | Mapping[str, np.ndarray] | CalibrationDataReader
+DataSource = str | os.PathLike | DataSpec | Dataset | Mapping[str, np.ndarray] | CalibrationDataReader
 
 
 def iter_feeds(
@@ -34,8 +37,8 @@ def iter_feeds(
 ) -> Iterator[dict[str, np.ndarray]]:
     """Feeds for `model` from `data`, in order, covering at most `limit` samples."""
     specs = model_inputs(model)
-    if isinstance(data, str | os.PathLike):
-        yield from open_data(data, specs).batches(batch_size, limit)
+    if isinstance(data, str | os.PathLike):  # DataSpec included
+        yield from open_data(data, model, limit).batches(batch_size, limit)
     elif isinstance(data, Dataset):
         yield from data.batches(batch_size, limit)
     elif isinstance(data, Mapping):
@@ -53,7 +56,12 @@ def _from_arrays(
     n = min(len(arrays[s.name]) for s in specs)
     n = n if limit is None else min(n, limit)
     for i in range(0, n, batch_size):
-        feed = {s.name: np.asarray(arrays[s.name][i : i + batch_size], dtype=s.dtype) for s in specs}
+        feed = {
+            s.name: to_input(
+                np.asarray(arrays[s.name][i : i + batch_size]), s, f"calibration arrays: '{s.name}'", i
+            )
+            for s in specs
+        }
         _check_finite("calibration arrays", feed)
         yield feed
 
@@ -61,19 +69,25 @@ def _from_arrays(
 def _from_reader(
     reader: CalibrationDataReader, specs: list[InputSpec], limit: int | None
 ) -> Iterator[dict[str, np.ndarray]]:
-    seen = 0
+    seen = index = 0
     while limit is None or seen < limit:
-        feed = reader.get_next()
-        if feed is None:
+        item = reader.get_next()
+        if item is None:
             return
-        if not isinstance(feed, Mapping):
+        if not isinstance(item, Mapping | tuple | list) and not hasattr(item, "__array__"):
             raise InputError(
-                f"calibration reader: get_next() returned {type(feed).__name__}, expected a dict"
+                f"calibration reader: get_next() returned {type(item).__name__}, expected a dict"
             )
+        feed, _, count = split_item("calibration reader", item, specs, index)  # labels are not needed here
+        if len(specs) == 1 and SINGLE_INPUT in feed and specs[0].name not in feed:
+            feed[specs[0].name] = feed.pop(SINGLE_INPUT)
         _check_names("calibration reader", set(feed), specs)
-        feed = {s.name: np.asarray(feed[s.name], dtype=s.dtype) for s in specs}
+        feed = {
+            s.name: to_input(feed[s.name], s, f"calibration reader: input '{s.name}'", seen) for s in specs
+        }
         _check_finite("calibration reader", feed)
-        seen += len(next(iter(feed.values())))
+        seen += count
+        index += 1
         yield feed
 
 
