@@ -13,6 +13,7 @@ import traceback
 import click
 
 from mqtool import __version__
+from mqtool.dataspec import cli_data, cli_max_samples
 from mqtool.errors import InputError
 
 
@@ -280,7 +281,20 @@ def _echo(msg: str) -> None:
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option(
-    "--data", required=True, type=click.Path(), help="Training data (.npz with inputs and optional y)."
+    "--data",
+    required=True,
+    metavar="DATA",
+    callback=cli_data,
+    help="Training data: .npz (inputs, optional labels y), a folder of .npy, or FILE.py:FUNCTION / "
+    "MODULE:FUNCTION returning the samples (docs/data.md).",
+)
+@click.option(
+    "--max-samples",
+    type=click.IntRange(1),
+    default=None,
+    expose_value=False,
+    callback=cli_max_samples,
+    help="Use at most N samples of --data, the first ones (default: all of a file, 4096 from a function).",
 )
 @click.option("--target-bits", default=None, help="Average weight bits budget(s), e.g. 2.5 or 2.5,3,4.")
 @click.option("--target-bitops", default=None, help="BitOPs budget(s) relative to uniform w8a8, e.g. 0.1.")
@@ -335,7 +349,21 @@ _BITS = click.IntRange(2, 8)
     show_default=True,
     help="Activation bits with --bits (32: weight-only).",
 )
-@click.option("--data", type=click.Path(), help="Calibration data (.npz or a directory of .npy files).")
+@click.option(
+    "--data",
+    metavar="DATA",
+    callback=cli_data,
+    help="Calibration data: .npz, a folder of .npy, or FILE.py:FUNCTION / MODULE:FUNCTION returning the "
+    "samples (docs/data.md).",
+)
+@click.option(
+    "--max-samples",
+    type=click.IntRange(1),
+    default=None,
+    expose_value=False,
+    callback=cli_max_samples,
+    help="Use at most N samples of --data, the first ones (default: all of a file, 4096 from a function).",
+)
 @click.option(
     "--calibration",
     type=click.Choice(["minmax", "percentile", "entropy", "mse"]),
@@ -450,7 +478,21 @@ def report(qmodel: str, as_json: bool, plot: str | None) -> None:
 @cli.command()
 @click.argument("qmodel", type=click.Path(dir_okay=False))
 @click.option("--reference", required=True, type=click.Path(dir_okay=False), help="The float model.")
-@click.option("--data", required=True, type=click.Path(), help="Data (.npz or .npy dir); labels y optional.")
+@click.option(
+    "--data",
+    required=True,
+    metavar="DATA",
+    callback=cli_data,
+    help="Data: .npz, a folder of .npy, or FILE.py:FUNCTION / MODULE:FUNCTION; labels y optional (docs/data.md).",
+)
+@click.option(
+    "--max-samples",
+    type=click.IntRange(1),
+    default=None,
+    expose_value=False,
+    callback=cli_max_samples,
+    help="Use at most N samples of --data, the first ones (default: all of a file, 4096 from a function).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON document instead of text.")
 @click.option("--per-layer", is_flag=True, help="Also the SQNR of every quantized layer's output.")
 def validate(qmodel: str, reference: str, data: str, as_json: bool, per_layer: bool) -> None:
