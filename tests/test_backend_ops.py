@@ -695,6 +695,39 @@ CASES = [
         opset=13,
         const=(1,),
     ),
+    # ------------------------------------------------------------------ recurrent (the full grid is in
+    # test_recurrent.py: directions, layouts, sequence_lens, activations, gradients)
+    Case(
+        "lstm_bidirectional",
+        "LSTM",
+        [
+            f32(4, 2, 3),
+            f32(2, 8, 3, lo=-0.5, hi=0.5),
+            f32(2, 8, 2, lo=-0.5, hi=0.5),
+            f32(2, 16),
+            None,
+            f32(2, 2, 2),
+        ],
+        {"hidden_size": 2, "direction": "bidirectional"},
+        outputs=3,
+        const=(1, 2, 3),
+    ),
+    Case(
+        "gru",
+        "GRU",
+        [f32(4, 2, 3), f32(1, 6, 3, lo=-0.5, hi=0.5), f32(1, 6, 2, lo=-0.5, hi=0.5), f32(1, 12)],
+        {"hidden_size": 2, "linear_before_reset": 1},
+        outputs=2,
+        const=(1, 2, 3),
+    ),
+    Case(
+        "rnn_reverse",
+        "RNN",
+        [f32(4, 2, 3), f32(1, 2, 3), f32(1, 2, 2)],
+        {"hidden_size": 2, "direction": "reverse"},
+        outputs=2,
+        const=(1, 2),
+    ),
 ]
 
 

@@ -276,7 +276,7 @@ def to_torch(
     names = node_names(graph)
     consts = constant_values(model)
     if info is None:
-        info = analyze(model)
+        info = analyze(model, allow_quantized=True)  # the backend runs QDQ graphs too
     layer_by_name = {layer.name: layer for layer in info.layers}
     unknown = sorted(set(layer_by_name) - set(names))
     if unknown:
@@ -314,6 +314,11 @@ def to_torch(
             m._n_slots += 1
         return m._slot[name]
 
+    def scratch() -> int:
+        # An omitted output ("", e.g. an LSTM's Y) gets a slot of its own: slot 0 must stay None.
+        m._n_slots += 1
+        return m._n_slots - 1
+
     for name in m.input_names:
         m._input_slots.append(slot(name))
 
@@ -350,7 +355,7 @@ def to_torch(
             runtime = inputs
         needed.update(t for t in runtime if t in consts)
         ins = tuple(slot(t) for t in runtime)
-        outs = tuple(slot(t) for t in node.output)
+        outs = tuple(slot(t) if t else scratch() for t in node.output)
         steps.append((fn, ins, outs, len(outs) == 1))
         if node.op_type == "Relu":
             m._relu_steps.add(len(steps) - 1)

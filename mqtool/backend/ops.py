@@ -396,6 +396,169 @@ def _einsum(node: Node) -> OpFn:
     return lambda *xs: torch.einsum(equation, *xs)
 
 
+# ------------------------------------------------------------------------------------- recurrent ops
+
+# Activation functions of LSTM/GRU/RNN by ONNX name: (how many of activation_alpha / activation_beta it
+# reads, default alpha, default beta, builder). The values are consumed in the order of the activation list.
+_RNN_ACTIVATIONS: dict[str, tuple[int, int, float, float, Callable[[float, float], Callable]]] = {
+    "Sigmoid": (0, 0, 0.0, 0.0, lambda a, b: torch.sigmoid),
+    "Tanh": (0, 0, 0.0, 0.0, lambda a, b: torch.tanh),
+    "Relu": (0, 0, 0.0, 0.0, lambda a, b: torch.relu),
+    "Softsign": (0, 0, 0.0, 0.0, lambda a, b: F.softsign),
+    "Softplus": (0, 0, 0.0, 0.0, lambda a, b: F.softplus),
+    "LeakyRelu": (1, 0, 0.01, 0.0, lambda a, b: lambda x: F.leaky_relu(x, a)),
+    "ThresholdedRelu": (1, 0, 1.0, 0.0, lambda a, b: lambda x: torch.where(x > a, x, torch.zeros_like(x))),
+    "Elu": (1, 0, 1.0, 0.0, lambda a, b: lambda x: F.elu(x, a)),
+    "HardSigmoid": (1, 1, 0.2, 0.5, lambda a, b: lambda x: torch.clamp(x * a + b, 0.0, 1.0)),
+    "ScaledTanh": (1, 1, 1.0, 1.0, lambda a, b: lambda x: a * torch.tanh(b * x)),
+    "Affine": (1, 1, 1.0, 0.0, lambda a, b: lambda x: a * x + b),
+}
+_RNN_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+_RNN_DEFAULT_ACTS = {"LSTM": ["Sigmoid", "Tanh", "Tanh"], "GRU": ["Sigmoid", "Tanh"], "RNN": ["Tanh"]}
+
+
+def _rnn_activations(node: Node, directions: int) -> list[list[Callable]]:
+    """The activation functions of each direction, parameters read as ONNX Runtime reads them."""
+    per = len(_RNN_DEFAULT_ACTS[node.op_type])
+    names = node.attr("activations")
+    names = [n.decode() if isinstance(n, bytes) else n for n in names] if names else None
+    if names is None:
+        names = _RNN_DEFAULT_ACTS[node.op_type] * directions
+    if len(names) != per * directions:
+        raise node.error(f"{len(names)} activations given, expected {per} per direction ({per * directions})")
+    alphas = list(node.attr("activation_alpha") or [])
+    betas = list(node.attr("activation_beta") or [])
+    fns = []
+    for name in names:
+        key = next((k for k in _RNN_ACTIVATIONS if k.lower() == name.lower()), None)
+        if key is None:
+            raise node.error(f"activation {name!r} is not supported")
+        n_alpha, n_beta, alpha, beta, build = _RNN_ACTIVATIONS[key]
+        if n_alpha and alphas:
+            alpha = float(alphas.pop(0))
+        if n_beta and betas:
+            beta = float(betas.pop(0))
+        fns.append(build(alpha, beta))
+    return [fns[d * per : (d + 1) * per] for d in range(directions)]
+
+
+@register("LSTM", "GRU", "RNN")
+def _recurrent(node: Node) -> OpFn:
+    """ONNX's LSTM, GRU and RNN: one matmul projects the inputs of every time step, a loop over time runs
+    the recurrence. Forward, reverse and bidirectional; optional bias, initial states, peepholes and
+    `sequence_lens` (steps past a sequence's length give zeros in Y and leave its state alone, as ONNX
+    Runtime does); layout 0 and 1."""
+    kind = node.op_type
+    direction = node.attr("direction", "forward")
+    if direction not in ("forward", "reverse", "bidirectional"):
+        raise node.error(f"unknown direction {direction!r}")
+    directions = 2 if direction == "bidirectional" else 1
+    acts = _rnn_activations(node, directions)
+    layout = int(node.attr("layout", 0))
+    clip = node.attr("clip")
+    clip = None if clip is None else float(clip)
+    input_forget = bool(node.attr("input_forget", 0))
+    linear_before_reset = bool(node.attr("linear_before_reset", 0))
+    gates = _RNN_GATES[kind]
+    n_out = node.n_outputs
+    reverse = [direction == "reverse"] if directions == 1 else [False, True]
+
+    def clipped(x: Tensor) -> Tensor:
+        return x if clip is None else torch.clamp(x, -clip, clip)
+
+    def run(
+        x: Tensor,
+        w: Tensor,
+        r: Tensor,
+        b: Tensor | None = None,
+        lens: Tensor | None = None,
+        h0: Tensor | None = None,
+        c0: Tensor | None = None,
+        p: Tensor | None = None,
+    ) -> Any:
+        if layout:
+            x = x.transpose(0, 1)
+            h0 = None if h0 is None else h0.transpose(0, 1)
+            c0 = None if c0 is None else c0.transpose(0, 1)
+        steps, batch = x.shape[0], x.shape[1]
+        hidden = r.shape[-1]
+        masks = None
+        if lens is not None and bool((lens != steps).any()):
+            t = torch.arange(steps, device=x.device).reshape(steps, 1, 1)
+            masks = t < lens.to(x.device).reshape(1, -1, 1)
+        ys, hs, cs = [], [], []
+        for d in range(directions):
+            wd, rd = w[d], r[d]
+            proj = torch.matmul(x, wd.t())  # every time step at once: [steps, batch, gates * hidden]
+            rb = None
+            if b is not None:
+                wb, rb = b[d, : gates * hidden], b[d, gates * hidden :]
+                if kind == "GRU":
+                    # The recurrent bias of the candidate stays inside the reset gate's product.
+                    proj = proj + wb + torch.cat([rb[: 2 * hidden], torch.zeros_like(rb[2 * hidden :])])
+                else:
+                    proj = proj + (wb + rb)
+            h = h0[d] if h0 is not None else x.new_zeros(batch, hidden)
+            c = None
+            if kind == "LSTM":
+                c = c0[d] if c0 is not None else x.new_zeros(batch, hidden)
+            order = range(steps - 1, -1, -1) if reverse[d] else range(steps)
+            out: list[Tensor | None] = [None] * steps
+            f_act, *g = acts[d]
+            for t in order:
+                if kind == "LSTM":
+                    z = proj[t] + torch.matmul(h, rd.t())
+                    i, o, f, cand = z.chunk(4, -1)
+                    if p is not None:
+                        i = i + p[d, :hidden] * c
+                        f = f + p[d, 2 * hidden :] * c
+                    i = f_act(clipped(i))
+                    f = 1 - i if input_forget else f_act(clipped(f))
+                    c_new = f * c + i * g[0](clipped(cand))
+                    if p is not None:
+                        o = o + p[d, hidden : 2 * hidden] * c_new
+                    h_new = f_act(clipped(o)) * g[1](c_new)
+                elif kind == "GRU":
+                    xz, xr, xh = proj[t].chunk(3, -1)
+                    zr = torch.matmul(h, rd[: 2 * hidden].t())
+                    zg = f_act(clipped(xz + zr[:, :hidden]))
+                    rg = f_act(clipped(xr + zr[:, hidden:]))
+                    rh = rd[2 * hidden :]
+                    rbh = rb[2 * hidden :] if rb is not None else None
+                    if linear_before_reset:
+                        lin = torch.matmul(h, rh.t())
+                        cand = xh + rg * (lin if rbh is None else lin + rbh)
+                    else:
+                        cand = xh + torch.matmul(rg * h, rh.t())
+                        cand = cand if rbh is None else cand + rbh
+                    h_new = (1 - zg) * g[0](clipped(cand)) + zg * h
+                    c_new = None
+                else:
+                    h_new = f_act(clipped(proj[t] + torch.matmul(h, rd.t())))
+                    c_new = None
+                if masks is not None:
+                    m = masks[t]
+                    h = torch.where(m, h_new, h)
+                    c = torch.where(m, c_new, c) if c_new is not None else c
+                    out[t] = torch.where(m, h_new, torch.zeros_like(h_new))
+                else:
+                    h, c = h_new, c_new if c_new is not None else c
+                    out[t] = h
+            ys.append(torch.stack(out))  # type: ignore[arg-type]
+            hs.append(h)
+            cs.append(c)
+        y = torch.stack(ys, 1)  # [steps, directions, batch, hidden]
+        y_h = torch.stack(hs)
+        results = [y, y_h]
+        if kind == "LSTM":
+            results.append(torch.stack(cs))  # type: ignore[arg-type]
+        if layout:
+            results = [y.permute(2, 0, 1, 3)] + [s.transpose(0, 1) for s in results[1:]]
+        return tuple(results[:n_out]) if n_out > 1 else results[0]
+
+    return run
+
+
 # ------------------------------------------------------------------------------------ normalization
 
 
