@@ -118,14 +118,33 @@ def ort_quantize(name: str, model_path: str, data_path: str, out: str) -> dict:
         per_channel=True,
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
-        extra_options={"CalibMaxIntermediateOutputs": 16},
-    )
+    )  # no CalibMaxIntermediateOutputs: in ORT 1.32 MinMax drops (never merges) each flushed group of batches
     if os.path.exists(pre):
         os.unlink(pre)
     return info
 
 
 # ---------------------------------------------------------------- mqtool convert in a subprocess
+
+
+QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger"}
+
+
+def quant_nodes(path: str) -> int:
+    """Quantization nodes in the model, subgraphs (If/Loop bodies) included: 0 means nothing was quantized."""
+    import onnx
+
+    def walk(g) -> int:
+        n = 0
+        for node in g.node:
+            n += node.op_type in QUANT_OPS or node.op_type.startswith("QLinear")
+            for a in node.attribute:
+                n += sum(
+                    walk(sub) for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs))
+                )
+        return n
+
+    return walk(onnx.load(path, load_external_data=False).graph)
 
 
 def last_line(text: str) -> str:
@@ -211,6 +230,7 @@ def bench_model(name: str, args, searched: list[str], tmp: str) -> dict:
             )
         if "error" not in row:
             row["bytes"] = os.path.getsize(out)
+            row["quant_nodes"] = quant_nodes(out)
             try:
                 row.update(score.score(out, ref))
             except Exception as e:  # a model that converts but does not run in ORT
@@ -242,6 +262,8 @@ def _cell(run: dict, key: str, fp32: bool = False) -> str:
             if "timed out" in run["error"]
             else ""
         )
+    if not fp32 and run.get("quant_nodes") == 0:
+        return "nothing quantized"
     mb = run["bytes"] / 2**20
     wall = f" · {run['wall_s']:.0f} s" if "wall_s" in run else ""
     bits = f" · {run['avg_weight_bits']:.2f} b" if "avg_weight_bits" in run else ""
@@ -363,12 +385,20 @@ def main() -> None:
             except Exception as e:  # a setup failure (download, data) of one model: record it, carry on
                 result["models"][name] = {"error": f"{type(e).__name__}: {' '.join(str(e).split())}"[:300]}
                 log(f"{name}: setup failed: {result['models'][name]['error']}")
+            partial = {"benchmark": "zoo", "quick": args.quick, "complete": False, **result}
+            common.write_json(args.out_dir, "zoo_quick" if args.quick else "zoo", partial)  # survives a crash
             for f in os.listdir(tmp):  # quantized models are scored already; free the disk
                 p = os.path.join(tmp, f)
                 if os.path.isfile(p):
                     os.unlink(p)
     result["total_s"] = round(time.perf_counter() - t0, 1)
-    result = {"benchmark": "zoo", "quick": args.quick, "machine": common.machine(), **result}
+    result = {
+        "benchmark": "zoo",
+        "quick": args.quick,
+        "complete": True,
+        "machine": common.machine(),
+        **result,
+    }
     path = common.write_json(args.out_dir, "zoo_quick" if args.quick else "zoo", result)
     log(f"wrote {path}")
     if args.no_docs or args.quick:
