@@ -181,16 +181,41 @@ def test_zoo_model_weight_only():
     assert ZOO, "the onnx package ships its backend test models (light_*.onnx); none found"
     path = next(p for p in ZOO if "squeezenet" in p)
     from mqtool.model import load_model
+    from mqtool.numerics import dequantize, quantize_weight
+    from passes.pipeline import prepare
 
-    m = load_model(path)
+    # The light zoo's weights are all 0.02 (ConstantOfShape), which any scale quantizes exactly: give the
+    # 26 layers random weights so that 4 bits lose something.
+    m = prepare(load_model(path))
     info = analyze(m)
+    rng = np.random.default_rng(0)
+    inits = {i.name: i for i in m.graph.initializer}
+    for layer in info.layers:
+        fan_in = int(np.prod(layer.weight_shape[1:]))
+        w = rng.normal(scale=np.sqrt(2 / fan_in), size=layer.weight_shape).astype(np.float32)
+        inits[layer.weight].CopyFrom(numpy_helper.from_array(w, layer.weight))
     q = quantize_model(m, Policy.uniform(info.names, 4, 32), storage="packed")
-    onnx.checker.check_model(q)
+    onnx.checker.check_model(q, full_check=True)
     assert q.opset_import[0].version == 21 and not {i.name for i in q.graph.input} & {
         i.name for i in q.graph.initializer
     }
-    x = np.random.default_rng(0).normal(size=(1, 3, 224, 224)).astype(np.float32)
-    assert session(q).run(None, {q.graph.input[0].name: x})[0].shape == (1, 1000, 1, 1)
+    int4 = {i.name for i in q.graph.initializer if i.data_type == onnx.TensorProto.INT4}
+    packed = [n for n in q.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in int4]
+    assert len(packed) == len(info.layers)
+    # Oracle: the float model with every weight replaced by numerics' own 4-bit quantization of it.
+    oracle = onnx.ModelProto()
+    oracle.CopyFrom(m)
+    for init in oracle.graph.initializer:
+        layer = next((x for x in info.layers if x.weight == init.name), None)
+        if layer is not None:
+            values, scale = quantize_weight(numpy_helper.to_array(init), 4, layer.channel_axis)
+            fake = dequantize(values, scale, 0, layer.channel_axis)
+            init.CopyFrom(numpy_helper.from_array(fake, init.name))
+    x = {q.graph.input[0].name: rng.normal(size=(1, 3, 224, 224)).astype(np.float32)}
+    y, expected, fp = (session(a).run(None, x)[0] for a in (q, oracle, m))
+    assert y.shape == (1, 1000, 1, 1)
+    np.testing.assert_allclose(y, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    assert np.abs(y - fp).max() > 0.05 * np.abs(fp).max()  # 4-bit weights did change the output
 
 
 def test_convert_writes_atomically_and_refuses_the_input(tmp_path):

@@ -14,7 +14,7 @@ from onnx.reference import ReferenceEvaluator
 from mqtool.analysis import analyze
 from mqtool.errors import InputError
 from mqtool.model import node_names
-from passes.base import PassError, PassResult, run_passes
+from passes.base import PassError, run_passes
 from passes.cleanup import cleanup
 from passes.fold_batchnorm import fold_batchnorm
 from passes.fold_constants import fold_constants
@@ -316,8 +316,9 @@ def test_prepare_is_idempotent_and_keeps_inspect_names(tmp_path):
     once = prepare(m)
     assert m.SerializeToString() == before
     assert analyze(once).names == names == ["Conv_1"]
+    assert [n.op_type for n in once.graph.node] == ["Conv", "Relu"]  # Constant and BN folded
     twice = run_passes(once, [name_nodes, fold_constants, fold_batchnorm, cleanup])
-    assert not twice.modified
+    assert not twice.modified and twice.model.SerializeToString() == once.SerializeToString()
+    assert prepare(once).SerializeToString() == once.SerializeToString()
     x = w(2, 3, 6, 6)
     np.testing.assert_allclose(run(once, x=x)[0], run(m, x=x)[0], rtol=1e-4, atol=1e-5)
-    assert isinstance(twice, PassResult)
