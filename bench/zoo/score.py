@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import prepost
-from .models import charset, session
+from .models import charset as ddddocr_charset
+from .models import session
 
 BATCH = 16  # for models whose batch dimension is free
 
@@ -65,10 +66,11 @@ def _vad_clip(sess, task: str, audio: np.ndarray) -> list[np.ndarray]:
     return [np.array(probs, dtype=np.float32), np.stack(states)]
 
 
-def decode(task: str, outs: list[list[np.ndarray]]) -> list:
-    """Per sample: the string (OCR), detections [k, 6], class index (orientation) or decisions (VAD)."""
+def decode(task: str, outs: list[list[np.ndarray]], charset: list[str] | None = None) -> list:
+    """Per sample: the string (OCR; `charset` defaults to the wheel's for the task), detections [k, 6],
+    class index (orientation) or decisions (VAD)."""
     if task.startswith("ocr"):
-        cs = charset(task.split("_")[1])
+        cs = charset if charset is not None else ddddocr_charset(task.split("_")[1])
         return [prepost.ocr_text(o[0], cs) for o in outs]
     if task == "yolox":
         return [prepost.yolox_detections(o[0]) for o in outs]
