@@ -45,7 +45,7 @@ from passes.qdq_plan import (
     ActQuant,
     Storage,
     check_policy_names,
-    plan_activations,
+    plan_quantizers,
     plan_storage,
     required_opset,
 )
@@ -118,15 +118,25 @@ def _emit(
         calibration if isinstance(calibration, CalibrationOptions) else CalibrationOptions(method=calibration)
     )
     qparams = qparams or QuantParams()
-    plan = plan_activations(prepared, info, policy)
+    quantizers = plan_quantizers(prepared, info, policy)
+    plan = quantizers.bits
     qparams.check(info.layers, plan)
     acts = _activation_params(prepared, plan, qparams, data, options)
-    layout = plan_storage(prepared, info, policy, plan, storage)
+    layout = plan_storage(prepared, info, policy, quantizers.all_bits(), storage)
     opset = required_opset(layout, default_opset(prepared))
     meta = _metadata(storage, policy, options if acts else None)
     passes = [
         partial(upgrade_opset, opset=opset),
-        partial(insert_qdq, policy=policy, activations=acts, qparams=qparams, info=info),
+        partial(
+            insert_qdq,
+            policy=policy,
+            activations=acts,
+            qparams=qparams,
+            info=info,
+            carried=quantizers.carried,
+            constants=quantizers.constants,
+            layout=layout,
+        ),
         partial(gemm_to_matmul, layers=[k for k, w in layout.items() if w.as_matmul]),
         partial(pack_weights, containers={k: w.container for k, w in layout.items()}),
         partial(cleanup, keep_value_info=False),

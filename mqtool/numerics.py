@@ -161,3 +161,51 @@ def activation_qparams(lo: float, hi: float, bits: int = 8) -> tuple[np.float32,
     scale = max(scale, MIN_SCALE)
     zp = int(np.clip(np.rint(np.float32(qmin) - lo32 / scale), qmin, qmax))
     return np.float32(scale), zp
+
+
+def _blocks(w: np.ndarray, axis: int, block: int) -> tuple[np.ndarray, int]:
+    """`w` as rows of `block` consecutive elements along `axis` (the last block zero-padded), and the number
+    of blocks along `axis`: row r of the result is block r % nb of line r // nb."""
+    w = np.moveaxis(np.asarray(w, dtype=np.float32), axis, -1)
+    k = w.shape[-1]
+    nb = -(-k // block)
+    padded = np.zeros(w.shape[:-1] + (nb * block,), np.float32)
+    padded[..., :k] = w
+    return padded.reshape(-1, block), nb
+
+
+def block_weight_scale(w: np.ndarray, bits: int, axis: int, block: int, method: str = "mse") -> np.ndarray:
+    """Block-wise symmetric scales: one per `block` consecutive elements along `axis` (ONNX blocked
+    DequantizeLinear); float32 of `w`'s shape with that axis shortened to ceil(K / block). Each block's scale
+    is `weight_scale` of the block as one channel (the last block's padding zeros included)."""
+    rows, nb = _blocks(w, axis, block)
+    s = weight_scale(rows, bits, 0, method)
+    shape = list(np.moveaxis(np.asarray(w), axis, -1).shape)
+    shape[-1] = nb
+    return np.moveaxis(s.reshape(shape), -1, axis).astype(np.float32)
+
+
+def expand_blocks(scale: np.ndarray, axis: int, block: int, length: int) -> np.ndarray:
+    """A block-wise scale (or zero point) repeated to one value per element along `axis` (`length` long)."""
+    return np.repeat(np.asarray(scale), block, axis=axis).take(np.arange(length), axis=axis)
+
+
+def quantize_weight_blockwise(
+    w: np.ndarray, bits: int, axis: int, block: int, scale: np.ndarray | None = None, method: str = "mse"
+) -> tuple[np.ndarray, np.ndarray]:
+    """(int32 values in the k-bit signed range, block-wise float32 scale) for `w`, zero point 0."""
+    if scale is None:
+        scale = block_weight_scale(w, bits, axis, block, method)
+    qmin, qmax = int_range(bits, signed=True)
+    full = expand_blocks(scale, axis, block, np.shape(w)[axis])
+    return quantize(w, full, 0, qmin, qmax), np.asarray(scale, dtype=np.float32)
+
+
+def dequantize_blockwise(
+    q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | int, axis: int, block: int
+) -> np.ndarray:
+    """Blocked DequantizeLinear: float32 (q - zero_point) * scale, both repeated `block` times along axis."""
+    n = np.shape(q)[axis]
+    s = expand_blocks(scale, axis, block, n)
+    z = expand_blocks(zero_point, axis, block, n) if np.ndim(zero_point) else zero_point
+    return dequantize(q, s, z)

@@ -1,13 +1,24 @@
 """The per-layer bit-width policy: the contract between search, emission and report.
 
-JSON form (version 1)::
+JSON form (version 2)::
 
-    {"format": "mqtool.policy", "version": 1,
-     "layers": {"<onnx node name>": {"weight_bits": 4, "act_bits": 8}, ...}}
+    {"format": "mqtool.policy", "version": 2,
+     "layers": {"<onnx node name>": {"weight_bits": 4, "act_bits": 8, "format": "int8"},
+                "<another>": {"weight_bits": 4, "act_bits": 32, "format": "nbits", "block_size": 32}, ...}}
 
 weight_bits is 2..8 or 32 (float); act_bits (the layer's *input* activation) is 2..8 or 32. A layer
-missing from the file stays float. Average weight bits everywhere is
-sum(bits_l * params_l) / sum(params_l) over the quantizable layers' weights, float layers counting 32.
+missing from the file stays float. `format` (optional) is how the layer is realised in the emitted model:
+
+- `float`: untouched (weight_bits 32);
+- `int8`: k-bit values in INT8 containers; with a quantized input (act_bits < 32) ORT runs integer kernels;
+- `packed`: the smallest container (INT2 / INT4 / INT8), meant weight-only (act_bits 32);
+- `nbits`: weight-only (act_bits 32) MatMul form that ORT runs as MatMulNBits (2/4/8-bit containers),
+  per-column scales or, with `block_size` (16, 32, ... a power of two), one scale per block of K rows.
+
+Which formats a layer can take is `passes.qdq_plan.allowed_formats`. Without a format (every version-1
+file, which still loads with its old meaning) the conversion's storage mode decides. Average weight bits
+everywhere is sum(bits_l * params_l) / sum(params_l) over the quantizable layers' weights, float layers
+counting 32.
 """
 
 from __future__ import annotations
@@ -15,26 +26,77 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from mqtool.analysis import LayerInfo
 from mqtool.errors import InputError
 
 FORMAT = "mqtool.policy"
-VERSION = 1
+VERSION = 2
+VERSIONS = (1, 2)  # version 1: no per-layer format
 WEIGHT_BITS = frozenset({2, 3, 4, 5, 6, 7, 8, 32})
 ACT_BITS = frozenset({2, 3, 4, 5, 6, 7, 8, 32})
 FLOAT = 32
 MAX_POLICY_BYTES = 16 * 2**20
 
 
+class Format(StrEnum):
+    """How a layer is realised in the emitted model (module doc)."""
+
+    FLOAT = "float"
+    INT8 = "int8"
+    PACKED = "packed"
+    NBITS = "nbits"
+
+
+WEIGHT_ONLY_FORMATS = frozenset({Format.NBITS})  # formats that need a float input (act_bits 32)
+BLOCK_SIZES = frozenset({0} | {2**k for k in range(4, 13)})  # 0: one scale per output channel
+
+
 @dataclass(frozen=True)
 class LayerBits:
+    """One layer's policy: weight bits, input activation bits, and optionally its format (None: the
+    conversion's storage mode decides) and the block size of block-wise scales (0: per channel)."""
+
     weight_bits: int = 8
     act_bits: int = 8
+    format: Format | None = None
+    block_size: int = 0
+
+    def __post_init__(self) -> None:
+        if self.format is not None:
+            object.__setattr__(self, "format", Format(self.format))
+        problem = _layer_problem(self)
+        if problem:
+            raise ValueError(problem)
 
     @property
     def quantized(self) -> bool:
         return self.weight_bits != FLOAT
+
+    def to_json(self) -> dict:
+        doc: dict = {"weight_bits": self.weight_bits, "act_bits": self.act_bits}
+        if self.format is not None:
+            doc["format"] = self.format.value
+        if self.block_size:
+            doc["block_size"] = self.block_size
+        return doc
+
+
+def _layer_problem(b: LayerBits) -> str | None:
+    """What is inconsistent in `b` (None when nothing), in the policy file's field names."""
+    f = b.format
+    if f is Format.FLOAT and b.weight_bits != FLOAT:
+        return f"format 'float' needs weight_bits 32, got {b.weight_bits}"
+    if f is not None and f is not Format.FLOAT and b.weight_bits == FLOAT:
+        return f"weight_bits 32 (float) cannot take format '{f.value}'"
+    if f in WEIGHT_ONLY_FORMATS and b.act_bits != FLOAT:
+        return f"format '{f.value}' is weight-only: act_bits must be 32, got {b.act_bits}"
+    if b.block_size not in BLOCK_SIZES:
+        return f"block_size must be 0 or a power of two from 16 to 4096, got {b.block_size}"
+    if b.block_size and f is not Format.NBITS:
+        return "block_size needs format 'nbits'"
+    return None
 
 
 @dataclass
@@ -56,9 +118,7 @@ class Policy:
         doc = {
             "format": FORMAT,
             "version": VERSION,
-            "layers": {
-                n: {"weight_bits": b.weight_bits, "act_bits": b.act_bits} for n, b in self.layers.items()
-            },
+            "layers": {n: b.to_json() for n, b in self.layers.items()},
         }
         if self.meta:
             doc["meta"] = self.meta
@@ -75,8 +135,8 @@ class Policy:
         if doc.get("format") != FORMAT:
             raise InputError(f"{source}: field 'format' must be '{FORMAT}', got {doc.get('format')!r}")
         version = doc.get("version")
-        if type(version) is not int or version != VERSION:
-            raise InputError(f"{source}: field 'version' must be {VERSION}, got {version!r}")
+        if type(version) is not int or version not in VERSIONS:
+            raise InputError(f"{source}: field 'version' must be one of {list(VERSIONS)}, got {version!r}")
         layers = doc.get("layers")
         if not isinstance(layers, dict):
             raise InputError(f"{source}: field 'layers' must be an object of layer name -> bits")
@@ -89,12 +149,23 @@ class Policy:
                 raise InputError(f"{where}: unknown layer (the model's quantizable layers include {hint}...)")
             if not isinstance(entry, dict):
                 raise InputError(f'{where}: expected an object like {{"weight_bits": 4, "act_bits": 8}}')
-            extra = set(entry) - {"weight_bits", "act_bits"}
+            fields = {"weight_bits", "act_bits"} | ({"format", "block_size"} if version >= 2 else set())
+            extra = set(entry) - fields
             if extra:
-                raise InputError(f"{where}: unknown field '{sorted(extra)[0]}'")
+                hint = " (per-layer formats need version 2)" if extra & {"format", "block_size"} else ""
+                raise InputError(f"{where}: unknown field '{sorted(extra)[0]}'{hint}")
             wb = _bits(entry, "weight_bits", WEIGHT_BITS, where, 8)
             ab = _bits(entry, "act_bits", ACT_BITS, where, 8)
-            out[name] = LayerBits(wb, ab)
+            fmt = entry.get("format")
+            if fmt is not None and fmt not in {f.value for f in Format}:
+                raise InputError(f"{where}.format: {fmt!r} not in {[f.value for f in Format]}")
+            block = entry.get("block_size", 0)
+            if type(block) is not int:
+                raise InputError(f"{where}.block_size: expected an integer, got {block!r}")
+            try:
+                out[name] = LayerBits(wb, ab, Format(fmt) if fmt is not None else None, block)
+            except ValueError as e:
+                raise InputError(f"{where}: {e}") from e
         meta = doc.get("meta", {})
         if not isinstance(meta, dict):
             raise InputError(f"{source}: field 'meta' must be an object")

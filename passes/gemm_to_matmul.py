@@ -13,7 +13,8 @@ After::
     MatMul "fc"(x, Wd) -> fc_MatMul_Output
     Add "fc_bias_Add"(fc_MatMul_Output, C) -> y
 
-The integer weight is transposed exactly (the per-channel scales follow the N axis), the MatMul keeps the
+The integer weight is transposed exactly (per-channel scales follow the N axis; block-wise scales and zero
+points, which have the weight's rank, are transposed with it and stay on the K axis), the MatMul keeps the
 layer's name and the Add writes the Gemm's output tensor. Only Gemms that are exactly MatMul + C
 (`qdq_plan.gemm_as_matmul_ok`) with a DequantizeLinear weight are rewritten.
 """
@@ -47,10 +48,14 @@ def gemm_to_matmul(model: onnx.ModelProto, layers: Iterable[str] = ()) -> PassRe
             continue
         if attr(node, "transB", 0):
             q = inits[dq.input[0]]
-            if len(cons[q.name]) != 1:
+            blocked = bool(attr(dq, "block_size", 0))
+            # Block-wise scales and zero points have the weight's rank: they are transposed with it.
+            moved = [q] + [inits[i] for i in dq.input[1:3] if i and blocked]
+            if any(len(cons[t.name]) != 1 for t in moved):
                 continue
-            q.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(q).T.copy(), q.name))
-            set_attr(dq, "axis", 1)
+            for t in moved:
+                t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).T.copy(), t.name))
+            set_attr(dq, "axis", 0 if blocked else 1)
         out = node.output[0]
         bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
         mm_out = namer(f"{node.name}_MatMul_Output") if bias else out

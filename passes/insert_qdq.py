@@ -29,7 +29,7 @@ name (the DequantizeLinear writes it and the producer's tensor becomes `<name>_f
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -37,11 +37,18 @@ from onnx import helper, numpy_helper
 
 from mqtool.analysis import ModelInfo, analyze
 from mqtool.errors import InputError
-from mqtool.numerics import int_range, quantize_weight, weight_scale
+from mqtool.numerics import (
+    activation_qparams,
+    int_range,
+    quantize,
+    quantize_weight,
+    quantize_weight_blockwise,
+    weight_scale,
+)
 from mqtool.policy import FLOAT, Policy
 from passes.base import PassResult
 from passes.graph import Namer, initializers, producers, toposort
-from passes.qdq_plan import ActQuant, int32_bias, quantize_bias
+from passes.qdq_plan import ActQuant, WeightStorage, int32_bias, quantize_bias
 from passes.qparams import QuantParams
 
 log = logging.getLogger(__name__)
@@ -53,14 +60,27 @@ def insert_qdq(
     activations: Mapping[str, ActQuant],
     qparams: QuantParams | None = None,
     info: ModelInfo | None = None,
+    carried: Mapping[str, str] | None = None,
+    constants: Sequence[tuple[str, int]] = (),
+    layout: Mapping[str, WeightStorage] | None = None,
 ) -> PassResult:
     """Quantize the weights of the policy's layers and insert the planned activation Q/DQ (in place).
 
-    `activations` is the plan with its parameters (tensor -> ActQuant); `info` is `analyze(model)` when the
+    `activations` is the plan with its parameters (tensor -> ActQuant); `carried` maps a tensor to the
+    planned tensor whose quantizer it repeats and `constants` lists the (node, input) constants stored as
+    uint8 (`qdq_plan.ActivationPlan`); `layout` (`qdq_plan.plan_storage`) gives each layer's stored bits
+    and block size (default: the policy's bits, per-channel scales); `info` is `analyze(model)` when the
     caller already has it (tensor and node names must be those of `model`).
     """
     info = analyze(model) if info is None else info
     qparams = qparams or QuantParams()
+    pairs = dict(activations)
+    for tensor, source in (carried or {}).items():
+        if source not in activations:
+            raise ValueError(
+                f"insert_qdq: carried tensor '{tensor}' repeats '{source}', which is not planned"
+            )
+        pairs[tensor] = activations[source]
     g = model.graph
     namer = Namer(g)
     nodes = {n.name: n for n in g.node}
@@ -84,15 +104,34 @@ def insert_qdq(
             )
         if not np.all(np.isfinite(w)):
             raise InputError(f"layer '{layer.name}': weight '{layer.weight}' contains NaN or Inf")
+        ws = (layout or {}).get(layer.name)
+        stored = ws.bits if ws is not None else bits
+        block = ws.block_size if ws is not None else 0
+        if block:
+            if over.scale is not None:
+                log.warning("layer '%s': per-channel scale override ignored (block-wise scales)", layer.name)
+            k_axis = _k_axis(layer)
+            q, scale = quantize_weight_blockwise(w, stored, k_axis, block)
+            zero = np.zeros(scale.shape, np.int8)
+            dq = _add_dq(g, namer, f"w{j}", q.astype(np.int8), scale, k_axis, zero, block=block)
+            node.input[layer.weight_input] = dq
+            _bias(g, namer, inits, node, f"b{j}", layer.bias, over.bias, None, scale)
+            modified = True
+            continue
         axis = layer.channel_axis
-        scale = over.scale if over.scale is not None else weight_scale(w, bits, axis, method="mse")
-        q, scale = quantize_weight(w, bits, axis, scale=np.asarray(scale, dtype=np.float32))
+        if over.scale is not None:
+            # A scale made for other bits (an 8-bit one for a layer stored at 7) keeps its clipping range.
+            made_for = over.scale_bits or bits
+            scale = np.asarray(over.scale, np.float32) * np.float32(2.0 ** (made_for - stored))
+        else:
+            scale = weight_scale(w, stored, axis, method="mse")
+        q, scale = quantize_weight(w, stored, axis, scale=np.asarray(scale, dtype=np.float32))
         # An explicit zero point 0 (ORT's convention): ORT fuses a Gemm - also one it makes from a 2-D
         # MatMul + bias Add - into QGemm only when the weight DQ has one. Identical all-zero zero points
         # of layers with the same channel count are merged by dedupe_initializers.
         zero = np.zeros(len(scale), np.int8)
         node.input[layer.weight_input] = _add_dq(g, namer, f"w{j}", q.astype(np.int8), scale, axis, zero)
-        act = activations.get(layer.input) if int32_bias(layer, activations) else None
+        act = pairs.get(layer.input) if int32_bias(layer, pairs) else None
         _bias(g, namer, inits, node, f"b{j}", layer.bias, over.bias, act, scale)
         modified = True
     # The readers of all quantized tensors are rewired in one scan of the nodes that were there before the
@@ -100,8 +139,18 @@ def insert_qdq(
     # float tensors.
     existing = len(g.node)
     rewire: dict[str, str] = {}
-    for i, (tensor, act) in enumerate(activations.items()):
+    pairs = list(activations.items())
+    for tensor, source in (carried or {}).items():
+        if source not in activations:
+            raise ValueError(
+                f"insert_qdq: carried tensor '{tensor}' repeats '{source}', which is not planned"
+            )
+        pairs.append((tensor, activations[source]))
+    for i, (tensor, act) in enumerate(pairs):
         rewire.update(_add_activation_qdq(g, namer, tensor, f"a{i}", act))
+        modified = True
+    for j, (name, k) in enumerate(constants):
+        _constant_qdq(g, namer, nodes, inits, name, k, f"k{j}")
         modified = True
     if rewire:
         for n in g.node[:existing]:
@@ -113,8 +162,55 @@ def insert_qdq(
     return PassResult(model, modified)
 
 
+def _constant_qdq(g, namer: Namer, nodes, inits, name: str, k: int, tag: str) -> None:
+    """Feed input `k` of node `name` (a single-valued float constant) through a uint8 DequantizeLinear: the
+    value is one level of its own quantizer (q = 255 or 0, `numerics.activation_qparams`)."""
+    node = nodes.get(name)
+    if node is None or k >= len(node.input):
+        raise ValueError(f"insert_qdq: no input {k} on node '{name}'")
+    value = _constant_value(g, inits, node.input[k])
+    if node.op_type == "Div":  # ORT has no integer Div: x / c runs as QLinearMul by 1 / c
+        value = (np.float32(1.0) / value).astype(np.float32)
+        node.op_type = "Mul"
+    c = float(value.reshape(-1)[0])
+    scale, zp = activation_qparams(c, c, 8)
+    q = quantize(value, scale, zp, 0, 255).astype(np.uint8)
+    q_name, s_name, z_name = namer(f"{tag}.q"), namer(f"{tag}.s"), namer(f"{tag}.z")
+    g.initializer.append(numpy_helper.from_array(q, q_name))
+    g.initializer.append(numpy_helper.from_array(np.array(scale, np.float32), s_name))
+    g.initializer.append(numpy_helper.from_array(np.array(zp, np.uint8), z_name))
+    out = namer(f"{tag}.dq")
+    g.node.append(helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [out], namer(f"{tag}.DQ")))
+    node.input[k] = out
+
+
+def _constant_value(g, inits, name: str) -> np.ndarray:
+    if name in inits:
+        return numpy_helper.to_array(inits[name]).astype(np.float32)
+    for n in g.node:
+        if n.op_type == "Constant" and n.output[0] == name:
+            return numpy_helper.to_array(next(a.t for a in n.attribute if a.name == "value")).astype(
+                np.float32
+            )
+    raise ValueError(f"insert_qdq: '{name}' is not a constant")
+
+
+def _k_axis(layer) -> int:
+    """The reduction axis of the weight, along which block-wise scales run."""
+    if len(layer.weight_shape) == 2:
+        return 1 - layer.channel_axis
+    return 1 if layer.channel_axis == 0 else 0
+
+
 def _add_dq(
-    g: onnx.GraphProto, namer: Namer, tag: str, values: np.ndarray, scale: np.ndarray, axis: int, zero=None
+    g: onnx.GraphProto,
+    namer: Namer,
+    tag: str,
+    values: np.ndarray,
+    scale: np.ndarray,
+    axis: int,
+    zero=None,
+    block: int = 0,
 ) -> str:
     q_name, s_name = namer(f"{tag}.q"), namer(f"{tag}.s")
     g.initializer.append(numpy_helper.from_array(values, q_name))
@@ -124,7 +220,8 @@ def _add_dq(
         inputs.append(namer(f"{tag}.z"))
         g.initializer.append(numpy_helper.from_array(zero, inputs[-1]))
     out = namer(f"{tag}.dq")
-    g.node.append(helper.make_node("DequantizeLinear", inputs, [out], namer(f"{tag}.DQ"), axis=axis))
+    extra = {"block_size": block} if block else {}
+    g.node.append(helper.make_node("DequantizeLinear", inputs, [out], namer(f"{tag}.DQ"), axis=axis, **extra))
     return out
 
 

@@ -25,29 +25,47 @@ the k-bit range before its QuantizeLinear so values saturate at 2^k - 1 exactly 
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from mqtool.analysis import LayerInfo, ModelInfo
 from mqtool.errors import InputError
 from mqtool.model import infer_shapes
 from mqtool.numerics import MIN_SCALE, quantize
-from mqtool.policy import FLOAT, Policy
+from mqtool.policy import FLOAT, Format, Policy
 from passes.graph import attr, consumers, initializers
 from passes.upgrade_opset import INT2_OPSET, QDQ_OPSET
 
 OUTPUT_BITS = 8
+# Ops the CPU provider runs on uint8 when every float input comes from a DequantizeLinear and the output
+# goes to a QuantizeLinear (onnxruntime's qdq_selector_action_transformer.cc): QLinearSigmoid, ... .
+# Softmax is left out: 8 uniform bits of probabilities lose the small ones.
+QLINEAR_UNARY = frozenset({"Sigmoid", "GlobalAveragePool", "AveragePool", "LeakyRelu"})
+QLINEAR_BINARY = frozenset({"Add", "Mul"})
+QLINEAR_OPS = QLINEAR_UNARY | QLINEAR_BINARY | {"Concat", "Div"}
+# Ops that only move or select values of their first input; ORT drops DQ -> op -> Q around them when both
+# sides share scale and zero point. Resize only in nearest mode (otherwise it interpolates).
+CARRY_OPS = frozenset(
+    {
+        "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Expand", "Tile", "Gather",
+        "GatherElements", "MaxPool", "Resize", "Split", "Identity", "ReduceMax", "ReduceMin",
+    }
+)  # fmt: skip
+_MAX_CONSTANT_ELEMENTS = 4096
 # Bias integers stay within +-2^30: exactly representable in float32, far from int32 overflow.
 BIAS_LIMIT = 2**30
 _ACTIVATIONS = ("Relu", "Clip")
 
 
 class Storage(StrEnum):
-    """How quantized weights are stored (see `plan_storage`)."""
+    """How the layers the policy gives no format are stored (see `plan_storage`)."""
 
     AUTO = "auto"
     INT8 = "int8"
@@ -57,10 +75,8 @@ class Storage(StrEnum):
 class Container(StrEnum):
     """The ONNX integer type a quantized weight is stored in.
 
-    UINT8 holds 8-bit weights as q + 128 with zero point 128 (the same dequantized values): ORT's u8s8
-    integer kernels saturate int16 pair sums on x86 CPUs without VNNI when int8 weights use the full
-    [-128, 127] range (measured: -1.7 pt on mnist_cnn), while its u8u8 kernels do not. Weights of at most
-    7 bits (|q| <= 64) cannot saturate (2 * 255 * 64 < 2^15) and stay INT8, ORT's and TensorRT's default.
+    UINT8 (8-bit weights as q + 128, zero point 128) is no longer emitted - ORT's u8u8 kernels ran 1.6-11x
+    slower than u8s8 (bench/bench_int_path.py) - but `pack_weights` and `report` still handle it.
     """
 
     INT8 = "int8"
@@ -75,10 +91,15 @@ class Container(StrEnum):
 
 @dataclass(frozen=True)
 class WeightStorage:
-    """A quantized weight's container, and whether its Gemm is emitted as MatMul + Add (for MatMulNBits)."""
+    """How one layer's weight is emitted: its format, container, the bits of the stored integers (7 for an
+    8-bit layer on integer kernels, `stored_weight_bits`), block size (0: per output channel) and whether
+    its Gemm is emitted as MatMul + Add (for MatMulNBits)."""
 
     container: Container
     as_matmul: bool = False
+    format: Format = Format.INT8
+    bits: int = 8
+    block_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -97,27 +118,171 @@ def layer_act_request(policy: Policy, layer: LayerInfo) -> int:
 
 
 def plan_activations(model: onnx.ModelProto, info: ModelInfo, policy: Policy) -> dict[str, int]:
-    """Tensor name -> activation bits, for every tensor that gets a Q/DQ pair (rules in the module doc).
+    """Tensor name -> activation bits, for every tensor that gets its own Q/DQ pair (rules in the module doc).
 
-    Deterministic: tensors appear in layer order (inputs first, then fusion outputs).
+    This is what the simulation fake-quantizes. Emission also repeats a planned quantizer on the outputs of
+    value-selecting ops (`ActivationPlan.carried`), which changes no value. Deterministic: layer inputs in
+    layer order first, then the other tensors in graph order.
     """
+    return plan_quantizers(model, info, policy).bits
+
+
+@dataclass
+class ActivationPlan:
+    """Every activation Q/DQ emission inserts.
+
+    bits: tensors with their own quantizer (calibrated, simulated). carried: tensor -> the planned tensor
+    whose quantizer it repeats, on the output of a value-selecting op (Reshape, MaxPool, ...) whose input is
+    quantized: max/reshape/slice of values on a grid are on that grid, so the extra pair changes nothing,
+    and ORT drops DQ -> op -> Q with equal parameters (the op runs on uint8). constants: (node name, input
+    index) of single-valued float constants that a binary op (Add/Mul) reads next to a quantized tensor,
+    stored as uint8 at the one level that represents them (q = 0 or 255) so ORT can run QLinearAdd/Mul; a
+    Div by such a constant c is emitted as a Mul by 1 / c (within a float rounding of x / c).
+    """
+
+    bits: dict[str, int]
+    carried: dict[str, str] = field(default_factory=dict)
+    constants: list[tuple[str, int]] = field(default_factory=list)
+
+    def source(self, tensor: str) -> str:
+        """The planned tensor whose quantizer `tensor` uses (itself when planned)."""
+        return self.carried.get(tensor, tensor)
+
+    def all_bits(self) -> dict[str, int]:
+        """Every tensor that carries a Q/DQ pair, carried ones included, with its bits."""
+        return {**self.bits, **{t: self.bits[s] for t, s in self.carried.items()}}
+
+
+def plan_quantizers(model: onnx.ModelProto, info: ModelInfo, policy: Policy) -> ActivationPlan:
+    """The activation plan: layer inputs and fusion outputs (rules 1-2), then the integer regions ORT can
+    run between layers (rule 4 of the module doc), to a fixed point."""
     votes: dict[str, list[int]] = defaultdict(list)
     for layer in info.layers:
         votes[layer.input].append(layer_act_request(policy, layer))
     plan = {t: max(v) for t, v in votes.items() if FLOAT not in v}
     g = model.graph
     cons, consts = consumers(g), _constant_names(model)
+    values = _constant_arrays(model)
+    blocked = {t for t, v in votes.items() if FLOAT in v} | {o.name for o in g.output}
+    layers = {layer.name: layer for layer in info.layers}
+    carried: dict[str, str] = {}
+    constants: dict[tuple[str, int], None] = {}
     shapes: dict[str, list[int | None]] | None = None
-    for layer in info.layers:
-        if policy.get(layer.name).weight_bits == FLOAT or layer.input not in plan:
-            continue  # a layer with a float input runs unfused anyway: no output Q/DQ for it
-        if layer.op_type == "MatMul" and shapes is None and _bias_add(layer.output, cons, consts):
-            shapes = infer_shapes(model)
-        t = fusion_output(model, layer, cons, consts, shapes or {})
-        if t is None or t in plan or FLOAT in votes.get(t, []):
-            continue
+    for _ in range(8):  # a completed input (rule 4c) can open a region upstream: iterate to a fixed point
+        changed = False
+
+        def quantized(t: str) -> bool:
+            return t in plan or t in carried
+
+        def bits_of(t: str) -> int:
+            return plan[_root(t, carried)]
+
+        for node in g.node:
+            layer = layers.get(node.name)
+            if layer is not None:
+                if policy.get(layer.name).weight_bits == FLOAT or not quantized(layer.input):
+                    continue  # a layer with a float input runs unfused anyway: no output Q/DQ for it
+                if layer.op_type == "MatMul" and shapes is None and _bias_add(layer.output, cons, consts):
+                    shapes = infer_shapes(model)
+                t = fusion_output(model, layer, cons, consts, shapes or {})
+                if t is None or quantized(t) or FLOAT in votes.get(t, []):
+                    continue
+                plan[t] = OUTPUT_BITS
+                changed = True
+                continue
+            if node.domain not in ("", "ai.onnx"):
+                continue
+            op = node.op_type
+            if op in CARRY_OPS and _carries(node, values) and quantized(node.input[0]):
+                src = _root(node.input[0], carried)
+                for t in node.output:
+                    if not t or t in carried or t in blocked:
+                        continue
+                    if t in plan and plan[t] != bits_of(src):
+                        continue  # a reader asks for other bits: its own quantizer
+                    plan.pop(t, None)
+                    carried[t] = src
+                    changed = True
+            elif op in QLINEAR_OPS:
+                changed |= _integer_op(node, plan, quantized, blocked, values, cons, consts, constants)
+        if not changed:
+            break
+    return ActivationPlan(plan, {t: _root(t, carried) for t in carried}, list(constants))
+
+
+def _root(t: str, carried: dict[str, str]) -> str:
+    seen = set()
+    while t in carried and t not in seen:
+        seen.add(t)
+        t = carried[t]
+    return t
+
+
+def _integer_op(node, plan, quantized, blocked, values, cons, consts, constants) -> bool:
+    """Plan the output (and, rule 4c, the float inputs) of an op ORT has an integer kernel for; whether
+    the plan changed."""
+    data = [(k, t) for k, t in enumerate(node.input) if t]
+    if node.op_type in QLINEAR_UNARY:
+        data = data[:1]
+    if node.op_type == "Div":
+        # x / c with a single-valued constant c is emitted as x * (1 / c): QLinearMul (ORT has no
+        # integer Div; hard-swish often ends with one).
+        c = values.get(data[1][1]) if len(data) == 2 else None
+        if not _single_valued(c) or c.reshape(-1)[0] == 0:
+            return False
+    if not data or not any(quantized(t) for _, t in data):
+        return False
+    out = _through_activation(node.output[0], cons, consts)
+    const_inputs = [(k, t) for k, t in data if not quantized(t) and _single_valued(values.get(t))]
+    if node.op_type not in QLINEAR_BINARY | {"Div"}:
+        const_inputs = []
+    floats = [t for k, t in data if not quantized(t) and (k, t) not in const_inputs]
+    if out in blocked or any(t in blocked or t in consts for t in floats):
+        return False  # the output must stay float (or a non-uniform constant): ORT cannot fuse the op
+    changed = False
+    for t in floats:
+        # Rule 4c: a float tensor read next to a quantized one is quantized too (one QuantizeLinear instead
+        # of a DequantizeLinear), so that ORT runs the op on integers, as its own quantizer does.
         plan[t] = OUTPUT_BITS
-    return plan
+        changed = True
+    for k, _ in const_inputs:
+        if (node.name, k) not in constants:
+            constants[(node.name, k)] = None
+            changed = True
+    if out not in plan and out not in blocked and not quantized(out):
+        plan[out] = OUTPUT_BITS
+        changed = True
+    return changed
+
+
+def _carries(node: onnx.NodeProto, values: dict[str, np.ndarray]) -> bool:
+    """Whether the op only moves or selects values of its first input (so they stay on its grid)."""
+    if node.op_type == "MaxPool":
+        return len([o for o in node.output if o]) == 1  # no Indices output
+    if node.op_type == "Resize":
+        return attr(node, "mode", b"nearest") in (b"nearest", "nearest")
+    return True
+
+
+def _single_valued(v: np.ndarray | None) -> bool:
+    """A float constant whose elements are all one finite value: exactly one uint8 level."""
+    if v is None or v.dtype.kind != "f" or v.size == 0 or v.size > _MAX_CONSTANT_ELEMENTS:
+        return False
+    flat = v.reshape(-1)
+    return bool(np.isfinite(flat[0]) and np.all(flat == flat[0]))
+
+
+def _constant_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    g = model.graph
+    out = {
+        i.name: numpy_helper.to_array(i) for i in g.initializer if math.prod(i.dims) <= _MAX_CONSTANT_ELEMENTS
+    }
+    for n in g.node:
+        if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
+            for a in n.attribute:
+                if a.name == "value":
+                    out[n.output[0]] = numpy_helper.to_array(a.t)
+    return out
 
 
 def fusion_output(
@@ -172,51 +337,147 @@ def plan_storage(
     model: onnx.ModelProto,
     info: ModelInfo,
     policy: Policy,
-    activations: dict[str, int],
+    activations: Mapping[str, int] | Iterable[str],
     storage: Storage | str = Storage.AUTO,
 ) -> dict[str, WeightStorage]:
     """Layer name -> weight storage, for every quantized layer (float layers are absent).
 
-    int8: every weight in a byte (k-bit values; UINT8 for 8-bit integer-kernel weights, see `Container`),
-    the integer-kernel form. packed: the smallest container:
-    INT2 for 2-bit weight-only layers (INT2 next to activation Q/DQ fails ORT session creation), INT4 up to
-    4 bits, INT8 above. auto: what ORT 1.32 runs fastest, per layer (measurements in docs/passes.md):
-    INT8 when the input is quantized (integer kernels; sub-byte weights disable them); for a weight-only
-    MatMul (and a weight-only Gemm rewritten as MatMul + Add) the MatMulNBits form, INT4 up to 4 bits
-    (faster than INT8 and INT2 there), INT8 above; other weight-only layers INT8.
+    A layer's format is the policy's; a layer without one gets it from `storage`: int8 -> `int8`, packed ->
+    `packed`, auto -> what ORT 1.32 runs fastest (docs/passes.md): `int8` when its input is quantized
+    (integer kernels), `nbits` for a weight-only MatMul (and a Gemm rewritten as MatMul + Add) with INT4
+    containers up to 4 bits (faster than INT2 at the examples' sizes), `int8` otherwise. Containers: int8
+    INT8; packed the smallest (INT2 only for weight-only 2-bit layers: INT2 next to activation Q/DQ fails
+    ORT session creation); nbits INT2 / INT4 / INT8 by bits. `activations` holds every quantized tensor
+    (`ActivationPlan.all_bits()`). Raises `InputError` for a format the layer cannot take
+    (`allowed_formats`).
     """
     storage = Storage(storage)
+    quantized = set(activations)
     g = model.graph
     nodes = {n.name: n for n in g.node}
     out: dict[str, WeightStorage] = {}
     for layer in info.layers:
-        bits = policy.get(layer.name).weight_bits
-        if bits == FLOAT:
+        b = policy.get(layer.name)
+        if b.weight_bits == FLOAT:
             continue
-        act_quantized = layer.input in activations
-        # The integer-kernel container: 8-bit weights as UINT8 (no u8s8 saturation), narrower ones INT8.
-        byte = Container.UINT8 if bits == 8 and act_quantized else Container.INT8
-        if storage is Storage.INT8:
-            out[layer.name] = WeightStorage(byte)
-        elif storage is Storage.PACKED:
-            # ORT 1.32 fuses DQ(INT2) + MatMul into MatMulNBits and computes garbage (nondeterministically)
-            # unless N % 4 == 0: the rows of such a weight do not start on a byte (tests/test_bad_models.py).
-            odd_matmul = (
-                layer.op_type == "MatMul" and len(layer.weight_shape) == 2 and layer.weight_shape[1] % 4
-            )
-            if bits == 2 and not act_quantized and not odd_matmul:
-                out[layer.name] = WeightStorage(Container.INT2)
+        node = nodes.get(layer.name)
+        act_quantized = layer.input in quantized
+        fmt = b.format
+        container = None
+        if fmt is None:
+            if storage is Storage.INT8:
+                fmt = Format.INT8
+            elif storage is Storage.PACKED:
+                fmt = Format.PACKED
+            elif act_quantized or Format.NBITS not in allowed_formats(layer, node, g):
+                fmt = Format.INT8
             else:
-                out[layer.name] = WeightStorage(Container.INT4 if bits <= 4 else byte)
-        elif act_quantized:
-            out[layer.name] = WeightStorage(byte)
-        elif layer.op_type == "MatMul" and layer.weight_input == 1 and len(layer.weight_shape) == 2:
-            out[layer.name] = WeightStorage(Container.INT4 if bits <= 4 else Container.INT8)
-        elif layer.op_type == "Gemm" and gemm_as_matmul_ok(nodes[layer.name], g):
-            out[layer.name] = WeightStorage(Container.INT4 if bits <= 4 else Container.INT8, as_matmul=True)
-        else:
-            out[layer.name] = WeightStorage(Container.INT8)
+                fmt = Format.NBITS
+                container = Container.INT4 if b.weight_bits <= 4 else Container.INT8
+        allowed = allowed_formats(layer, node, g)
+        if fmt not in allowed:
+            raise InputError(
+                f"layer '{layer.name}' ({layer.op_type}): format '{fmt.value}' is not available "
+                f"(allowed: {', '.join(f.value for f in allowed)})"
+            )
+        if container is None:
+            container = format_container(layer, b.weight_bits, fmt, act_quantized)
+        out[layer.name] = WeightStorage(
+            container,
+            as_matmul=fmt is Format.NBITS and layer.op_type == "Gemm",
+            format=fmt,
+            bits=stored_weight_bits(b.weight_bits, container, act_quantized),
+            block_size=b.block_size,
+        )
     return out
+
+
+def stored_weight_bits(bits: int, container: Container, act_quantized: bool) -> int:
+    """The bits of the integers emission stores for a `bits`-bit weight: 7 for an 8-bit weight in an INT8
+    container next to a quantized input (ORT's integer kernels; "reduce range"), `bits` otherwise.
+
+    x86 CPUs without VNNI compute u8 x s8 products in int16 pairs with saturation (vpmaddubsw):
+    2 * 255 * 128 > 2^15, so full-range INT8 weights can saturate, while |q| <= 64 cannot. UINT8 weights
+    (q + 128) avoid that on ORT's u8u8 kernels, which ran 1.6-11x slower than u8s8 on an AVX512-VNNI CPU,
+    and INT8 full range is exact only on VNNI CPUs; 7 bits is safe and fast on both and lost no accuracy on
+    the examples (bench/bench_int_path.py, docs/passes.md). The simulation must quantize such a layer at
+    these bits too.
+    """
+    return 7 if bits == 8 and container is Container.INT8 and act_quantized else bits
+
+
+def format_container(layer: LayerInfo, bits: int, fmt: Format, act_quantized: bool) -> Container:
+    """The container of a `bits`-bit weight in format `fmt` (see `plan_storage`)."""
+    if fmt is Format.INT8:
+        return Container.INT8
+    # ORT 1.32 fuses DQ(INT2) + MatMul into MatMulNBits and computes garbage (nondeterministically) unless
+    # N % 4 == 0: the rows of such a weight do not start on a byte (tests/test_bad_models.py).
+    odd_matmul = (
+        layer.op_type in ("MatMul", "Gemm")
+        and len(layer.weight_shape) == 2
+        and layer.weight_shape[layer.channel_axis] % 4 != 0
+    )
+    if bits == 2 and not act_quantized and not odd_matmul:
+        return Container.INT2
+    return Container.INT4 if bits <= 4 else Container.INT8
+
+
+def allowed_formats(
+    layer: LayerInfo, node: onnx.NodeProto | None = None, graph: onnx.GraphProto | None = None
+) -> tuple[Format, ...]:
+    """The formats layer `layer` can be emitted in, from its op and weight shape and what ORT 1.32 runs
+    (pure; `node`/`graph` only refine the Gemm check). Every layer can stay `float` or be `packed`;
+    `int8` is offered where ORT has an integer kernel (Conv, Gemm, MatMul); `nbits` for `x @ W` with a
+    2-D W and a Gemm that is exactly MatMul + bias (`gemm_as_matmul_ok`, assumed when `node` is None)."""
+    out = [Format.FLOAT]
+    if layer.op_type in ("Conv", "Gemm", "MatMul"):
+        out.append(Format.INT8)
+    out.append(Format.PACKED)
+    matmul = layer.op_type == "MatMul" and layer.weight_input == 1 and len(layer.weight_shape) == 2
+    gemm = layer.op_type == "Gemm" and (node is None or graph is None or gemm_as_matmul_ok(node, graph))
+    if matmul or gemm:
+        out.append(Format.NBITS)
+    return tuple(out)
+
+
+# Protobuf framing of one initializer (name, dims, type) or node as emitted, measured on short names; the
+# size estimate adds it per tensor.
+_TENSOR_OVERHEAD = 16
+_NODE_OVERHEAD = 40
+
+
+def format_bytes(layer: LayerInfo, bits: int, fmt: Format | str, block_size: int = 0) -> int:
+    """Bytes layer `layer`'s weight takes in the emitted file at `bits` in format `fmt`: the integers in
+    their container (sub-byte ones packed), the float32 scales (one per output channel, or per block of
+    `block_size` along K) and zero points, the DequantizeLinear node, and the bias (float32); `float` is
+    the float32 weight and bias. What a size budget sums; compare with `report`'s per-layer bytes.
+    Identical zero points of layers with the same channel count are merged in the file
+    (`dedupe_initializers`), so a model's total can be a little smaller."""
+    fmt = Format(fmt)
+    bias = 4 * layer.bias_params + (_TENSOR_OVERHEAD if layer.bias_params else 0)
+    if fmt is Format.FLOAT or bits == FLOAT:
+        return 4 * layer.params + _TENSOR_OVERHEAD + bias
+    container = format_container(layer, bits, fmt, act_quantized=fmt is Format.INT8)
+    if fmt is Format.NBITS and bits <= 4 and container is Container.INT8:
+        container = Container.INT4
+    cbits = container.bits
+    if block_size and layer.weight_shape:
+        k_axis = _k_axis(layer)
+        shape = list(layer.weight_shape)
+        shape[k_axis] = -(-shape[k_axis] // block_size)
+        scales = math.prod(shape)
+    else:
+        scales = layer.channels
+    values = (layer.params * cbits + 7) // 8
+    zeros = (scales * cbits + 7) // 8
+    return values + 4 * scales + zeros + 3 * _TENSOR_OVERHEAD + _NODE_OVERHEAD + bias
+
+
+def _k_axis(layer: LayerInfo) -> int:
+    """The reduction axis of a layer's weight (where blocks run): the other axis of a 2-D MatMul/Gemm."""
+    if len(layer.weight_shape) == 2:
+        return 1 - layer.channel_axis
+    return 1 if layer.channel_axis == 0 else 0
 
 
 def gemm_as_matmul_ok(node: onnx.NodeProto, graph: onnx.GraphProto) -> bool:
@@ -278,6 +539,13 @@ def check_policy_names(info: ModelInfo, policy: Policy) -> None:
 
 __all__ = [
     "ActQuant",
+    "ActivationPlan",
+    "Format",
+    "allowed_formats",
+    "format_bytes",
+    "format_container",
+    "plan_quantizers",
+    "stored_weight_bits",
     "Container",
     "Storage",
     "WeightStorage",

@@ -27,6 +27,10 @@ class LayerParams:
     weight: np.ndarray | None = None
     scale: np.ndarray | None = None
     bias: np.ndarray | None = None
+    # The weight bits `scale` was made for (None: the policy's weight_bits). When emission stores other
+    # bits (7 for an 8-bit layer on integer kernels, `qdq_plan.stored_weight_bits`), the scale is
+    # multiplied by 2^(scale_bits - stored) so the clipping range stays the same.
+    scale_bits: int | None = None
 
 
 @dataclass

@@ -13,7 +13,7 @@ from onnx.reference import ReferenceEvaluator
 
 from mqtool.analysis import analyze
 from mqtool.numerics import activation_qparams, fake_quantize, int_range, quantize, quantize_weight
-from mqtool.policy import LayerBits, Policy
+from mqtool.policy import Format, LayerBits, Policy
 from passes.base import run_passes
 from passes.compact_names import compact_names
 from passes.dedupe_initializers import dedupe_initializers
@@ -21,7 +21,15 @@ from passes.gemm_to_matmul import gemm_to_matmul
 from passes.insert_qdq import insert_qdq
 from passes.pack_weights import pack_weights
 from passes.pipeline import prepare
-from passes.qdq_plan import ActQuant, Container, Storage, plan_activations, plan_storage, quantize_bias
+from passes.qdq_plan import (
+    ActQuant,
+    Container,
+    Storage,
+    plan_activations,
+    plan_quantizers,
+    plan_storage,
+    quantize_bias,
+)
 from passes.qparams import LayerParams, QuantParams
 from passes.upgrade_opset import upgrade_opset
 
@@ -130,14 +138,25 @@ def emit(model, policy, activations, qparams=None, storage="int8"):
     from mqtool.emit import _emit  # noqa: F401  (the real pipeline is exercised in test_emit.py)
 
     info = analyze(model)
-    layout = plan_storage(model, info, policy, {t: a.bits for t, a in activations.items()}, storage)
+    full = plan_quantizers(model, info, policy)
+    carried = {t: src for t, src in full.carried.items() if src in activations}
+    layout = plan_storage(model, info, policy, {**activations, **carried}, storage)
     return run_passes(
         model,
         [
             partial(
                 upgrade_opset, opset=25 if any(v.container is Container.INT2 for v in layout.values()) else 21
             ),
-            partial(insert_qdq, policy=policy, activations=activations, qparams=qparams, info=info),
+            partial(
+                insert_qdq,
+                policy=policy,
+                activations=activations,
+                qparams=qparams,
+                info=info,
+                carried=carried,
+                constants=full.constants,
+                layout=layout,
+            ),
             partial(gemm_to_matmul, layers=[k for k, v in layout.items() if v.as_matmul]),
             partial(pack_weights, containers={k: v.container for k, v in layout.items()}),
         ],
@@ -151,10 +170,14 @@ def test_plan_cnn_inputs_outputs_after_activations():
     m = cnn()
     info = analyze(m)
     assert info.names == ["Conv_0", "Conv_2", "Conv_4", "Gemm_9"]
-    plan = plan_activations(m, info, Policy.uniform(info.names, 4, 8))
+    full = plan_quantizers(m, info, Policy.uniform(info.names, 4, 8))
     # Inputs of the four layers; Conv_0's and Conv_2's outputs are planned after their Relu / Clip (tensors
-    # r and c, already inputs); Conv_4's output p feeds an Add: Q/DQ on p itself; Gemm needs none.
-    assert plan == {"x": 8, "r": 8, "c": 8, "f": 8, "p": 8}
+    # r and c, already inputs); Conv_4's output p feeds an Add: Q/DQ on p itself; Gemm needs none. Then the
+    # integer region: Add(p, r) has both inputs quantized -> its output after the Relu (s2) -> the pool's
+    # output (gp); Flatten only reshapes gp, so the Gemm input f repeats gp's quantizer.
+    assert full.bits == {"x": 8, "r": 8, "c": 8, "p": 8, "s2": 8, "gp": 8}
+    assert full.carried == {"f": "gp"} and full.constants == []
+    assert plan_activations(m, info, Policy.uniform(info.names, 4, 8)) == full.bits
 
 
 def test_plan_shared_tensor_widest_reader_and_float_veto():
@@ -229,10 +252,129 @@ def test_plan_storage_modes():
     a, b = info.names
     pol = Policy({a: LayerBits(2, 32), b: LayerBits(8, 8)})
     plan = plan_activations(m, info, pol)
-    cont = {s: {k: v.container for k, v in plan_storage(m, info, pol, plan, s).items()} for s in Storage}
-    assert cont[Storage.INT8] == {a: Container.INT8, b: Container.UINT8}
-    assert cont[Storage.PACKED] == {a: Container.INT2, b: Container.UINT8}
-    assert cont[Storage.AUTO] == {a: Container.INT4, b: Container.UINT8}  # MatMulNBits: INT4 beats INT2/INT8
+    lay = {s: plan_storage(m, info, pol, plan, s) for s in Storage}
+    cont = {s: {k: v.container for k, v in lay[s].items()} for s in Storage}
+    assert cont[Storage.INT8] == {a: Container.INT8, b: Container.INT8}
+    assert cont[Storage.PACKED] == {a: Container.INT2, b: Container.INT8}
+    assert cont[Storage.AUTO] == {a: Container.INT4, b: Container.INT8}  # MatMulNBits: INT4 beats INT2/INT8
+    # b runs on integer kernels (quantized input): its 8-bit weight is stored at 7 bits (reduce range)
+    assert {s: lay[s][b].bits for s in Storage} == dict.fromkeys(Storage, 7)
+    assert lay[Storage.AUTO][a].format is Format.NBITS and lay[Storage.AUTO][b].format is Format.INT8
+    assert lay[Storage.PACKED][a].format is Format.PACKED and lay[Storage.AUTO][a].bits == 2
+
+
+def yolo_block() -> onnx.ModelProto:
+    """SiLU (Sigmoid + Mul), MaxPool, hard-swish as Add(+3) / Clip(0, 6) / Mul / Div, hard-sigmoid gate,
+    nearest Resize and Concat: the zoo's detectors and PP-LCNet between their convs."""
+    return build(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 3, 8, 8] x) => (float[N, 8, 8, 8] y) {
+          a = Conv <pads = [1, 1, 1, 1]> (x, W1, B1)
+          s = Sigmoid(a)
+          m = Mul(a, s)
+          p = MaxPool <kernel_shape = [2, 2], strides = [2, 2]> (m)
+          b = Conv <pads = [1, 1, 1, 1]> (p, W2, B2)
+          t = Add(b, three)
+          c = Clip(t, lo, hi)
+          h = Mul(b, c)
+          d = Div(h, six)
+          e = Conv(d, W3, B3)
+          g1 = HardSigmoid(e)
+          f = Mul(e, g1)
+          u = Resize(f, , up)
+          k = Concat <axis = 1> (u, m)
+          y = Conv(k, W4, B4)
+        }""",
+        {
+            "W1": w(4, 3, 3, 3), "B1": w(4), "W2": w(4, 4, 3, 3), "B2": w(4), "W3": w(4, 4, 1, 1), "B3": w(4),
+            "W4": w(8, 8, 1, 1), "B4": w(8), "three": np.float32(3.0), "six": np.float32(6.0),
+            "lo": np.float32(0), "hi": np.float32(6), "up": np.array([1, 1, 2, 2], np.float32),
+        },
+    )  # fmt: skip
+
+
+def test_integer_regions_between_layers_fuse_in_ort_and_match_the_reference():
+    m = yolo_block()
+    info = analyze(m)
+    pol = Policy.uniform(info.names, 4, 8)
+    full = plan_quantizers(m, info, pol)
+    # Layer inputs x, d, k and Conv outputs a, b, e, y; then the regions: s = Sigmoid(a), m = Mul(a, s),
+    # c = Clip(Add(b, 3)) (the Add's output after its Clip), h = Mul(b, c), the hard-sigmoid g1 quantized
+    # so that f = Mul(e, g1) runs on integers (rule 4c), k = Concat(u, m).
+    assert set(full.bits) == {"x", "d", "k", "a", "b", "e", "y", "s", "m", "c", "h", "g1", "f"}
+    # MaxPool and nearest Resize only select values: p and u repeat the quantizers of m and f.
+    assert full.carried == {"p": "m", "u": "f"}
+    # A reader asking for other bits keeps its own quantizer: p at 6 bits is planned, not carried.
+    mixed = Policy({**pol.layers, info.names[1]: LayerBits(4, 6)})
+    assert (
+        plan_quantizers(m, info, mixed).bits["p"] == 6 and "p" not in plan_quantizers(m, info, mixed).carried
+    )
+    node_names = {n.name: n for n in m.graph.node}
+    # The 3 and the 6 of the hard-swish: uint8 constants; the Div by 6 is emitted as a Mul by 1/6.
+    assert [(node_names[n].op_type, k) for n, k in full.constants] == [("Add", 1), ("Div", 1)]
+    x = w(2, 3, 8, 8, scale=1.0)
+    ranges = calibrate_ranges(m, full.bits, x)
+    a = {}
+    for t, b in full.bits.items():
+        scale, zp = activation_qparams(*ranges[t], b)
+        a[t] = ActQuant(b, float(scale), int(zp))
+    q = emit(m, pol, a)
+    onnx.checker.check_model(q, full_check=True)
+    ops = ort_ops(q)
+    assert ops.count("QLinearConv") == 4
+    for op in ("QLinearSigmoid", "QLinearMul", "QLinearAdd", "QLinearConcat"):
+        assert op in ops, op
+    assert ops.count("QLinearMul") == 4 and "Div" not in ops
+    # The repeated quantizer and the uint8 constant change no value: the reference run of the emitted
+    # model equals the simulation (every planned tensor fake-quantized, nothing else).
+    want = simulate(m, full.bits, a, pol, x)
+    got = ReferenceEvaluator(q).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def calibrate_ranges(m, plan, x):
+    from calibration.calibrate import calibrate
+
+    return calibrate(m, plan, {"x": x})
+
+
+def simulate(m, plan, a, pol, x):
+    """The float model with every planned tensor fake-quantized and the weights quantized as emitted."""
+    from onnx import helper
+
+    sim = onnx.ModelProto()
+    sim.CopyFrom(m)
+    g = sim.graph
+    inits = {i.name: i for i in g.initializer}
+    info = analyze(m)
+    for layer in info.layers:
+        wt = numpy_helper.to_array(inits[layer.weight])
+        qv, sc = quantize_weight(wt, pol.get(layer.name).weight_bits, layer.channel_axis)
+        shape = [-1 if i == layer.channel_axis else 1 for i in range(wt.ndim)]
+        inits[layer.weight].CopyFrom(
+            numpy_helper.from_array((qv * sc.reshape(shape)).astype(np.float32), layer.weight)
+        )
+    # Evaluate node by node, replacing each planned tensor by its fake-quantized value.
+    values = {"x": x}
+    values.update({k: numpy_helper.to_array(v) for k, v in inits.items()})
+    if "x" in plan:
+        values["x"] = fake_quantize(x, a["x"].scale, a["x"].zero_point, *int_range(a["x"].bits, signed=False))
+    for node in g.node:
+        one = helper.make_model(
+            helper.make_graph(
+                [node],
+                "n",
+                [helper.make_tensor_value_info(i, TensorProto.FLOAT, None) for i in node.input if i],
+                [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in node.output],
+            ),
+            opset_imports=[helper.make_opsetid("", 17)],
+        )
+        res = ReferenceEvaluator(one).run(None, {i: values[i] for i in node.input if i})
+        for o, v in zip(node.output, res):
+            if o in plan:
+                v = fake_quantize(v, a[o].scale, a[o].zero_point, *int_range(a[o].bits, signed=False))
+            values[o] = v
+    return values["y"]
 
 
 # ---- insert_qdq ------------------------------------------------------------------------------------------

