@@ -102,7 +102,17 @@ def ort_quantize(name: str, model_path: str, data_path: str, out: str) -> dict:
         def get_next(self):
             return next(self.it, None)
 
+    import onnx
+    import onnx.version_converter
+
     info: dict = {}
+    m = onnx.load(model_path)
+    opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 13:  # ORT writes per-axis DequantizeLinear (opset 13) into the older model: an invalid graph
+        up = out + ".opset13.onnx"
+        onnx.save(onnx.version_converter.convert_version(m, 13), up)
+        info["opset_upgraded_from"] = opset
+        model_path = up
     pre = out + ".pre.onnx"
     try:
         quant_pre_process(model_path, pre)
@@ -119,8 +129,9 @@ def ort_quantize(name: str, model_path: str, data_path: str, out: str) -> dict:
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
     )  # no CalibMaxIntermediateOutputs: in ORT 1.32 MinMax drops (never merges) each flushed group of batches
-    if os.path.exists(pre):
-        os.unlink(pre)
+    for tmp in (pre, out + ".opset13.onnx"):
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return info
 
 
@@ -331,7 +342,8 @@ def doc_body(result: dict, runs: list[str]) -> str:
     parts.append(
         f"Searched runs (only where `--bits 8` worked) use reduced settings `{result['searched_settings']}`, "
         f"timeout {result['timeout_s']} s per run; ORT int8 = `quantize_static` QDQ, per-channel, MinMax over "
-        "data.npz. silero_vad_seq, the LSTM model without If, is the same network as silero_vad."
+        "data.npz (ddddocr's opset 11/12 models upgraded to opset 13 first: ORT writes per-axis "
+        "DequantizeLinear into them otherwise, an invalid graph). silero_vad_seq, the LSTM model without If, is the same network as silero_vad."
     )
     return "\n".join(parts)
 
@@ -376,7 +388,16 @@ def main() -> None:
         else SEARCHED
     )
     models.ensure_skimage()
-    result = {"searched_settings": settings, "timeout_s": args.timeout, "runs": args.runs, "models": {}}
+    git = subprocess.run(
+        ["git", "-C", common.ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    )
+    result = {
+        "mqtool_commit": git.stdout.strip() + " (+ the uncommitted working tree at run time)",
+        "searched_settings": settings,
+        "timeout_s": args.timeout,
+        "runs": args.runs,
+        "models": {},
+    }
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="zoo-") as tmp:
         for name in names:
