@@ -3,9 +3,11 @@ and otherwise gives one `InputError` line naming the file and the array; at the 
 
 Valid means (docs of `mqtool.data`): one array per model input named after it (or `x` for a one-input
 model) plus an optional `y`; each input array [N, ...] with the model's trailing dims, N > 0, the same N for
-all, a compatible dtype (any float for a float input, a same-kind integer for an integer one), C order, no
-objects (pickle is refused), finite after the cast to the input's dtype; `y` integer class indices >= 0 of
-shape [N] or [N, 1]. The oracle below states these rules independently of the loader.
+all, a compatible dtype (any float for a float input, a same-kind integer whose values all fit the input's
+type for an integer one), C order, no objects (pickle is refused), finite after the cast to the input's
+dtype; `y` integer class indices >= 0 of shape [N] or [N, 1], and below the model's class count when the
+loader is given the model (the one-input model here has 4). The oracle below states these rules
+independently of the loader.
 
 Generated cases per run (the `max_examples` below): 150 + 100 mutated files against one- and three-input
 models, 100 byte-level corruptions of valid files, 30 random files, 30 .npy folders (loader calls); 25
@@ -39,13 +41,17 @@ def _settings(n: int) -> settings:
     return settings(max_examples=n, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 
 
-ONE = model_inputs(cnn())  # x: float32 [N, 3, 8, 8]
+ONE = model_inputs(cnn())  # x: float32 [N, 3, 8, 8]; the model's output y is [N, 4]
+CLASSES = 4
 THREE = [
     InputSpec("img", np.dtype(np.float32), (None, 2, None)),  # a dynamic non-batch dim
     InputSpec("ids", np.dtype(np.int64), (None, 5)),
     InputSpec("mask", np.dtype(np.bool_), (None, 5)),
+    InputSpec("seg", np.dtype(np.int32), (None, 5)),  # int64 data must fit it
 ]
-NAMES = st.sampled_from(["x", "y", "img", "ids", "mask", "X", "x_", ""]) | st.text("xyimgdsak_.", max_size=4)
+NAMES = st.sampled_from(["x", "y", "img", "ids", "mask", "seg", "X", "x_", ""]) | st.text(
+    "xyimgdsak_.", max_size=4
+)
 DTYPES = [
     "float16", "float32", "float64", "int8", "int32", "int64", "uint8", "uint64", "bool", "complex64",
     "<U3", "S2", "M8[s]", "object", "struct",
@@ -53,7 +59,7 @@ DTYPES = [
 # Repeats are drawn more often.
 MUTATIONS = [
     "rename", "drop", "extra", "dtype", "dtype", "dtype", "pickle", "shape", "shape", "count", "nonfinite",
-    "nonfinite", "overflow", "negative", "negative", "fortran",
+    "nonfinite", "overflow", "negative", "negative", "fortran", "wide", "wide", "class", "class",
 ]  # fmt: skip
 I64_MAX = np.iinfo(np.int64).max
 
@@ -134,11 +140,21 @@ def data_files(draw, specs: list[InputSpec]) -> dict[str, np.ndarray]:
             arrays[key] = a
         elif mutation == "fortran" and a.ndim >= 2:
             arrays[key] = np.asfortranarray(a)
+        elif mutation == "wide" and a.dtype.kind in "iu" and a.size:  # beyond int32, or beyond int64
+            big = draw(st.sampled_from([2**31, 2**31 + 7, -(2**31) - 1, 2**63 + 5]))
+            big = 2**31 if big >= 2**63 and a.min() < 0 else big  # uint64 only holds it without negatives
+            a = a.astype(np.uint64 if big >= 2**63 else np.int64)
+            a.flat[draw(st.integers(0, a.size - 1))] = big
+            arrays[key] = a
+        elif mutation == "class" and key == "y" and a.dtype.kind in "iu" and a.size:
+            a = a.copy()
+            a.flat[draw(st.integers(0, a.size - 1))] = draw(st.integers(CLASSES, CLASSES + 100))
+            arrays[key] = a
     return arrays
 
 
-def is_valid(arrays: dict[str, np.ndarray], specs: list[InputSpec]) -> bool:
-    """The rules of the module docstring (the oracle)."""
+def is_valid(arrays: dict[str, np.ndarray], specs: list[InputSpec], classes: int | None = None) -> bool:
+    """The rules of the module docstring (the oracle); `classes` when the loader is given the model."""
     keys = set(arrays) - {"y"}
     names = {s.name for s in specs}
     if len(specs) == 1 and keys == {"x"}:
@@ -164,6 +180,9 @@ def is_valid(arrays: dict[str, np.ndarray], specs: list[InputSpec]) -> bool:
         elif s.dtype.kind in "iu":
             if a.dtype.kind not in "iu" or not np.can_cast(a.dtype, s.dtype, "same_kind"):
                 return False
+            info = np.iinfo(s.dtype)
+            if a.size and (int(a.min()) < info.min or int(a.max()) > info.max):
+                return False
         elif a.dtype != s.dtype:
             return False
         counts.add(len(a))
@@ -176,6 +195,8 @@ def is_valid(arrays: dict[str, np.ndarray], specs: list[InputSpec]) -> bool:
         if y.dtype.hasobject or y.ndim != 1 or y.dtype.kind not in "iu" or len(y) != counts.pop():
             return False
         if np.any(y < 0) or np.any(y > I64_MAX):
+            return False
+        if classes is not None and np.any(y >= classes):
             return False
     return True
 
@@ -197,11 +218,12 @@ def check_error(message: str, path, fields: set[str] | None) -> None:
         assert named & fields, message
 
 
-def load_or_error(path, arrays: dict[str, np.ndarray], specs: list[InputSpec]) -> None:
-    valid = is_valid(arrays, specs)
+def load_or_error(path, arrays: dict[str, np.ndarray], specs: list[InputSpec], model=None) -> None:
+    """Load with the model when given (labels then checked against its classes), else the bare specs."""
+    valid = is_valid(arrays, specs, CLASSES if model is not None else None)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     try:
-        ds = open_data(path, specs)
+        ds = open_data(path, model if model is not None else specs)
         got = ds.load()
         labels = ds.labels
     except InputError as e:
@@ -226,7 +248,7 @@ def load_or_error(path, arrays: dict[str, np.ndarray], specs: list[InputSpec]) -
 def test_one_input_files(tmp_path_factory, arrays, compressed):
     path = tmp_path_factory.mktemp("one") / "d.npz"
     save(path, arrays, compressed)
-    load_or_error(path, arrays, ONE)
+    load_or_error(path, arrays, ONE, cnn())
 
 
 @_settings(100)
@@ -364,7 +386,7 @@ def test_cli_convert(models, tmp_path_factory, arrays):
         str(d / "d.npz"),
     ]
     r = CliRunner().invoke(cli, args)
-    check_cli(r.exit_code, r.stderr, d / "d.npz", is_valid(arrays, ONE))
+    check_cli(r.exit_code, r.stderr, d / "d.npz", is_valid(arrays, ONE, CLASSES))
     assert (d / "q.onnx").exists() == (r.exit_code == 0)
     assert sorted(os.listdir(d)) == (["d.npz", "q.onnx"] if r.exit_code == 0 else ["d.npz"])
 
@@ -383,7 +405,7 @@ def test_cli_validate(models, tmp_path_factory, arrays):
         str(d / "d.npz"),
     ]
     r = CliRunner().invoke(cli, [*args, "--json"])
-    check_cli(r.exit_code, r.stderr, d / "d.npz", is_valid(arrays, ONE))
+    check_cli(r.exit_code, r.stderr, d / "d.npz", is_valid(arrays, ONE, CLASSES))
 
 
 def _pickled(path):
@@ -406,15 +428,26 @@ def _truncated(path):
         f.truncate(os.path.getsize(path) // 2)
 
 
+def _class(path):
+    np.savez(path, x=np.zeros((4, 3, 8, 8), np.float32), y=np.array([0, 3, 4, 1]))
+
+
 @pytest.mark.parametrize(
-    "make, field",
-    [(_pickled, "array 'x'"), (_nan, "array 'x' contains NaN"), (_labels, "array 'y'"), (_truncated, "")],
+    "make, message",
+    [
+        (_pickled, "array 'x' has dtype object (needs pickle, refused)"),
+        (_nan, "array 'x' contains NaN or Inf (sample 2)"),
+        (_labels, "array 'y' has 5 labels for 4 samples"),
+        (_truncated, "not a readable .npz file (File is not a zip file)"),
+        (_class, "array 'y' has label 4 at sample 2, but the model's output 'y' has 4 classes (labels 0..3)"),
+    ],
 )
-def test_real_process(models, tmp_path, make, field):
-    """The installed entry point in a fresh process: exit 2, one line, no traceback."""
+def test_real_process(models, tmp_path, make, message):
+    """The installed entry point in a fresh process: exit 2, one line naming the file and the problem."""
     make(tmp_path / "bad.npz")
     cmd = [sys.executable, "-c", "from mqtool.cli import main; main()", "convert", str(models / "m.onnx")]
     cmd += ["-o", str(tmp_path / "q.onnx"), "--bits", "8", "--data", str(tmp_path / "bad.npz")]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     check_cli(r.returncode, r.stderr, tmp_path / "bad.npz", valid=False)
-    assert field in r.stderr and not (tmp_path / "q.onnx").exists()
+    assert r.stderr.startswith(f"mqtool: error: {tmp_path / 'bad.npz'}: {message}"), r.stderr
+    assert not (tmp_path / "q.onnx").exists()
