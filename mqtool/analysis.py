@@ -2,8 +2,10 @@
 
 A layer is quantizable when it multiplies an activation by a constant weight: Conv (any rank, grouped,
 depthwise), ConvTranspose, Gemm, and MatMul with exactly one constant input. Weights computed by constant
-subgraphs (`Constant`, `ConstantOfShape`, ...) count like initializers. Analysis is pure: it reads the
-model and returns plain dataclasses that serialise to JSON.
+subgraphs (`Constant`, `ConstantOfShape`, ...) count like initializers. Layers inside control flow (If
+branches, Loop and Scan bodies, at any depth) count too: `LayerInfo.subgraph` says where they live, and
+their names are unique across the whole model (`mqtool.model.scoped_graphs`). Analysis is pure: it reads
+the model and returns plain dataclasses that serialise to JSON.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import onnx
 
-from mqtool.model import constant_values, infer_shapes, node_names, quantized_nodes, refuse_quantized
+from mqtool.model import infer_shapes, quantized_nodes, refuse_quantized, scoped_constants, scoped_graphs
 
 QUANTIZABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -37,6 +39,9 @@ class LayerInfo:
     # Which input of the node is the weight (MatMul may hold it in either).
     weight_input: int = 1
     groups: int = 1
+    # The graph the node lives in: [] for the main graph, else the path of [node name, attribute] pairs
+    # from the main graph (`mqtool.model.find_scope` resolves it), e.g. [["If_0", "then_branch"]].
+    subgraph: list[list[str]] = field(default_factory=list)
 
     @property
     def channels(self) -> int:
@@ -104,23 +109,36 @@ def analyze(model: onnx.ModelProto, *, allow_quantized: bool = False) -> ModelIn
     quantized = quantized_nodes(model)
     if quantized and not allow_quantized:
         refuse_quantized(model)
-    consts = constant_values(model)
+    scoped_consts = scoped_constants(model)
     shapes = infer_shapes(model)
-    const_shapes = {k: list(v.shape) for k, v in consts.items()}
     layers = []
-    for node, name in zip(model.graph.node, node_names(model.graph)):
-        if node.domain not in ("", "ai.onnx") or node.op_type not in QUANTIZABLE_OPS:
-            continue
-        layer = _layer(node, name, consts, const_shapes, shapes)
-        if layer is not None:
-            layers.append(layer)
+    model_params = 0
+    counted: set[str] = set()
+    for scoped in scoped_graphs(model.graph):
+        consts = scoped_consts[scoped.scope]
+        const_shapes = {k: list(v.shape) for k, v in consts.items()}
+        for node, name in zip(scoped.graph.node, scoped.names):
+            if node.domain not in ("", "ai.onnx") or node.op_type not in QUANTIZABLE_OPS:
+                continue
+            layer = _layer(node, name, consts, const_shapes, shapes)
+            if layer is not None:
+                layer.subgraph = [list(step) for step in scoped.scope]
+                layers.append(layer)
+        # Float constants read by the live (non-folded) graph: weights, biases, BN parameters, embeddings...
+        live_inputs = {
+            i for n in scoped.graph.node if not all(o in consts for o in n.output if o) for i in n.input
+        }
+        for k in live_inputs - counted:
+            v = consts.get(k)
+            if v is not None and v.dtype.kind == "f":
+                model_params += int(v.size)
+                counted.add(k)
     init_names = {i.name for i in model.graph.initializer}
     graph_inputs = [i.name for i in model.graph.input if i.name not in init_names]
-    # Float constants read by the live (non-folded) graph: weights, biases, BN parameters, embeddings...
-    live_inputs = {
-        i for n in model.graph.node if not all(o in consts for o in n.output if o) for i in n.input
-    }
-    model_params = sum(int(v.size) for k, v in consts.items() if v.dtype.kind == "f" and k in live_inputs)
+    # Embedding tables and recurrent weights (weight-only layers): mqtool/weight_layers.py
+    from mqtool.weight_layers import with_weight_only_layers
+
+    layers = with_weight_only_layers(model, layers)
     macs = [layer.macs for layer in layers]
     totals = Totals(
         layers=len(layers),

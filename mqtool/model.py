@@ -369,21 +369,41 @@ _FOLDABLE = {
 
 
 def constant_values(model: onnx.ModelProto, *, fold: bool = True) -> dict[str, np.ndarray]:
-    """Values of every tensor known without running the model.
+    """Values of every tensor of the main graph known without running the model.
 
     Initializers, `Constant` outputs and, when `fold`, the outputs of deterministic nodes whose inputs are
     all constant (e.g. the zoo models' `ConstantOfShape` weights). Graph inputs that shadow an initializer
     (old IR) count as constants: that is how ONNX Runtime runs them by default.
     """
+    return graph_constants(model.graph, {}, _default_opset(model), fold=fold)
+
+
+def scoped_constants(model: onnx.ModelProto, *, fold: bool = True) -> dict[Scope, dict[str, np.ndarray]]:
+    """`constant_values` of every graph of `scoped_graphs`, by scope. A subgraph's dict holds the constants
+    it can read: those of its outer scopes, then its own initializers, `Constant` nodes and folded nodes."""
+    opset = _default_opset(model)
+    out: dict[Scope, dict[str, np.ndarray]] = {}
+    for scoped in scoped_graphs(model.graph):
+        outer = out[scoped.scope[:-1]] if scoped.scope else {}
+        out[scoped.scope] = graph_constants(scoped.graph, outer, opset, fold=fold)
+    return out
+
+
+def graph_constants(
+    graph: onnx.GraphProto, outer: dict[str, np.ndarray], opset: int, *, fold: bool = True
+) -> dict[str, np.ndarray]:
+    """The constants `graph` can read: `outer` (its enclosing scopes' constants) and its own."""
     from onnx.reference import ReferenceEvaluator
 
-    values: dict[str, np.ndarray] = {}
-    for init in model.graph.initializer:
+    values: dict[str, np.ndarray] = dict(outer)
+    for vi in graph.input:  # a Loop body's inputs change per iteration, whatever the outer scope holds
+        if vi.name in values and vi.name not in {i.name for i in graph.initializer}:
+            del values[vi.name]
+    for init in graph.initializer:
         values[init.name] = tensor_value(init)
-    opset = _default_opset(model)
-    for node in model.graph.node:
+    for node in graph.node:
         if node.op_type == "Constant":
-            values[node.output[0]] = _constant_attr_value(node)
+            values[node.output[0]] = constant_attr_value(node)
             continue
         if not fold or node.domain not in ("", "ai.onnx") or node.op_type not in _FOLDABLE:
             continue
@@ -418,7 +438,8 @@ def tensor_value(tensor: TensorProto, where: str = "model") -> np.ndarray:
         ) from e
 
 
-def _constant_attr_value(node: onnx.NodeProto) -> np.ndarray:
+def constant_attr_value(node: onnx.NodeProto) -> np.ndarray:
+    """The value of a `Constant` node (any of its value attributes)."""
     if not node.attribute:
         raise InputError(f"node '{node.name}': Constant without a value attribute")
     attr = node.attribute[0]
@@ -457,7 +478,8 @@ def _single_node_model(node: onnx.NodeProto, opset: int) -> onnx.ModelProto:
 
 
 def infer_shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
-    """Inferred shape of every tensor (None for unknown dims); the model is not modified."""
+    """Inferred shape of every tensor, subgraphs included (None for unknown dims); the model is not
+    modified."""
     # onnx serialises the model it infers on; with the weights that was most of the time (1 s of ResNet-50's
     # 100 MB). Shape inference reads only the dims and type of a float weight (data propagation evaluates
     # small integer tensors), so large float initializers go in as typed graph inputs instead. One listed
@@ -490,7 +512,10 @@ def infer_shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
         inferred = light
     shapes: dict[str, list[int | None]] = {}
     ig = inferred.graph
-    for vi in list(ig.input) + list(ig.value_info) + list(ig.output):
+    # Subgraphs (If branches, Loop bodies) first: a main-graph name, if a branch reuses it, wins.
+    nested = [g for node in ig.node for g in nested_graphs(node)]
+    infos = [vi for g in nested for vi in list(g.value_info) + list(g.output)]
+    for vi in infos + list(ig.input) + list(ig.value_info) + list(ig.output):
         if vi.name in big:
             continue  # reported with the initializers below, in their order, as before
         t = vi.type.tensor_type

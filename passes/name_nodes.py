@@ -1,4 +1,4 @@
-"""Write `mqtool.model.node_names` into the graph, so every node has the unique name `inspect` prints.
+"""Write `mqtool.model.scoped_graphs` names into every node (subgraphs too): the names `inspect` prints.
 
 Before::
 
@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import onnx
 
-from mqtool.model import node_names
+from mqtool.model import scoped_graphs
 from passes.base import PassResult
 
 
 def name_nodes(model: onnx.ModelProto) -> PassResult:
-    """Name every node of the main graph as `inspect` and policies do (in place)."""
+    """Name every node, subgraphs (If/Loop bodies) included, as `inspect` and policies do (in place)."""
     modified = False
-    for node, name in zip(model.graph.node, node_names(model.graph)):
-        if node.name != name:
-            node.name = name
-            modified = True
+    for scoped in scoped_graphs(model.graph):
+        for node, name in zip(scoped.graph.node, scoped.names):
+            if node.name != name:
+                node.name = name
+                modified = True
     return PassResult(model, modified)

@@ -720,6 +720,66 @@ CASES = [
         outputs=2,
         const=(1, 2, 3),
     ),
+    # ------------------------------------------------------------------ control flow (more in test_control_flow.py)
+    *[
+        Case(
+            f"if_{cond}",
+            "If",
+            [np.array(cond)],
+            {
+                # The branches read the outer-scope condition: 1.5 + cond or 1.5 * cond as floats.
+                "then_branch": helper.make_graph(
+                    [
+                        helper.make_node("Cast", ["in0"], ["c"], to=onnx.TensorProto.FLOAT),
+                        helper.make_node("Add", ["c", "k"], ["t"]),
+                    ],
+                    "then",
+                    [],
+                    [helper.make_empty_tensor_value_info("t")],
+                    [numpy_helper.from_array(np.float32([1.5, 2.5]), "k")],
+                ),
+                "else_branch": helper.make_graph(
+                    [
+                        helper.make_node("Cast", ["in0"], ["c2"], to=onnx.TensorProto.FLOAT),
+                        helper.make_node("Mul", ["c2", "k2"], ["e"]),
+                    ],
+                    "else",
+                    [],
+                    [helper.make_empty_tensor_value_info("e")],
+                    [numpy_helper.from_array(np.float32([1.5, 2.5]), "k2")],
+                ),
+            },
+        )
+        for cond in (True, False)
+    ],
+    Case(
+        "loop_carried_and_scan",
+        "Loop",
+        [np.int64(4), np.array(True), f32(2, 3)],
+        {
+            "body": helper.make_graph(
+                [
+                    helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+                    helper.make_node("Cast", ["i"], ["i_f"], to=onnx.TensorProto.FLOAT),
+                    helper.make_node("Mul", ["v_in", "i_f"], ["scaled"]),
+                    helper.make_node("Add", ["v_in", "scaled"], ["v_out"]),
+                    helper.make_node("ReduceSum", ["v_out"], ["scan_out"], keepdims=0),
+                ],
+                "body",
+                [
+                    helper.make_tensor_value_info("i", onnx.TensorProto.INT64, []),
+                    helper.make_tensor_value_info("cond_in", onnx.TensorProto.BOOL, []),
+                    helper.make_tensor_value_info("v_in", onnx.TensorProto.FLOAT, [2, 3]),
+                ],
+                [
+                    helper.make_tensor_value_info("cond_out", onnx.TensorProto.BOOL, []),
+                    helper.make_tensor_value_info("v_out", onnx.TensorProto.FLOAT, [2, 3]),
+                    helper.make_tensor_value_info("scan_out", onnx.TensorProto.FLOAT, []),
+                ],
+            )
+        },
+        outputs=2,
+    ),
     Case(
         "rnn_reverse",
         "RNN",

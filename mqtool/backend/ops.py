@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mqtool.errors import InputError
+from mqtool.model import constant_attr_value
 
 OpFn = Callable[..., Any]
 Factory = Callable[["Node"], OpFn]
@@ -53,9 +54,13 @@ def register(*op_types: str) -> Callable[[Factory], Factory]:
     return deco
 
 
+# Control-flow ops: `mqtool.backend.graph` runs them itself (their bodies become step lists).
+CONTROL_FLOW_OPS = ("If", "Loop")
+
+
 def supported_ops() -> list[str]:
     """Sorted ONNX op types the backend runs."""
-    return sorted(REGISTRY)
+    return sorted([*REGISTRY, *CONTROL_FLOW_OPS])
 
 
 def supported_ops_markdown(width: int = 110) -> str:
@@ -69,7 +74,7 @@ def supported_ops_markdown(width: int = 110) -> str:
         else:
             line = f"{line} {item}" if line else item
     lines.append(line.rstrip(","))
-    return f"{len(REGISTRY)} op types (default ONNX domain):\n\n" + "\n".join(lines) + "\n"
+    return f"{len(supported_ops())} op types (default ONNX domain):\n\n" + "\n".join(lines) + "\n"
 
 
 class Node:
@@ -1106,9 +1111,7 @@ def _constant_of_shape(node: Node) -> OpFn:
 @register("Constant")
 def _constant(node: Node) -> OpFn:
     # Constant nodes are folded into buffers by the converter; this keeps them runnable anyway.
-    from mqtool.model import _constant_attr_value
-
-    value = _constant_attr_value(node.proto)
+    value = constant_attr_value(node.proto)
     if value.dtype.kind not in "fiub":
         raise node.error("non-numeric constants are not supported")
     return lambda: torch.from_numpy(np.array(value))
