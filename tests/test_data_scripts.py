@@ -310,9 +310,11 @@ def test_search_trains_on_a_function_with_labels(tmp_path):
     onnx.save(cnn(), tmp_path / "m.onnx")
     path = script(tmp_path, FORMS["torch_style_array_label_pairs"])
     args = ["search", str(tmp_path / "m.onnx"), "--data", f"{path}:make", "--target-bits", "5"]
-    args += ["-o", str(tmp_path / "p.json"), "--workdir", str(tmp_path / "wd"), "--epochs", "1"]
+    args += ["-o", str(tmp_path / "p.json"), "--epochs", "1"]
     args += ["--population", "4", "--generations", "1", "--rerank", "0", "--device", "cpu"]
-    r = CliRunner().invoke(cli, args)
+    # No --workdir: the default one is named after the model and the file behind the data (the script).
+    r = CliRunner().invoke(cli, args, env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
     assert r.exit_code == 0, r.stderr
+    assert f"workdir: {tmp_path / 'cache' / 'mqtool' / 'm-'}" in r.stderr
     policy = json.loads((tmp_path / "p.json").read_text())
     assert policy["meta"]["fitness"]["metric"] == "ce" and len(policy["layers"]) == 4
