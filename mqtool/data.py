@@ -259,14 +259,14 @@ def open_data(
     read whole) or a function spec, materialised here (see the module doc). `limit` says the caller needs no
     more than that many samples (a function is then not asked for more). Given a model (not bare input specs),
     labels are also checked against its number of classes."""
-    spec = path if isinstance(path, DataSpec) else DataSpec(path)
+    source = path if isinstance(path, DataSpec) else DataSpec(path)
     specs = model_inputs(model) if isinstance(model, onnx.ModelProto) else list(model)
     classes = _num_classes(model) if isinstance(model, onnx.ModelProto) else None
     if not specs:
         raise InputError("the model has no inputs to feed")
-    if spec.kind != "file":
-        return _from_function(spec, specs, classes, limit)
-    path = spec.source
+    if source.kind != "file":
+        return _from_function(source, specs, classes, limit)
+    path = source.source
     if not os.path.exists(path):
         raise InputError(f"{path}: no such data file")
     if os.path.isdir(path):
@@ -292,7 +292,7 @@ def open_data(
     n = next(iter(arrays.values())).shape[0]
     if labels_arr is not None:
         labels_arr = _check_labels(path, labels_arr, n, classes)
-    ds = Dataset(path, arrays, labels_arr, specs, spec.max_samples)
+    ds = Dataset(path, arrays, labels_arr, specs, source.max_samples)
     ds._keepalive = keepalive
     return ds
 
