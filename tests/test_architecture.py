@@ -45,7 +45,8 @@ def _in(module: str, prefix: str) -> bool:
 
 
 def layer(module: str) -> str:
-    """core < engine (passes, calibration, backend) < stage (emit, report, validate, search) < entry."""
+    """'core', the engine's package ('passes', 'calibration', 'mqtool.backend'), 'stage' or 'entry' (in
+    that order: each may import the ones before it)."""
     if module in CORE:
         return "core"
     if any(_in(module, p) for p in ENGINES):
