@@ -27,9 +27,10 @@ def run_example(name: str, n_policies: int, sizes: list[int], screen: int, quick
     import onnx
     from scipy.stats import kendalltau
 
+    from mqtool.search import SearchConfig
     from mqtool.search.api import load_dataset
     from mqtool.search.budgets import BudgetCost
-    from mqtool.search.engine import SearchConfig, SearchEngine
+    from mqtool.search.driver import SearchEngine
     from mqtool.search.ga import GeneticSearch
 
     ex = common.EXAMPLES[name]
@@ -40,23 +41,23 @@ def run_example(name: str, n_policies: int, sizes: list[int], screen: int, quick
         data, epochs = data.take(np.arange(400)), 1
     full = max(sizes)
     with tempfile.TemporaryDirectory() as wd:
-        cfg = SearchConfig(epochs=epochs, fitness_samples=full, rerank_samples=full, racing=False)
+        cfg = SearchConfig.flat(epochs=epochs, fitness_samples=full, rerank_samples=full, racing=False)
         eng = SearchEngine(model, data, cfg, wd)
         eng.train_metaquantnet()
         ga = GeneticSearch(
-            eng.n, eng.widths, BudgetCost("bits", eng.info.layers), 2.5, config=eng.cfg.ga(), seed=1
+            eng.ctx.n, eng.ctx.widths, BudgetCost("bits", eng.ctx.info.layers), 2.5, config=eng.cfg.ga, seed=1
         )
         genomes = ga._fill(ga._random, n_policies, set())
-        whole = eng.search_set
+        whole = eng.ctx.search_set
         fits, secs = {}, {}
         runs = [(k, False) for k in sorted(sizes, reverse=True)]
         runs.append((screen, True))  # the GA's default screening: float activations
         for k, float_acts in runs:
             # The GA scores a candidate on the first k rows of the search split.
-            eng._set_ga_samples(k)
-            eng.set_float_screening(float_acts)
+            eng.scorer.set_samples(k)
+            eng.scorer.set_float_screening(float_acts)
             t0 = time.perf_counter()
-            fits[k, float_acts] = np.array(eng.evaluate(genomes))
+            fits[k, float_acts] = np.array(eng.scorer.evaluate(genomes))
             secs[k, float_acts] = (time.perf_counter() - t0) / len(genomes)
     ref = fits[full, False]
     top = set(np.argsort(ref)[:10])

@@ -25,9 +25,10 @@ import numpy as np  # noqa: E402
 def run_example(name: str, budgets: list[float], quick: bool) -> tuple[float, list[dict]]:
     import onnx
 
+    from mqtool.search import SearchConfig
     from mqtool.search.api import load_dataset
     from mqtool.search.budgets import Budget
-    from mqtool.search.engine import SearchConfig, SearchEngine
+    from mqtool.search.driver import SearchEngine
 
     ex = common.EXAMPLES[name]
     model = onnx.load(os.path.join(ex, "model.onnx"))
@@ -35,7 +36,7 @@ def run_example(name: str, budgets: list[float], quick: bool) -> tuple[float, li
     cfg = SearchConfig()
     if quick:
         data = data.take(np.arange(400))
-        cfg = SearchConfig(epochs=1, population=8, generations=2, parents=3, mutations=3, crossovers=3)
+        cfg = SearchConfig.flat(epochs=1, population=8, generations=2, parents=3, mutations=3, crossovers=3)
     rows = []
     with tempfile.TemporaryDirectory() as wd:
         eng = SearchEngine(model, data, cfg, wd)
@@ -43,9 +44,9 @@ def run_example(name: str, budgets: list[float], quick: bool) -> tuple[float, li
         eng.train_metaquantnet()
         mqn_s = time.perf_counter() - t0
         for b in budgets:
-            before = dict(eng.race_stats)
+            before = dict(eng.scorer.race_stats)
             res = eng.search(Budget("bits", b))
-            delta = {k: eng.race_stats[k] - before[k] for k in before}
+            delta = {k: eng.scorer.race_stats[k] - before[k] for k in before}
             rows.append(
                 {
                     "example": name,

@@ -11,7 +11,7 @@ One SearchEngine per example (train.npz; search split 20%), with the settings pr
             target (bench/hawq.py), then `finetune(start="ptq")` with the same epochs
   random    baseline 5: as many random feasible policies as the GA evaluated at that budget, scored with the
             same MetaQuantNet fitness (`engine.evaluate`); the best is finetuned like ours
-Each policy is emitted with `quantize_model(engine.model, policy, qparams=...)` and scored by ONNX Runtime on
+Each policy is emitted with `quantize_model(engine.ctx.model, policy, qparams=...)` and scored by ONNX Runtime on
 test.npz. Search cost: 5 budgets; ours = MetaQuantNet training + the 5 GA runs (measured); HAQ-style = the
 number of candidates the GA evaluated x the measured cost of finetuning + scoring one candidate (finetune
 measured on a sample of candidates, not run for all; measured with the first seed only). Every seed is a
@@ -22,7 +22,6 @@ docs/img/methods_<example>.png.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import statistics
@@ -40,14 +39,14 @@ def emit_eval(engine, policy, params, xt: np.ndarray, yt: np.ndarray) -> dict[st
     from mqtool.emit import quantize_model
     from mqtool.policy import average_weight_bits
 
-    q = quantize_model(engine.model, policy, qparams=params)
-    return {**common.ort_eval(q, xt, yt), "avg_bits": average_weight_bits(policy, engine.info.layers)}
+    q = quantize_model(engine.ctx.model, policy, qparams=params)
+    return {**common.ort_eval(q, xt, yt), "avg_bits": average_weight_bits(policy, engine.ctx.info.layers)}
 
 
 def ptq_params(engine):
     from passes.qparams import ActParams, QuantParams
 
-    return QuantParams(activations={t: ActParams(range=r) for t, r in engine.act_ranges.items()})
+    return QuantParams(activations={t: ActParams(range=r) for t, r in engine.ctx.act_ranges.items()})
 
 
 def random_search(engine, target: float, count: int, seed: int):
@@ -55,16 +54,16 @@ def random_search(engine, target: float, count: int, seed: int):
     from mqtool.search.budgets import Budget, BudgetCost
     from mqtool.search.ga import GeneticSearch
 
-    cost = BudgetCost("bits", engine.info.layers)
-    ga = GeneticSearch(engine.n, engine.widths, cost, target, config=engine.cfg.ga(), seed=seed)
+    cost = BudgetCost("bits", engine.ctx.info.layers)
+    ga = GeneticSearch(engine.ctx.n, engine.ctx.widths, cost, target, config=engine.cfg.ga, seed=seed)
     genomes = ga._fill(ga._random, count, set())
     fits = []
     for i in range(0, len(genomes), 50):
-        fits += engine.evaluate(genomes[i : i + 50])
+        fits += engine.scorer.evaluate(genomes[i : i + 50])
     # the same final step as the GA: the best few re-scored on the whole search split
     order = sorted(range(len(genomes)), key=lambda i: (fits[i], genomes[i].key()))
-    best, fit = engine._rerank([genomes[i] for i in order[: max(1, engine.cfg.rerank)]], cost)
-    return engine._policy(best, Budget("bits", target), fit, len(genomes))
+    best, fit = engine.scorer.rerank([genomes[i] for i in order[: max(1, engine.cfg.scoring.rerank)]], cost)
+    return engine.policy(best, Budget("bits", target), fit, len(genomes))
 
 
 def plot(summary: list[dict], fp32: float, path: str, title: str) -> None:
@@ -126,16 +125,17 @@ def run_seed(args, seed: int, with_cost: bool) -> dict:
     import onnx
 
     from mqtool.policy import Policy
+    from mqtool.search import SearchConfig
     from mqtool.search.api import load_dataset
     from mqtool.search.budgets import Budget
-    from mqtool.search.engine import SearchConfig, SearchEngine
+    from mqtool.search.driver import SearchEngine
 
     ex = common.EXAMPLES[args.example]
     model = onnx.load(os.path.join(ex, "model.onnx"))
     data = load_dataset(os.path.join(ex, "train.npz"), model)
     xt, yt = common.load_npz(os.path.join(ex, "test.npz"))
     targets, cost_budgets, sample = args.targets, args.cost_budgets, args.cost_sample
-    cfg = SearchConfig(
+    cfg = SearchConfig.flat(
         epochs=args.mqn_epochs,
         population=args.population,
         generations=args.generations,
@@ -147,8 +147,7 @@ def run_seed(args, seed: int, with_cost: bool) -> dict:
         data = data.take(np.arange(300))
         xt, yt = xt[:200], yt[:200]
         targets, cost_budgets, sample, hawq_iter, uniform_extra = [3.0], [3.0, 4.0], 1, 3, []
-        cfg = dataclasses.replace(
-            cfg,
+        cfg = cfg.replace(
             epochs=1,
             population=8,
             generations=2,
@@ -159,13 +158,13 @@ def run_seed(args, seed: int, with_cost: bool) -> dict:
         )
     if not with_cost:
         cost_budgets = []
-    ft = cfg.finetune_epochs
+    ft = cfg.finetune.epochs
     rows: list[dict] = []
 
     def add(method: str, target: float, policy, params, extra: dict | None = None) -> None:
         r = {"method": method, "target": target, "seed": seed, **emit_eval(engine, policy, params, xt, yt)}
         r.update(extra or {})
-        r["wbits"] = [policy.get(n).weight_bits for n in engine.names]
+        r["wbits"] = [policy.get(n).weight_bits for n in engine.ctx.names]
         rows.append(r)
         print(
             f"seed {seed} {method:12s} target {target:g}: avg {r['avg_bits']:.3f} acc {r['accuracy']:.4f} "
@@ -177,7 +176,7 @@ def run_seed(args, seed: int, with_cost: bool) -> dict:
         t0 = time.time()
         engine = SearchEngine(model, data, cfg, work)
         t_setup = time.time() - t0
-        fp32 = common.ort_eval(engine.model, xt, yt)
+        fp32 = common.ort_eval(engine.ctx.model, xt, yt)
         t0 = time.time()
         engine.train_metaquantnet()
         t_mqn = time.time() - t0
@@ -192,7 +191,7 @@ def run_seed(args, seed: int, with_cost: bool) -> dict:
         # baselines 1 and 2: uniform k-bit (PTQ for every k asked, QAT around the targets)
         around = {int(np.floor(t)) for t in targets} | {int(np.ceil(t)) for t in targets}
         for k in sorted((around | set(uniform_extra)) - {0, 1}) if "uniform" in only else []:
-            pol = Policy.uniform(engine.names, k)
+            pol = Policy.uniform(engine.ctx.names, k)
             add("uniform_ptq", float(k), pol, ptq_params(engine))
             if k in around:
                 params, _ = engine.finetune(pol, ft, start="ptq")
@@ -200,7 +199,7 @@ def run_seed(args, seed: int, with_cost: bool) -> dict:
         t0 = time.time()  # baseline 4: HAWQ
         if "hawq" in only:
             traces = hawq.hessian_traces(engine, max_iter=hawq_iter)
-            omega = hawq.sensitivities(engine, traces, engine.widths)
+            omega = hawq.sensitivities(engine, traces, engine.ctx.widths)
         t_hawq = time.time() - t0
         for t in targets if "hawq" in only else []:
             pol = hawq.allocate(engine, omega, t)
@@ -227,7 +226,7 @@ def run_seed(args, seed: int, with_cost: bool) -> dict:
                 per.append(time.time() - t0)
     out = {
         "seed": seed,
-        "config": dataclasses.asdict(cfg),
+        "config": cfg.to_json(),
         "fp32": fp32,
         "seconds": {"setup": t_setup, "metaquantnet": t_mqn, "hawq_traces": t_hawq},
         "ga_seconds": {str(b): r.seconds for b, r in searched.items()},
@@ -405,10 +404,10 @@ def main() -> None:
     ]
     body = (
         f"## Ours vs uniform PTQ / uniform QAT / HAWQ / random search ({args.example})\n\n"
-        f"fp32: accuracy {fp32['accuracy']:.4f}, CE {fp32['loss']:.4f}. Settings: MetaQuantNet {cfg['epochs']} "
-        f"epochs, GA population {cfg['population']} x {cfg['generations']} generations, finetune "
-        f"{cfg['finetune_epochs']} epochs for every method except PTQ, 8-bit activations, widths "
-        f"{list(cfg['widths'])}; {seeds} seed(s) (each a full independent run). Accuracy = ONNX Runtime on the "
+        f"fp32: accuracy {fp32['accuracy']:.4f}, CE {fp32['loss']:.4f}. Settings: MetaQuantNet {cfg['training']['epochs']} "
+        f"epochs, GA population {cfg['ga']['population']} x {cfg['ga']['generations']} generations, finetune "
+        f"{cfg['finetune']['epochs']} epochs for every method except PTQ, 8-bit activations, widths "
+        f"{list(cfg['space']['widths'])}; {seeds} seed(s) (each a full independent run). Accuracy = ONNX Runtime on the "
         "emitted file, test.npz.\n\n"
         + common.table(
             ["method", "target bits", "avg bits", "test acc (mean)", "min..max", "std", "test CE (mean)"],

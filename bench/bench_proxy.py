@@ -15,7 +15,6 @@ bench/results/proxy.json and the `proxy` section of docs/benchmarks.md.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 import tempfile
@@ -29,18 +28,18 @@ import numpy as np  # noqa: E402
 
 def _screened(engine, g) -> float:
     """The GA loop's default score: first 128 samples, float activations (see SearchConfig.exact_screening)."""
-    engine.set_float_screening(True)
+    engine.scorer.set_float_screening(True)
     try:
-        return engine.evaluate([g])[0]
+        return engine.scorer.evaluate([g])[0]
     finally:
-        engine.set_float_screening(False)
+        engine.scorer.set_float_screening(False)
 
 
 def random_policies(engine, count: int, lo: float, hi: float, seed: int) -> list[list[int]]:
     """Distinct random per-layer widths with lo <= average weight bits <= hi."""
     rng = np.random.default_rng(seed)
-    widths = engine.widths
-    params = np.array([layer.params for layer in engine.info.layers], dtype=np.float64)
+    widths = engine.ctx.widths
+    params = np.array([layer.params for layer in engine.ctx.info.layers], dtype=np.float64)
     frac = params / params.sum()
     out: list[list[int]] = []
     seen: set[tuple[int, ...]] = set()
@@ -48,8 +47,8 @@ def random_policies(engine, count: int, lo: float, hi: float, seed: int) -> list
     while len(out) < count and tries < 100_000:
         tries += 1
         target = rng.uniform(lo, hi)
-        bits = np.full(engine.n, widths[0])
-        for i in rng.permutation(engine.n):
+        bits = np.full(engine.ctx.n, widths[0])
+        for i in rng.permutation(engine.ctx.n):
             b = rng.choice(widths)
             cand = bits.copy()
             cand[i] = b
@@ -70,14 +69,14 @@ def ptq_proxy(engine, wbits: list[int]) -> float:
     from mqtool import numerics
     from mqtool.search.metaquantnet import weight_quant_ste
 
-    engine.set_activation_quant(tuple([engine.cfg.act_bits] * engine.n))
+    engine.ctx.set_activation_quant(tuple([engine.cfg.space.act_bits] * engine.ctx.n))
     weights = {}
-    for layer, b in zip(engine.info.layers, wbits):
-        w = engine.net.layers[layer.name].weight.detach()
+    for layer, b in zip(engine.ctx.info.layers, wbits):
+        w = engine.ctx.net.layers[layer.name].weight.detach()
         s = torch.from_numpy(numerics.weight_scale(w.numpy(), b, layer.channel_axis, "mse"))
         weights[layer.name] = weight_quant_ste(w, s, b, layer.channel_axis)
-    with torch.no_grad(), engine.net.override_weights(weights):
-        return engine._fitness()
+    with torch.no_grad(), engine.ctx.net.override_weights(weights):
+        return engine.scorer.fitness()
 
 
 def main() -> None:
@@ -105,8 +104,9 @@ def main() -> None:
 
     from mqtool.emit import quantize_model
     from mqtool.policy import LayerBits, Policy
+    from mqtool.search import SearchConfig
     from mqtool.search.api import load_dataset
-    from mqtool.search.engine import SearchConfig, SearchEngine
+    from mqtool.search.driver import SearchEngine
     from mqtool.search.ga import Genome
 
     ex = common.EXAMPLES[args.example]
@@ -124,7 +124,7 @@ def main() -> None:
         data = data.take(np.arange(300))
         xt, yt = xt[:200], yt[:200]
         n_pol, seeds, mqn_epochs, ft_epochs, hawq_iter = 4, 1, 1, 1, 3
-    cfg = SearchConfig(epochs=mqn_epochs, finetune_epochs=ft_epochs)
+    cfg = SearchConfig.flat(epochs=mqn_epochs, finetune_epochs=ft_epochs)
     t_all = time.time()
     with tempfile.TemporaryDirectory() as work:
         engine = SearchEngine(model, data, cfg, work)
@@ -133,20 +133,21 @@ def main() -> None:
         t_mqn = time.time() - t0
         t0 = time.time()
         traces = hawq.hessian_traces(engine, max_iter=hawq_iter)
-        omega = hawq.sensitivities(engine, traces, engine.widths)
+        omega = hawq.sensitivities(engine, traces, engine.ctx.widths)
         t_hawq = time.time() - t0
         rows = []
         for k, wbits in enumerate(random_policies(engine, n_pol, args.lo, args.hi, seed=1)):
-            policy = Policy({n: LayerBits(b, cfg.act_bits) for n, b in zip(engine.names, wbits)})
-            g = Genome(tuple(wbits), tuple([cfg.act_bits] * engine.n))
+            policy = Policy({n: LayerBits(b, cfg.space.act_bits) for n, b in zip(engine.ctx.names, wbits)})
+            g = Genome(tuple(wbits), tuple([cfg.space.act_bits] * engine.ctx.n))
             row = {
                 "wbits": wbits,
                 "avg_bits": float(
-                    np.dot(wbits, [la.params for la in engine.info.layers]) / engine.info.totals.params
+                    np.dot(wbits, [la.params for la in engine.ctx.info.layers])
+                    / engine.ctx.info.totals.params
                 ),
                 # on the whole search split (the re-ranking's look) and on the GA loop's first look
-                "mqn_fitness": engine._rerank([g])[1],
-                "mqn_fitness_ga": engine.evaluate([g])[0],
+                "mqn_fitness": engine.scorer.rerank([g])[1],
+                "mqn_fitness_ga": engine.scorer.evaluate([g])[0],
                 "mqn_fitness_screen": _screened(engine, g),
                 "ptq_proxy": ptq_proxy(engine, wbits),
                 "hawq_sum": hawq.sensitivity_sum(omega, policy),
@@ -155,13 +156,10 @@ def main() -> None:
                 "finetuned_fitness": [],
             }
             for s in range(seeds):
-                base = engine.cfg
-                engine.cfg = dataclasses.replace(base, seed=100 + s)
-                try:
-                    params, fit = engine.finetune(policy, ft_epochs, start=args.start)
-                finally:
-                    engine.cfg = base
-                q = quantize_model(engine.model, policy, qparams=params, data=os.path.join(ex, "train.npz"))
+                params, fit = engine.finetune(policy, ft_epochs, start=args.start, seed=100 + s)
+                q = quantize_model(
+                    engine.ctx.model, policy, qparams=params, data=os.path.join(ex, "train.npz")
+                )
                 ev = common.ort_eval(q, xt, yt)
                 row["test_loss"].append(ev["loss"])
                 row["test_acc"].append(ev["accuracy"])

@@ -26,19 +26,19 @@ def hessian_traces(
     (Double backward through autograd gives the same estimator but took 4-20 s per iteration on this
     machine for the 16-layer CNN, so 200 iterations would not fit a benchmark run.)
     """
-    engine.set_activation_quant(None)
+    engine.ctx.set_activation_quant(None)
     gen = torch.Generator().manual_seed(seed)
-    idx = np.arange(min(samples, len(engine.train)))
-    feeds = engine._feeds(engine.train, idx)
-    y = torch.from_numpy(engine.train.y[idx])
-    names = engine.names
-    base = [engine.net.layers[n].weight.detach().clone() for n in names]
+    idx = np.arange(min(samples, len(engine.ctx.train)))
+    feeds = engine.ctx.feeds(engine.ctx.train, idx)
+    y = torch.from_numpy(engine.ctx.train.y[idx])
+    names = engine.ctx.names
+    base = [engine.ctx.net.layers[n].weight.detach().clone() for n in names]
     eps = [rel_eps * float(w.pow(2).mean().sqrt().clamp_min(1e-8)) for w in base]
 
     def grads(ws: list[torch.Tensor]) -> list[torch.Tensor]:
         ps = [w.requires_grad_(True) for w in ws]
-        with engine.net.override_weights(dict(zip(names, ps))):
-            loss = F.cross_entropy(engine._out(engine.net(*feeds)).flatten(1), y)
+        with engine.ctx.net.override_weights(dict(zip(names, ps))):
+            loss = F.cross_entropy(engine.ctx.output(engine.ctx.net(*feeds)).flatten(1), y)
         return list(torch.autograd.grad(loss, ps))
 
     sums = np.zeros(len(names))
@@ -63,8 +63,8 @@ def hessian_traces(
 def quant_error(engine, bits: int) -> dict[str, float]:
     """||Q_b(W) - W||^2 per layer (per-channel MSE scales)."""
     out = {}
-    for layer in engine.info.layers:
-        w = engine.net.layers[layer.name].weight.detach().numpy()
+    for layer in engine.ctx.info.layers:
+        w = engine.ctx.net.layers[layer.name].weight.detach().numpy()
         s = numerics.weight_scale(w, bits, layer.channel_axis, "mse")
         qmin, qmax = numerics.int_range(bits, signed=True)
         wq = numerics.fake_quantize(w, s, np.zeros_like(s, dtype=np.int64), qmin, qmax, layer.channel_axis)
@@ -74,11 +74,11 @@ def quant_error(engine, bits: int) -> dict[str, float]:
 
 def sensitivities(engine, traces: dict[str, float], widths: list[int]) -> dict[int, dict[str, float]]:
     """Omega[b][layer] = trace / params * ||Q_b(W) - W||^2."""
-    params = {layer.name: layer.params for layer in engine.info.layers}
+    params = {layer.name: layer.params for layer in engine.ctx.info.layers}
     out = {}
     for b in widths:
         err = quant_error(engine, b)
-        out[b] = {n: traces[n] / params[n] * err[n] for n in engine.names}
+        out[b] = {n: traces[n] / params[n] * err[n] for n in engine.ctx.names}
     return out
 
 
@@ -90,9 +90,9 @@ def allocate(engine, omega: dict[int, dict[str, float]], target_bits: float, act
     """The policy minimising sum Omega under average weight bits <= target (exact, MILP)."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
-    names = engine.names
+    names = engine.ctx.names
     widths = sorted(omega)
-    params = np.array([layer.params for layer in engine.info.layers], dtype=np.float64)
+    params = np.array([layer.params for layer in engine.ctx.info.layers], dtype=np.float64)
     n, k = len(names), len(widths)
     c = np.array([omega[b][nm] for nm in names for b in widths])
     one = np.zeros((n, n * k))

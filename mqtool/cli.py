@@ -34,7 +34,7 @@ class _Group(click.Group):
             raise
         except InputError as e:
             _debug_traceback(ctx)
-            click.echo(f"mqtool: error: {e}", err=True)
+            click.echo(f"mqtool: error: {_in_cli_terms(e)}", err=True)
             ctx.exit(2)
         except KeyboardInterrupt:
             click.echo("mqtool: interrupted", err=True)
@@ -198,6 +198,7 @@ def search_options(f):
 
 
 def _search_config(**kw):
+    """`SearchConfig` from the shared search options (flag names are the config's flat option names)."""
     from mqtool.search import SearchConfig
 
     pins = {}
@@ -206,14 +207,51 @@ def _search_config(**kw):
         if not sep or not name or not bits.strip().isdigit():
             raise InputError(f"--pin {p}: expected NODE=BITS, e.g. --pin conv1=8")
         pins[name] = int(bits)
+    text = kw.pop("widths")
     try:
-        widths = tuple(int(w) for w in kw.pop("widths").split(","))
+        widths = tuple(int(w) for w in text.split(","))
     except ValueError as e:
-        raise InputError(f"--widths: expected comma-separated integers, got {kw.get('widths')!r}") from e
+        raise InputError(f"--widths: expected comma-separated integers such as 2,4,8, got {text!r}") from e
     kw.pop("workdir", None)
-    config = SearchConfig(pins=pins, widths=widths, **kw)
+    config = SearchConfig.flat(pins=pins, widths=widths, **kw)
     _join_ranks(config.device)
     return config
+
+
+# Library errors name config fields and arguments; the terminal shows the flag the user typed instead.
+_FLAG_OF_FIELD = {
+    "space.pins": "--pin",
+    "budget.bits": "--target-bits",
+    "budget.bitops": "--target-bitops",
+    "budgets": "--target-bits/--target-bitops",
+    "data": "--data",
+    "output": "-o",
+}
+
+
+def _flag_of(field: str) -> str | None:
+    """The CLI flag of a library field name (`training.epochs` -> `--epochs`), None when there is none."""
+    if field in _FLAG_OF_FIELD:
+        return _FLAG_OF_FIELD[field]
+    if "mqtool.search.config" not in sys.modules:  # only search errors carry config fields
+        return None
+    from mqtool.search.config import FLAT
+
+    for flat, (section, leaf) in FLAT.items():
+        if field == (leaf if section is None else f"{section}.{leaf}"):
+            return "--" + flat.replace("_", "-")
+    return None
+
+
+def _in_cli_terms(e: InputError) -> str:
+    """The error's message with its leading field name replaced by the flag that sets it."""
+    msg = str(e)
+    field = getattr(e, "field", None)
+    if field and msg.startswith(field):
+        flag = _flag_of(field)
+        if flag:
+            return flag + msg[len(field) :]
+    return msg
 
 
 def _join_ranks(device: str) -> None:
@@ -327,7 +365,7 @@ def search(model, data, target_bits, target_bitops, output, workdir, **kw) -> No
     for r in outcome.results:
         _echo(
             f"{r.budget.describe()}: avg {r.avg_bits:.3f} bits, BitOPs {r.bitops_ratio:.3f} x w8a8, "
-            f"fitness {r.fitness:.4f} ({outcome.engine.metric}), {r.evaluated} candidates in {r.seconds:.1f}s"
+            f"fitness {r.fitness:.4f} ({outcome.engine.ctx.metric}), {r.evaluated} candidates in {r.seconds:.1f}s"
             + (f" [{r.note}]" if r.note else "")
         )
     click.echo("wrote " + ", ".join(written))
@@ -348,7 +386,7 @@ _BITS = click.IntRange(2, 8)
     type=click.Choice(["2", "3", "4", "5", "6", "7", "8", "32"]),
     default="8",
     show_default=True,
-    help="Activation bits with --bits (32: weight-only).",
+    help="Activation bits of every quantized layer with --bits or --target-* (32: weight-only).",
 )
 @click.option(
     "--data",
@@ -430,7 +468,7 @@ def convert(
         check(model, output)
         config = _search_config(
             **kw,
-            act_bits=int(act_bits) if bits is not None else 8,
+            act_bits=int(act_bits),
             calibration=calibration,
             finetune_epochs=epochs,
         )

@@ -120,7 +120,18 @@ def test_search_act_and_bitops_budget():
 
     res = ga.run(evaluate)
     assert cost(np.array(res.best.wbits), np.array(res.best.abits)) <= 0.5 + 1e-9
-    assert set(res.best.abits) <= {8, 32}
+    # the exact optimum over weight widths x {8-bit, float} activations, by brute force
+    import itertools
+
+    best = min(
+        (-(sum(w) + sum(a == 32 for a in acts)), w, acts)
+        for w in itertools.product(WIDTHS, repeat=3)
+        for acts in itertools.product((8, 32), repeat=3)
+        if cost(np.array(w), np.array(acts)) <= 0.5 + 1e-9
+    )
+    assert res.best_fitness == best[0]
+    # the optimum keeps the cheap layers' activations float and compresses the MAC-heavy one
+    assert res.best.abits[1:] == (32, 32) and res.best.wbits[0] < 8
 
 
 def test_feasible_range_and_parse():
@@ -130,8 +141,9 @@ def test_feasible_range_and_parse():
     assert lo == pytest.approx((2 * 100 + 8 * 300) / 400) and hi == 8
     assert [b.value for b in parse_budgets("bits", "2.5, 3,4")] == [2.5, 3.0, 4.0]
     for bad in ("x", "-1", "3,3", "nan"):
-        with pytest.raises(InputError, match="--target-bits"):
+        with pytest.raises(InputError, match="^budget.bits: ") as e:
             parse_budgets("bits", bad)
+        assert e.value.field == "budget.bits"
     assert Budget("bitops", 0.25).label == "bitops-0.25"
 
 

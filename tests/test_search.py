@@ -17,7 +17,7 @@ from mqtool.model import load_model
 from mqtool.policy import average_weight_bits
 from mqtool.search import Budget, SearchConfig, search_policies
 from mqtool.search.api import load_dataset
-from mqtool.search.engine import SearchEngine
+from mqtool.search.driver import SearchEngine
 
 from .conftest import example_path
 
@@ -45,34 +45,34 @@ def cnn():
 def trained(cnn, tmp_path_factory):
     model, data = cnn
     wd = str(tmp_path_factory.mktemp("wd"))
-    out = search_policies(model, data, [Budget("bits", 3.0)], SearchConfig(**TINY), wd)
+    out = search_policies(model, data, [Budget("bits", 3.0)], SearchConfig.flat(**TINY), wd)
     return out, wd
 
 
 def test_metaquantnet_starts_at_pretrained_weights(cnn, tmp_path):
     model, data = cnn
-    eng = SearchEngine(model, data, SearchConfig(**(TINY | {"epochs": 0})), str(tmp_path))
+    eng = SearchEngine(model, data, SearchConfig.flat(**(TINY | {"epochs": 0})), str(tmp_path))
     mqn = eng.train_metaquantnet()
-    bits = [4] * eng.n
+    bits = [4] * eng.ctx.n
     gen = mqn.generate_float(bits)
-    for layer in eng.info.layers:
+    for layer in eng.ctx.info.layers:
         w, s = gen[layer.name]
-        w0 = eng.net.layers[layer.name].weight.detach()
+        w0 = eng.ctx.net.layers[layer.name].weight.detach()
         assert torch.equal(w, w0)
         expect = numerics.weight_scale(w0.numpy(), 4, layer.channel_axis, "mse")
         np.testing.assert_array_equal(s.detach().numpy(), expect)
     # O(hidden x channels) per layer, never O(weights): (enc -> hidden) + (hidden -> gain and clip per channel)
-    h, enc = eng.cfg.hidden, len(eng.widths) + 3
-    channels = sum(layer.channels for layer in eng.info.layers)
-    assert mqn.parameter_count() == eng.n * (enc * h + h) + 2 * (h + 1) * channels
+    h, enc = eng.cfg.training.hidden, len(eng.ctx.widths) + 3
+    channels = sum(layer.channels for layer in eng.ctx.info.layers)
+    assert mqn.parameter_count() == eng.ctx.n * (enc * h + h) + 2 * (h + 1) * channels
 
 
 def test_gradients_reach_metaquantnet(cnn, tmp_path):
     model, data = cnn
-    eng = SearchEngine(model, data, SearchConfig(**(TINY | {"epochs": 0})), str(tmp_path))
+    eng = SearchEngine(model, data, SearchConfig.flat(**(TINY | {"epochs": 0})), str(tmp_path))
     mqn = eng.train_metaquantnet()
-    with eng.net.override_weights(mqn.generate([2] * eng.n)):
-        out = eng._out(eng.net(*eng._feeds(eng.train, np.arange(32))))
+    with eng.ctx.net.override_weights(mqn.generate([2] * eng.ctx.n)):
+        out = eng.ctx.output(eng.ctx.net(*eng.ctx.feeds(eng.ctx.train, np.arange(32))))
     out.square().mean().backward()
     grads = [p.grad for p in mqn.parameters()]
     assert all(g is not None for g in grads) and any(float(g.abs().sum()) > 0 for g in grads)
@@ -87,13 +87,13 @@ def test_policy_meets_budget_and_reuses_metaquantnet(trained, cnn):
     model, data = cnn
     events = []
     again = search_policies(
-        model, data, [Budget("bits", 2.5)], SearchConfig(**TINY), wd, lambda e, d: events.append(e)
+        model, data, [Budget("bits", 2.5)], SearchConfig.flat(**TINY), wd, lambda e, d: events.append(e)
     )
     assert "mqn_epoch" not in events and "mqn_resume" in events
     assert again.results[0].avg_bits <= 2.5 + 1e-9
     # other GA / finetune settings reuse it too; a training option does not
     events.clear()
-    ga_only = SearchConfig(**(TINY | {"population": 6, "fitness_samples": 32, "finetune_epochs": 2}))
+    ga_only = SearchConfig.flat(**(TINY | {"population": 6, "fitness_samples": 32, "finetune_epochs": 2}))
     search_policies(model, data, [Budget("bits", 2.5)], ga_only, wd, lambda e, d: events.append(e))
     assert "mqn_epoch" not in events and "mqn_resume" in events
     events.clear()
@@ -101,7 +101,7 @@ def test_policy_meets_budget_and_reuses_metaquantnet(trained, cnn):
         model,
         data,
         [Budget("bits", 2.5)],
-        SearchConfig(**(TINY | {"hidden": 4})),
+        SearchConfig.flat(**(TINY | {"hidden": 4})),
         wd,
         lambda e, d: events.append(e),
     )
@@ -111,7 +111,7 @@ def test_policy_meets_budget_and_reuses_metaquantnet(trained, cnn):
 def test_same_seed_same_policy(trained, cnn, tmp_path):
     out, _ = trained
     model, data = cnn
-    fresh = search_policies(model, data, [Budget("bits", 3.0)], SearchConfig(**TINY), str(tmp_path))
+    fresh = search_policies(model, data, [Budget("bits", 3.0)], SearchConfig.flat(**TINY), str(tmp_path))
     assert fresh.results[0].policy.layers == out.results[0].policy.layers
 
 
@@ -126,15 +126,15 @@ def test_infeasible_and_generous_budgets(trained):
 
 def test_pins_hold(cnn, tmp_path):
     model, data = cnn
-    eng0 = SearchEngine(model, data, SearchConfig(**(TINY | {"epochs": 0})), str(tmp_path / "a"))
-    first, last = eng0.names[0], eng0.names[-1]
-    cfg = SearchConfig(**TINY, pins={first: 8, last: 32})
+    eng0 = SearchEngine(model, data, SearchConfig.flat(**(TINY | {"epochs": 0})), str(tmp_path / "a"))
+    first, last = eng0.ctx.names[0], eng0.ctx.names[-1]
+    cfg = SearchConfig.flat(**TINY, pins={first: 8, last: 32})
     out = search_policies(model, data, [Budget("bits", 3.0)], cfg, str(tmp_path / "b"))
     pol = out.results[0].policy
     assert pol.get(first).weight_bits == 8 and pol.get(last).weight_bits == 32
-    assert average_weight_bits(pol, eng0.info.layers) <= 3.0 + 1e-9
+    assert average_weight_bits(pol, eng0.ctx.info.layers) <= 3.0 + 1e-9
     with pytest.raises(InputError, match="no quantizable layer named"):
-        SearchEngine(model, data, SearchConfig(**TINY, pins={"nope": 4}), str(tmp_path / "c"))
+        SearchEngine(model, data, SearchConfig.flat(**TINY, pins={"nope": 4}), str(tmp_path / "c"))
 
 
 def test_finetuned_model_is_what_gets_emitted(trained, cnn):
@@ -145,32 +145,35 @@ def test_finetuned_model_is_what_gets_emitted(trained, cnn):
     eng = out.engine
     policy = out.results[0].policy
     params, _ = eng.finetune(policy, epochs=1)
-    qmodel = quantize_model(eng.model, policy, qparams=params, storage="int8", data=eng.train.inputs)
-    x = eng.search_set.inputs[eng.info.inputs[0]][:64]
+    qmodel = quantize_model(eng.ctx.model, policy, qparams=params, storage="int8", data=eng.ctx.train.inputs)
+    x = eng.ctx.search_set.inputs[eng.ctx.info.inputs[0]][:64]
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(qmodel.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    got = sess.run(None, {eng.info.inputs[0]: x})[0]
+    got = sess.run(None, {eng.ctx.info.inputs[0]: x})[0]
     from mqtool.search.metaquantnet import weight_quant_ste
 
-    wbits = {n: policy.get(n).weight_bits for n in eng.names}
+    wbits = {n: policy.get(n).weight_bits for n in eng.ctx.names}
     weights = {
         n: weight_quant_ste(
-            torch.from_numpy(p.weight), torch.from_numpy(p.scale), wbits[n], eng.info.layer(n).channel_axis
+            torch.from_numpy(p.weight),
+            torch.from_numpy(p.scale),
+            wbits[n],
+            eng.ctx.info.layer(n).channel_axis,
         )
         for n, p in params.layers.items()
     }
     saved = {
-        n: eng.net.layers[n].bias.detach().clone() for n, p in params.layers.items() if p.bias is not None
+        n: eng.ctx.net.layers[n].bias.detach().clone() for n, p in params.layers.items() if p.bias is not None
     }
     with torch.no_grad():
         for n, p in params.layers.items():
             if p.bias is not None:
-                eng.net.layers[n].bias.copy_(torch.from_numpy(p.bias))
-        with eng.net.override_weights(weights):
-            sim = eng._out(eng.net(torch.from_numpy(x))).numpy()
+                eng.ctx.net.layers[n].bias.copy_(torch.from_numpy(p.bias))
+        with eng.ctx.net.override_weights(weights):
+            sim = eng.ctx.output(eng.ctx.net(torch.from_numpy(x))).numpy()
         for n, b in saved.items():
-            eng.net.layers[n].bias.copy_(b)
+            eng.ctx.net.layers[n].bias.copy_(b)
     # identical predictions; logits within the int32-bias rounding of the emitted model
     assert (got.argmax(1) == sim.argmax(1)).mean() >= 0.98
     assert np.abs(got - sim).max() <= 0.05 * np.abs(sim).max()
@@ -178,10 +181,11 @@ def test_finetuned_model_is_what_gets_emitted(trained, cnn):
 
 def test_pareto_outputs(trained, tmp_path):
     from mqtool.search import write_search_outputs
+    from mqtool.search.api import SearchOutcome
 
     out, _ = trained
-    out.results.append(out.engine.search(Budget("bits", 2.5)))
-    written = write_search_outputs(out, str(tmp_path / "front"))
+    both = SearchOutcome([*out.results, out.engine.search(Budget("bits", 2.5))], out.engine)
+    written = write_search_outputs(both, str(tmp_path / "front"))
     front = json.load(open(tmp_path / "front" / "pareto.json"))
     assert [p["value"] for p in front["points"]] == [2.5, 3.0]
     assert any(w.endswith("policy-bits-2.5.json") for w in written)

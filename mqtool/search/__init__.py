@@ -6,7 +6,7 @@ Public API: `search_policies` (what `mqtool search` runs), `search_and_finetune`
 
 from mqtool.search.api import default_workdir, search_and_finetune, search_policies, write_search_outputs
 from mqtool.search.budgets import Budget, parse_budgets
-from mqtool.search.engine import SearchConfig
+from mqtool.search.config import SearchConfig
 
 __all__ = [
     "Budget",

@@ -13,7 +13,9 @@ import onnx
 from mqtool.errors import InputError
 from mqtool.fileio import atomic_path, atomic_write_text
 from mqtool.search.budgets import Budget
-from mqtool.search.engine import BudgetResult, Progress, Samples, SearchConfig, SearchEngine
+from mqtool.search.config import SearchConfig
+from mqtool.search.context import Samples
+from mqtool.search.driver import BudgetResult, Progress, SearchEngine
 
 
 def default_workdir(model_path: str, data_path: str) -> str:
@@ -49,11 +51,14 @@ def search_policies(
     config: SearchConfig,
     workdir: str,
     progress: Progress | None = None,
+    *,
+    info=None,
 ) -> SearchOutcome:
-    """Train (or reload) MetaQuantNet, then run one genetic search per budget."""
+    """Train (or reload) MetaQuantNet, then run one genetic search per budget. With `info` (its analysis),
+    `model` is taken as already prepared (`passes.pipeline.prepare`) and is not prepared again."""
     if not budgets:
-        raise InputError("search: give --target-bits or --target-bitops")
-    engine = SearchEngine(model, data, config, workdir, progress)
+        raise InputError("budgets: no budget given", field="budgets")
+    engine = SearchEngine(model, data, config, workdir, progress, info=info)
     for b in budgets:  # fail fast on an infeasible budget, before the long training
         engine.check_budget(b)
     engine.train_metaquantnet()
@@ -68,9 +73,11 @@ def search_and_finetune(
     config: SearchConfig,
     workdir: str,
     progress: Progress | None = None,
+    *,
+    info=None,
 ):
     """Search one budget and finetune its winner: (policy, QuantParams, prepared model, summary dict)."""
-    outcome = search_policies(model, data, [budget], config, workdir, progress)
+    outcome = search_policies(model, data, [budget], config, workdir, progress, info=info)
     res = outcome.results[0]
     params, final_fitness = outcome.engine.finetune(res.policy)
     res.policy.meta["finetuned_fitness"] = final_fitness
@@ -80,10 +87,10 @@ def search_and_finetune(
         "bitops_ratio": res.bitops_ratio,
         "predicted_fitness": res.fitness,
         "finetuned_fitness": final_fitness,
-        "metric": outcome.engine.metric,
+        "metric": outcome.engine.ctx.metric,
         "note": res.note,
     }
-    return res.policy, params, outcome.engine.model, summary
+    return res.policy, params, outcome.engine.ctx.model, summary
 
 
 def pareto_front(results: list[BudgetResult]) -> list[dict]:
@@ -118,7 +125,7 @@ def write_search_outputs(outcome: SearchOutcome, out: str) -> list[str]:
         atomic_write_text(out, results[0].policy.dumps())
         return [out]
     if os.path.exists(out) and not os.path.isdir(out):
-        raise InputError(f"-o {out}: several budgets write a directory, but this is a file")
+        raise InputError(f"{out}: several budgets write a directory, but this is a file", field="output")
     os.makedirs(out, exist_ok=True)
     written = []
     for r in results:
@@ -127,10 +134,10 @@ def write_search_outputs(outcome: SearchOutcome, out: str) -> list[str]:
         written.append(p)
     front = pareto_front(results)
     p = os.path.join(out, "pareto.json")
-    atomic_write_text(p, json.dumps({"metric": outcome.engine.metric, "points": front}, indent=2) + "\n")
+    atomic_write_text(p, json.dumps({"metric": outcome.engine.ctx.metric, "points": front}, indent=2) + "\n")
     written.append(p)
     try:
-        written.append(_plot_pareto(front, outcome.engine.metric, os.path.join(out, "pareto.png")))
+        written.append(_plot_pareto(front, outcome.engine.ctx.metric, os.path.join(out, "pareto.png")))
     except ImportError:
         pass  # matplotlib is an optional extra; the JSON holds the same numbers
     return written
@@ -170,7 +177,7 @@ def searched_policy(
 
     def source(prepared: onnx.ModelProto, info):
         ds = load_dataset(data_path, prepared)
-        policy, params, _, s = search_and_finetune(prepared, ds, budget, config, workdir, progress)
+        policy, params, _, s = search_and_finetune(prepared, ds, budget, config, workdir, progress, info=info)
         if summary is not None:
             summary.update(s, policy=policy)
         return policy, params
@@ -192,7 +199,7 @@ def finetuned_policy(
     def source(prepared: onnx.ModelProto, info):
         policy, _ = base(prepared, info)
         ds = load_dataset(data_path, prepared)
-        engine = SearchEngine(prepared, ds, config, workdir, progress)
+        engine = SearchEngine(prepared, ds, config, workdir, progress, info=info)
         params, fitness = engine.finetune(policy, epochs=epochs, start="ptq")
         policy.meta = dict(policy.meta, finetune_epochs=epochs, finetuned_fitness=fitness)
         return policy, params

@@ -48,7 +48,10 @@ class BudgetCost:
             self._w = params / params.sum()
         else:
             if macs.sum() == 0:
-                raise InputError("model: --target-bitops needs MAC counts, but the layer shapes are unknown")
+                raise InputError(
+                    "budget.bitops: needs MAC counts, but the model's layer shapes are unknown",
+                    field="budget.bitops",
+                )
             self._w = macs / (macs.sum() * 64.0)
 
     def __call__(self, wbits: np.ndarray, abits: np.ndarray) -> np.ndarray:
@@ -76,17 +79,17 @@ def feasible_range(
 
 
 def parse_budgets(kind: str, text: str) -> list[Budget]:
-    """'2.5,3,4' -> budgets; bad numbers are an InputError naming the option."""
+    """'2.5,3,4' -> budgets; bad numbers are an InputError naming the budget (`field` budget.<kind>)."""
     out = []
     for part in text.split(","):
         part = part.strip()
         try:
             v = float(part)
         except ValueError as e:
-            raise InputError(f"--target-{kind}: '{part}' is not a number") from e
+            raise InputError(f"budget.{kind}: '{part}' is not a number", field=f"budget.{kind}") from e
         if not np.isfinite(v) or v <= 0:
-            raise InputError(f"--target-{kind}: {part} must be a positive number")
+            raise InputError(f"budget.{kind}: {part} must be a positive number", field=f"budget.{kind}")
         out.append(Budget(kind, v))
     if len({b.value for b in out}) != len(out):
-        raise InputError(f"--target-{kind}: repeated values in '{text}'")
+        raise InputError(f"budget.{kind}: repeated values in '{text}'", field=f"budget.{kind}")
     return out

@@ -11,8 +11,10 @@ import os
 from datetime import timedelta
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -23,12 +25,14 @@ def resolve_device(device: str = "auto") -> torch.device:
         if not torch.cuda.is_available():
             from mqtool.errors import InputError
 
-            raise InputError("--device cuda: no CUDA device is available to this process")
+            raise InputError(
+                "device: cuda was asked for, but no CUDA device is available to this process", field="device"
+            )
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     if device != "cpu":
         from mqtool.errors import InputError
 
-        raise InputError(f"--device {device}: expected auto, cpu or cuda")
+        raise InputError(f"device: '{device}' is not one of auto, cpu, cuda", field="device")
     return torch.device("cpu")
 
 
@@ -96,3 +100,36 @@ def same_on_every_rank(value: Any, what: str) -> None:
         raise RuntimeError(
             f"distributed search: ranks disagree on {what}; re-run with the same data everywhere"
         )
+
+
+def local_share(idx: np.ndarray) -> tuple[np.ndarray, float]:
+    """This rank's share of a global mini-batch and the factor that makes the ranks' averaged gradients
+    equal the gradient of the loss averaged over the whole batch (unequal shares included)."""
+    n = world()
+    if n == 1:
+        return idx, 1.0
+    mine = idx[rank() :: n]
+    return mine, len(mine) * n / max(1, len(idx))
+
+
+def data_parallel(module: nn.Module, find_unused: bool) -> nn.Module:
+    """`module` itself in one process; wrapped in DistributedDataParallel under torchrun."""
+    if world() == 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    dev = next(module.parameters()).device
+    return DistributedDataParallel(
+        module,
+        device_ids=[dev] if dev.type == "cuda" else None,
+        find_unused_parameters=find_unused,
+        forward_sync_buffers=False,  # the buffers (pretrained weights, PTQ scales) never change
+    )
+
+
+def mean_over_ranks(x: float, device: torch.device) -> float:
+    if world() == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t[0]) / world()

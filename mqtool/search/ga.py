@@ -17,17 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-
-@dataclass
-class GAConfig:
-    population: int = 50
-    generations: int = 20
-    parents: int = 10
-    mutations: int = 25
-    crossovers: int = 25
-    mutation_prob: float = 0.1
-    # Give up filling a generation after this many rejected draws per slot (tight budgets).
-    max_tries: int = 20
+from mqtool.search.config import GAConfig
 
 
 @dataclass

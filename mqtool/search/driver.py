@@ -1,0 +1,207 @@
+"""The search end to end: budgets -> genetic search -> re-ranking -> policy; finetuning of a chosen policy.
+
+`SearchEngine` composes the stages: the shared `SearchContext`, MetaQuantNet's training (`train.py`), the
+candidate `Scorer` (`scoring.py`), the pure `GeneticSearch` (`ga.py`) and finetuning (`finetune.py`). Every
+stage reports progress through one callback (the CLI draws it) and checkpoints to the work directory.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+
+from mqtool.analysis import ModelInfo
+from mqtool.errors import InputError
+from mqtool.policy import FLOAT, LayerBits, Policy, average_weight_bits, bitops_ratio
+from mqtool.search import checkpoint, distributed
+from mqtool.search.budgets import Budget, BudgetCost, feasible_range
+from mqtool.search.config import SearchConfig
+from mqtool.search.context import Samples, SearchContext
+from mqtool.search.finetune import finetune
+from mqtool.search.ga import GeneticSearch, Genome
+from mqtool.search.metaquantnet import MetaQuantNet
+from mqtool.search.scoring import Scorer
+from mqtool.search.train import train_metaquantnet
+
+Progress = Callable[[str, dict], None]
+
+
+@dataclass
+class BudgetResult:
+    budget: Budget
+    policy: Policy
+    fitness: float
+    avg_bits: float
+    bitops_ratio: float
+    evaluated: int
+    seconds: float
+    note: str = ""
+
+
+def _noop(event: str, info: dict) -> None:
+    pass
+
+
+class SearchEngine:
+    """One model and data set: MetaQuantNet trained once, then any number of budgets searched with it."""
+
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        data: Samples,
+        config: SearchConfig,
+        workdir: str,
+        progress: Progress | None = None,
+        *,
+        info: ModelInfo | None = None,
+    ):
+        self.cfg = config
+        self.progress = progress or _noop
+        self.ctx = SearchContext(model, data, config, workdir, info=info)
+        self.scorer = Scorer(self.ctx, self.progress)
+        self.mqn: MetaQuantNet | None = None
+
+    # ---- MetaQuantNet ------------------------------------------------------------------------------
+    def train_metaquantnet(self) -> MetaQuantNet:
+        self.mqn = train_metaquantnet(self.ctx, self.progress)
+        self.scorer.mqn = self.mqn
+        return self.mqn
+
+    # ---- budgets -----------------------------------------------------------------------------------
+    def _abits_bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        space = self.cfg.space
+        a = np.full(self.ctx.n, space.act_bits, dtype=np.float64)
+        hi = np.full(self.ctx.n, FLOAT if space.search_act else space.act_bits, dtype=np.float64)
+        return a, hi
+
+    def check_budget(self, budget: Budget) -> tuple[float, float]:
+        """(lowest, highest) value of this budget's measure reachable with the candidate widths."""
+        ctx = self.ctx
+        cost = BudgetCost(budget.kind, ctx.info.layers)
+        alo, ahi = self._abits_bounds()
+        lo, hi = feasible_range(cost, ctx.widths, ctx.pins, alo, ahi, ctx.n)
+        if budget.value < lo - 1e-9:
+            unit = "average weight bits" if budget.kind == "bits" else "x uniform w8a8 BitOPs"
+            raise InputError(
+                f"budget.{budget.kind}: {budget.value:g} is infeasible; with widths {ctx.widths} and the pins "
+                f"the feasible range is {lo:.3f}..{hi:.3f} {unit}",
+                field=f"budget.{budget.kind}",
+            )
+        return lo, hi
+
+    def search(self, budget: Budget) -> BudgetResult:
+        """The best policy under `budget`: a genetic search scored with MetaQuantNet's weights, its best few
+        re-ranked on the whole search split. Resumes from the budget's checkpoint."""
+        assert self.mqn is not None, "train_metaquantnet first"
+        ctx, cfg, scorer = self.ctx, self.cfg, self.scorer
+        t0 = time.time()
+        lo, hi = self.check_budget(budget)
+        cost = BudgetCost(budget.kind, ctx.info.layers)
+        if budget.value >= hi - 1e-9:
+            top = max(ctx.widths)
+            g = Genome(tuple(ctx.pins.get(i, top) for i in range(ctx.n)), tuple([cfg.space.act_bits] * ctx.n))
+            policy = self.policy(g, budget, scorer.rerank([g])[1], 1)
+            note = f"budget {budget.value:g} is above what is needed ({hi:.3f}): every layer gets {top} bits"
+            return self._result(budget, policy, time.time() - t0, 1, note)
+        ga = GeneticSearch(
+            ctx.n,
+            ctx.widths,
+            cost,
+            budget.value,
+            pins=ctx.pins,
+            search_act=cfg.space.search_act,
+            act_widths=(cfg.space.act_bits, FLOAT),
+            config=cfg.ga,
+            seed=cfg.seed,
+            racing=cfg.scoring.racing,
+        )
+        scorer.first_look = True
+        sc = cfg.scoring
+        scorer.set_float_screening(not (sc.exact_screening or cfg.space.search_act or not sc.rerank))
+        path = os.path.join(ctx.workdir, f"ga-{budget.label}.pt")
+        gfp = checkpoint.fingerprint(ctx.fp, budget.label, cfg.fingerprint_parts("ga"))
+        state = None if cfg.restart else checkpoint.load_shared(path, gfp)
+        if state is not None:
+            ga.load_state(state["ga"])
+            # A resumed search must race exactly as the uninterrupted one: same chunking, and the
+            # parents' per-sample terms as they were computed (not recomputed in other batch sizes).
+            scorer.first_look = bool(state.get("first_look", True))
+            for key, terms in state.get("parent_terms", []):
+                scorer.terms[tuple(key)] = np.asarray(terms, dtype=np.float64).copy()
+            self.progress("ga_resume", {"generation": ga.generation, "budget": budget.label})
+
+        def on_generation(g: GeneticSearch) -> None:
+            ga_state = g.state()
+            if distributed.world() > 1:
+                distributed.same_on_every_rank(checkpoint.fingerprint(ga_state), "the GA population")
+            parents = [p.key() for p in g.population[: g.cfg.parents]]
+            kept = [[list(k), torch.from_numpy(scorer.terms[k])] for k in parents if k in scorer.terms]
+            checkpoint.save_main(
+                path,
+                {"fingerprint": gfp, "ga": ga_state, "first_look": scorer.first_look, "parent_terms": kept},
+            )
+            h = g.history[-1]
+            self.progress(
+                "ga_generation",
+                {**h, "budget": budget.label, "generation": g.generation, "generations": g.cfg.generations},
+            )
+
+        res = ga.run(scorer.evaluate, on_generation)
+        best, fitness = res.best, res.best_fitness
+        if sc.rerank:
+            best, fitness = scorer.rerank(ga.population[: sc.rerank], cost)
+        policy = self.policy(best, budget, fitness, res.evaluated)
+        return self._result(budget, policy, time.time() - t0, res.evaluated, "")
+
+    def policy(self, g: Genome, budget: Budget, fitness: float, evaluated: int) -> Policy:
+        """The `Policy` of a genome, with what produced it (budget, fitness, the whole config) in `meta`."""
+        layers = {
+            n: LayerBits(w, a if w != FLOAT else FLOAT) for n, w, a in zip(self.ctx.names, g.wbits, g.abits)
+        }
+        return Policy(
+            layers,
+            meta={
+                "budget": {"kind": budget.kind, "value": budget.value},
+                "fitness": {"metric": self.ctx.metric, "value": fitness},
+                "seed": self.cfg.seed,
+                "evaluated": evaluated,
+                "search_config": self.cfg.to_json(),
+            },
+        )
+
+    def _result(
+        self, budget: Budget, policy: Policy, seconds: float, evaluated: int, note: str
+    ) -> BudgetResult:
+        layers = self.ctx.info.layers
+        return BudgetResult(
+            budget,
+            policy,
+            policy.meta["fitness"]["value"],
+            average_weight_bits(policy, layers),
+            bitops_ratio(policy, layers),
+            evaluated,
+            seconds,
+            note,
+        )
+
+    # ---- finetuning ----------------------------------------------------------------------------------
+    def finetune(
+        self, policy: Policy, epochs: int | None = None, start: str = "metaquantnet", seed: int | None = None
+    ):
+        """Quantization-aware training of `policy`: (`QuantParams` for the emitter, final fitness)."""
+        return finetune(
+            self.ctx,
+            policy,
+            self.scorer.fitness,
+            self.progress,
+            mqn=self.mqn,
+            epochs=epochs,
+            start=start,
+            seed=seed,
+        )

@@ -1,0 +1,139 @@
+"""Finetuning of one policy: quantization-aware, distilled from the fp32 model, through the shared epoch loop.
+
+Weights, per-channel scales and biases are trained; the result is `passes.qparams.QuantParams` for the
+emitter (finetuned float weights + scales, which `numerics.quantize` turns into the emitted integers). The
+PyTorch twin's own parameters are restored afterwards, so the context stays the pretrained model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from mqtool import numerics
+from mqtool.policy import FLOAT, Policy
+from mqtool.search import distributed
+from mqtool.search.context import SearchContext
+from mqtool.search.metaquantnet import MetaQuantNet, weight_quant_ste
+from mqtool.search.train import run_epochs, step_loss, steps_per_epoch
+
+Progress = Callable[[str, dict], None]
+
+
+class FinetunedWeights(nn.Module):
+    """The finetuned tensors as one module, so DistributedDataParallel can average their gradients;
+    calling it gives the fake-quantized weights. The biases are the network's own parameters."""
+
+    def __init__(self, weights: dict, scales: dict, axes: dict, biases: dict):
+        super().__init__()
+        self.names = list(weights)
+        # ParameterDict keys cannot hold the dots and slashes of ONNX node names: index them.
+        self.w = nn.ParameterList(weights[n] for n in self.names)
+        self.s = nn.ParameterList(scales[n] for n in self.names)
+        self.b = nn.ParameterList(biases.values())
+        self.axes = [axes[n] for n in self.names]
+
+    def forward(self) -> dict[str, torch.Tensor]:
+        return {n: weight_quant_ste(w, s, *ax) for n, w, s, ax in zip(self.names, self.w, self.s, self.axes)}
+
+
+def finetune(
+    ctx: SearchContext,
+    policy: Policy,
+    fitness: Callable[[], float],
+    progress: Progress,
+    *,
+    mqn: MetaQuantNet | None = None,
+    epochs: int | None = None,
+    start: str = "metaquantnet",
+    seed: int | None = None,
+):
+    """Quantization-aware training of one policy: (`QuantParams` for the emitter, final fitness).
+
+    `start` is "metaquantnet" (the weights `mqn` generates for the policy) or "ptq" (the pretrained weights
+    with MSE scales: the uniform-QAT baselines). `fitness()` scores the network as it stands on the search
+    split (`Scorer.fitness`). `seed` (default: the config's) orders the mini-batches."""
+    from passes.qparams import ActParams, LayerParams, QuantParams
+
+    cfg = ctx.cfg
+    epochs = cfg.finetune.epochs if epochs is None else epochs
+    wbits = [policy.get(n).weight_bits for n in ctx.names]
+    abits = ctx.policy_abits(policy)
+    with torch.no_grad():
+        gen = mqn.generate_float(wbits) if start == "metaquantnet" and mqn is not None else {}
+    weights, scales, axes, biases = {}, {}, {}, {}
+    for layer, b in zip(ctx.info.layers, wbits):
+        if b == FLOAT:
+            continue
+        q = ctx.net.layers[layer.name]
+        if layer.name in gen:
+            w, s = gen[layer.name]
+        else:
+            w = q.weight.detach()
+            s = torch.from_numpy(numerics.weight_scale(w.cpu().numpy(), b, layer.channel_axis, "mse"))
+            s = s.to(ctx.device)
+        weights[layer.name] = torch.nn.Parameter(w.detach().clone())
+        scales[layer.name] = torch.nn.Parameter(s.detach().clone())
+        axes[layer.name] = (b, layer.channel_axis)
+        if q.bias is not None:
+            biases[layer.name] = q.bias
+    saved_bias = {n: p.detach().clone() for n, p in biases.items()}
+    for p in biases.values():
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(
+        [
+            {"params": list(weights.values()) + list(biases.values())},
+            {"params": list(scales.values()), "lr": cfg.finetune.lr * 0.1},
+        ],
+        lr=cfg.finetune.lr,
+    )
+    ctx.set_activation_quant(abits)
+    trainable = FinetunedWeights(weights, scales, axes, biases)
+    current = distributed.data_parallel(trainable, False)
+    total_steps = max(1, epochs * steps_per_epoch(ctx))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, total_steps) / total_steps))
+    )
+
+    def after_step() -> None:
+        sched.step()
+        with torch.no_grad():
+            for sc in scales.values():
+                sc.clamp_(min=float(numerics.MIN_SCALE))
+
+    def after_epoch(epoch: int, loss: float, seconds: float) -> None:
+        progress("finetune_epoch", {"epoch": epoch + 1, "epochs": epochs, "loss": loss, "seconds": seconds})
+
+    try:
+        run_epochs(
+            ctx,
+            opt,
+            range(epochs),
+            [cfg.seed if seed is None else seed, 1_000_003],
+            lambda rng, step, idx: step_loss(ctx, current(), idx),
+            after_step,
+            after_epoch,
+        )
+        with torch.no_grad(), ctx.net.override_weights(trainable()):
+            final = fitness()
+        final_bias = {n: p.detach().cpu().numpy().copy() for n, p in biases.items()}
+    finally:
+        with torch.no_grad():
+            for n, p in biases.items():
+                p.copy_(saved_bias[n])
+                p.requires_grad_(False)
+    layers = {
+        n: LayerParams(
+            weight=weights[n].detach().cpu().numpy().copy(),
+            scale=scales[n].detach().cpu().numpy().astype(np.float32).copy(),
+            bias=final_bias.get(n),
+        )
+        for n in weights
+    }
+    plan = ctx.act_plan(abits)
+    acts = {t: ActParams(range=ctx.act_ranges[t]) for t in plan if t in ctx.act_ranges}
+    return QuantParams(layers=layers, activations=acts), final
