@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -13,8 +11,10 @@ import onnx
 
 from calibration.observers import DEFAULT_BINS, METHODS, Observer
 from calibration.readers import DataSource, iter_feeds
+from mqtool.data import model_inputs
 from mqtool.errors import InputError
-from mqtool.model import over_protobuf_limit
+from mqtool.model import scoped_graphs
+from mqtool.runtime import feed_samples, ort_session, split_feed
 
 log = logging.getLogger(__name__)
 
@@ -52,63 +52,56 @@ def calibrate(
     if not bits:
         return {}
     names = list(bits)
-    session = _session(model, names, opts.threads)
+    _check_in_main_graph(model, names)
+    specs = model_inputs(model)
+    session = ort_session(model, outputs=names, threads=opts.threads)
     observers = {t: Observer(histogram=opts.method != "minmax", bins=opts.bins) for t in names}
     seen = 0
     for feed in iter_feeds(data, model, opts.batch_size, opts.max_samples):
-        try:
-            outs = session.run(names, feed)
-        except Exception as e:
-            raise InputError(f"the model fails in ONNX Runtime on the calibration data: {_short(e)}") from e
-        for t, value in zip(names, outs):
-            if value.dtype.kind != "f":
-                raise InputError(f"tensor '{t}' is {value.dtype}, only float tensors can be quantized")
-            if not np.isfinite(value).all():  # an overflow in the float model: no finite range to quantize
+        # A model exported with a fixed batch (often 1) runs the batch in slices of that size.
+        for run in split_feed(feed, specs):
+            try:
+                outs = session.run(names, run)
+            except Exception as e:
                 raise InputError(
-                    f"tensor '{t}' becomes NaN or Inf in the float model on the calibration data "
-                    f"(batch starting at sample {seen}): it cannot be quantized"
-                )
-            observers[t].update(value)
-        seen += len(next(iter(feed.values())))
+                    f"the model fails in ONNX Runtime on the calibration data: {_short(e)}"
+                ) from e
+            for t, value in zip(names, outs):
+                if value.dtype.kind != "f":
+                    raise InputError(f"tensor '{t}' is {value.dtype}, only float tensors can be quantized")
+                if not np.isfinite(
+                    value
+                ).all():  # an overflow in the float model: no finite range to quantize
+                    raise InputError(
+                        f"tensor '{t}' becomes NaN or Inf in the float model on the calibration data "
+                        f"(batch starting at sample {seen}): it cannot be quantized"
+                    )
+                observers[t].update(value)
+            seen += feed_samples(run, specs)
     if seen == 0:
         raise InputError("calibration data is empty")
     log.info("calibrated %d tensors on %d samples (%s)", len(names), seen, opts.method)
     return {t: observers[t].range(opts.method, bits[t], opts.percentile) for t in names}
 
 
-def _session(model: onnx.ModelProto, outputs: list[str], threads: int):
-    import onnxruntime as ort
-
+def _check_in_main_graph(model: onnx.ModelProto, names: list[str]) -> None:
+    """ONNX Runtime can only output tensors of the main graph: one living inside an If/Loop body is named
+    in an `InputError` instead of ORT's "graph output does not exist"."""
     g = model.graph
-    existing = {o.name for o in g.output}
-    added = [onnx.helper.make_empty_tensor_value_info(t) for t in outputs if t not in existing]
-    # Append the outputs, serialise, and take them away again: no copy of the (possibly large) model.
-    g.output.extend(added)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    try:
-        if not over_protobuf_limit(model):  # larger ones go to ORT through a file with external data
-            return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "calib.onnx")
-            # save_model moves tensors out of the proto it is given: save a copy (only for > 2 GiB models).
-            big = onnx.ModelProto()
-            big.CopyFrom(model)
-            onnx.save_model(big, path, save_as_external_data=True, location="calib.data")
-            del big
-            return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-    except Exception as e:
-        # ORT names the first op it lacks; the custom-domain ops are the usual suspects, all named here.
-        custom = sorted(
-            {f"{n.domain}.{n.op_type}" for n in g.node if n.domain not in ("", "ai.onnx", "ai.onnx.ml")}
-        )
-        also = f" (custom-domain ops in the model: {', '.join(custom)})" if custom else ""
-        raise InputError(f"ONNX Runtime cannot load the model: {_short(e)}{also}") from e
-    finally:
-        for _ in added:
-            del g.output[-1]
+    main = {i.name for i in g.input} | {i.name for i in g.initializer} | {o for n in g.node for o in n.output}
+    inside = [t for t in names if t not in main]
+    if not inside:
+        return
+    for scoped in scoped_graphs(g)[1:]:
+        body = {o for n in scoped.graph.node for o in n.output} | {i.name for i in scoped.graph.input}
+        found = [t for t in inside if t in body]
+        if found:
+            where = "/".join(f"{node}.{attr}" for node, attr in scoped.scope)
+            raise InputError(
+                f"tensor '{found[0]}' lives inside the subgraph {where}: calibrating tensors inside "
+                "If/Loop bodies on ONNX Runtime is not supported yet"
+            )
+    raise InputError(f"tensor '{inside[0]}' is not in the model")
 
 
 def _short(e: BaseException) -> str:

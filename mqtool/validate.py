@@ -29,6 +29,7 @@ import onnx
 from mqtool.data import open_data
 from mqtool.errors import InputError
 from mqtool.model import load_model, node_names
+from mqtool.runtime import feed_samples, fixed_batch, ort_session, resize_feed, split_feed
 
 log = logging.getLogger(__name__)
 
@@ -155,12 +156,15 @@ def validate(
     agree = correct_q = correct_r = n = 0
     labels = ds.labels
     classify = True
+    specs = ds.specs
     for feed in ds.batches(batch_size, limit):
-        rq = _run(qsess, q_names, feed, qpath)
-        rr = _run(rsess, r_names, feed, rpath)
+        # A model exported with a fixed batch (often 1) runs the batch in slices of that size.
+        runs = split_feed(feed, specs)
+        rq = _concat([_run(qsess, q_names, run, qpath) for run in runs])
+        rr = _concat([_run(rsess, r_names, run, rpath) for run in runs])
         for a, x, y in zip(acc, rr, rq):
             a.update(x, y)
-        b = len(next(iter(feed.values())))
+        b = sum(feed_samples(run, specs) for run in runs)
         if classify and rr[0].ndim == 2 and rr[0].shape[0] == b:
             pr, pq = rr[0].argmax(-1), rq[0].argmax(-1)
             agree += int((pr == pq).sum())
@@ -222,43 +226,18 @@ class _Accumulator:
 def _session(model: onnx.ModelProto, extra_outputs: list[str]):
     import onnxruntime as ort
 
-    m = model
-    if extra_outputs:
-        m = onnx.ModelProto()
-        m.CopyFrom(model)
-        existing = {o.name for o in m.graph.output}
-        m.graph.output.extend(
-            onnx.helper.make_empty_tensor_value_info(t)
-            for t in dict.fromkeys(extra_outputs)
-            if t not in existing
-        )
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads = THREADS
     so.log_severity_level = 3
-    try:
-        return ort_session(m, so)
-    except Exception as e:
-        raise InputError(f"ONNX Runtime cannot load the model: {' '.join(str(e).split())[:300]}") from e
+    return ort_session(model, so, outputs=extra_outputs)
 
 
-def ort_session(model: onnx.ModelProto, so):
-    """A CPU session of `model`; one over protobuf's 2 GiB goes through a temporary file with external data
-    (the folder lives as long as the session, in case ORT maps the data file)."""
-    import onnxruntime as ort
-
-    from mqtool.model import over_protobuf_limit
-
-    if not over_protobuf_limit(model):
-        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    tmp = tempfile.TemporaryDirectory(prefix="mqtool-ort-")
-    m = onnx.ModelProto()
-    m.CopyFrom(model)  # save_model moves the tensors out of the proto it is given
-    path = os.path.join(tmp.name, "model.onnx")
-    onnx.save_model(m, path, save_as_external_data=True, location="model.onnx.data")
-    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-    sess._mqtool_tmp = tmp
-    return sess
+def _concat(per_run: list[list[np.ndarray]]) -> list[np.ndarray]:
+    """Each output's values over the runs of one batch, joined on axis 0 (scalars stacked)."""
+    if len(per_run) == 1:
+        return per_run[0]
+    return [np.concatenate([np.atleast_1d(r[k]) for r in per_run]) for k in range(len(per_run[0]))]
 
 
 def _run(sess, names, feed, path):
@@ -414,10 +393,10 @@ def _is_kbit_clip(clip: onnx.NodeProto, q: onnx.NodeProto, inits) -> bool:
 def _latency(qmodel, rmodel, ds, batches=(1, 32), budget_s: float = 1.5) -> list[LatencyCheck]:
     sessions = [_session(rmodel, []), _session(qmodel, [])]
     first = next(ds.batches(max(batches), 32))
-    fixed = {s.fixed_batch for s in ds.specs} - {None}
+    fixed = fixed_batch(ds.specs)
     out = []
-    for b in sorted(fixed) if fixed else batches:
-        feed = {k: np.ascontiguousarray(np.resize(v, (b,) + v.shape[1:])) for k, v in first.items()}
+    for b in [fixed] if fixed else batches:
+        feed = resize_feed(first, ds.specs, b)
         for s in sessions:
             s.run(None, feed)
         times: list[list[float]] = [[], []]

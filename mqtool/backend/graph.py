@@ -464,7 +464,7 @@ class _Builder:
 
     def __init__(self, m: OnnxModule, scoped, consts, layer_by_name, opset: int, channels_last: bool):
         self.module = m
-        self.graphs = {sg.scope: sg for sg in scoped}
+        self.by_scope = {sg.scope: sg for sg in scoped}
         self.consts = consts
         self.layer_by_name = layer_by_name
         self.opset = opset
@@ -495,7 +495,7 @@ class _Builder:
 
     def build(self, scope: _Scope, graph: onnx.GraphProto, keep: set[int]) -> list:
         """Steps (fn, ins, outs, single, relu) of `graph`'s live nodes, in order."""
-        sg = self.graphs[scope.key]
+        sg = self.by_scope[scope.key]
         consts = scope.consts
         steps = []
         for node, name in zip(graph.node, sg.names):
@@ -541,7 +541,7 @@ class _Builder:
     def _body(self, scope: _Scope, node: onnx.NodeProto, name: str, key: str, inputs: bool = False):
         """(body scope, its steps) of the subgraph attribute `key` of control-flow node `name`."""
         sub_key = scope.key + ((name, key),)
-        sg = self.graphs[sub_key]
+        sg = self.by_scope[sub_key]
         body = _Scope(self, sub_key, self.consts[sub_key], scope)
         body_inputs = tuple(body.define(vi.name) for vi in sg.graph.input) if inputs else ()
         return body, body_inputs, sg.graph

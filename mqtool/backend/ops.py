@@ -512,7 +512,20 @@ def _recurrent(node: Node) -> OpFn:
             f_act, *g = acts[d]
             for t in order:
                 if kind == "LSTM":
-                    z = proj[t] + torch.matmul(h, rd.t())
+                    z = torch.addmm(proj[t], h, rd.t())
+                    if p is None and not input_forget:
+                        # One activation call for the three sigmoid gates (i, o, f are adjacent).
+                        i, o, f = f_act(clipped(z[:, : 3 * hidden])).chunk(3, -1)
+                        c_new = f * c + i * g[0](clipped(z[:, 3 * hidden :]))
+                        h_new = o * g[1](c_new)
+                        if masks is not None:
+                            m = masks[t]
+                            h, c = torch.where(m, h_new, h), torch.where(m, c_new, c)
+                            out[t] = torch.where(m, h_new, torch.zeros_like(h_new))
+                        else:
+                            h, c = h_new, c_new
+                            out[t] = h
+                        continue
                     i, o, f, cand = z.chunk(4, -1)
                     if p is not None:
                         i = i + p[d, :hidden] * c
