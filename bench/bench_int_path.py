@@ -190,27 +190,46 @@ def accuracy(path: str, test_npz: str) -> float:
     return round(common.ort_eval(path, x, y)["accuracy"], 4)
 
 
-def eight_bit_study(key: str, fp: str, x: np.ndarray, tmp: str, rounds: int) -> dict:
-    """UINT8 vs INT8 vs 7-bit storage of true 8-bit weights (integer kernels): accuracy and latency."""
+def uint8_weights(model):
+    """`model` with every INT8 weight of zero point 0 stored as UINT8 q + 128 with zero point 128."""
     import onnx
-    from bench_latency import int8_weights
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type != "DequantizeLinear" or len(n.input) < 3 or n.input[0] not in inits:
+            continue
+        q, z = inits[n.input[0]], inits.get(n.input[2])
+        if q.data_type != onnx.TensorProto.INT8 or z is None or len(q.dims) < 2:
+            continue
+        values = numpy_helper.to_array(q).astype(np.int16) + 128
+        q.CopyFrom(numpy_helper.from_array(values.astype(np.uint8), q.name))
+        zero = np.full(numpy_helper.to_array(z).shape, 128, np.uint8)
+        name = f"{z.name}.u8"  # zero points are shared between layers (dedupe): a copy per weight
+        model.graph.initializer.append(numpy_helper.from_array(zero, name))
+        n.input[2] = name
+    return model
+
+
+def eight_bit_study(key: str, fp: str, x: np.ndarray, tmp: str, rounds: int) -> dict:
+    """True 8-bit weights next to integer kernels in three containers: accuracy and latency."""
+    from unittest import mock
+
+    import onnx
 
     from mqtool.emit import save_model_atomic
 
-    paths = {FP32: fp}
-    w8 = os.path.join(tmp, f"{key}-w8.onnx")
-    ours(fp, x, 8, w8)
-    m = onnx.load(w8)
-    kinds = {i.data_type for i in m.graph.initializer}
-    if onnx.TensorProto.UINT8 in kinds:
-        paths[W8_UINT8] = w8
-        paths[W8_INT8] = os.path.join(tmp, f"{key}-w8s8.onnx")
-        save_model_atomic(int8_weights(m), paths[W8_INT8])
+    paths = {FP32: fp, W8_INT8: os.path.join(tmp, f"{key}-w8s8.onnx")}
+    # Full-range INT8: emission without the reduce-range rule (qdq_plan.stored_weight_bits).
+    with mock.patch("passes.qdq_plan.stored_weight_bits", lambda bits, container, act: bits):
+        ours(fp, x, 8, paths[W8_INT8])
+    paths[W8_UINT8] = os.path.join(tmp, f"{key}-w8u8.onnx")
+    save_model_atomic(uint8_weights(onnx.load(paths[W8_INT8])), paths[W8_UINT8])
     paths[W7] = os.path.join(tmp, f"{key}-w7.onnx")
-    ours(fp, x, 7, paths[W7])
+    ours(fp, x, 8, paths[W7])  # the emitter's choice: 7-bit values in INT8
     test = os.path.join(common.EXAMPLES[key], "test.npz")
     acc = {k: accuracy(p, test) for k, p in paths.items()}
-    lat = time_models(paths, x[:1], input_name(m), (1, 32), rounds)
+    lat = time_models(paths, x[:1], input_name(onnx.load(fp)), (1, 32), rounds)
     return {"accuracy": acc, "latency_ms": lat}
 
 

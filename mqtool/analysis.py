@@ -135,6 +135,10 @@ def analyze(model: onnx.ModelProto, *, allow_quantized: bool = False) -> ModelIn
                 counted.add(k)
     init_names = {i.name for i in model.graph.initializer}
     graph_inputs = [i.name for i in model.graph.input if i.name not in init_names]
+    # Embedding tables and recurrent weights (weight-only layers): mqtool/weight_layers.py
+    from mqtool.weight_layers import with_weight_only_layers
+
+    layers = with_weight_only_layers(model, layers)
     macs = [layer.macs for layer in layers]
     totals = Totals(
         layers=len(layers),

@@ -31,7 +31,7 @@ from mqtool.errors import InputError
 from mqtool.fileio import atomic_write_bytes
 from mqtool.model import load_model, over_protobuf_limit
 from mqtool.numerics import activation_qparams
-from mqtool.policy import FLOAT, Policy, average_weight_bits
+from mqtool.policy import FLOAT, WEIGHT_ONLY_FORMATS, Format, LayerBits, Policy, average_weight_bits
 from passes.base import run_passes
 from passes.cleanup import cleanup
 from passes.compact_names import compact_names
@@ -44,6 +44,7 @@ from passes.pipeline import prepare
 from passes.qdq_plan import (
     ActQuant,
     Storage,
+    WeightStorage,
     check_policy_names,
     plan_quantizers,
     plan_storage,
@@ -124,7 +125,7 @@ def _emit(
     acts = _activation_params(prepared, plan, qparams, data, options)
     layout = plan_storage(prepared, info, policy, quantizers.all_bits(), storage)
     opset = required_opset(layout, default_opset(prepared))
-    meta = _metadata(storage, policy, options if acts else None)
+    meta = _metadata(storage, _realised(policy, layout), options if acts else None)
     passes = [
         partial(upgrade_opset, opset=opset),
         partial(
@@ -138,7 +139,9 @@ def _emit(
             layout=layout,
         ),
         partial(gemm_to_matmul, layers=[k for k, w in layout.items() if w.as_matmul]),
-        partial(pack_weights, containers={k: w.container for k, w in layout.items()}),
+        partial(
+            pack_weights, containers={k: w.container for k, w in layout.items() if not _gathers(k, w, info)}
+        ),
         partial(cleanup, keep_value_info=False),
         dedupe_initializers,
         partial(set_metadata, props=meta),
@@ -147,6 +150,22 @@ def _emit(
         # The smallest file: internal tensor names shortened (layers, inputs and outputs keep theirs).
         passes.append(partial(compact_names, keep=info.names))
     return run_passes(prepared, passes, copy=False).model
+
+
+def _gathers(name: str, ws: WeightStorage, info: ModelInfo) -> bool:
+    """An embedding emitted as GatherBlockQuantized (its own storage, no DequantizeLinear to pack)."""
+    return ws.format is Format.NBITS and info.layer(name).op_type == "Gather"
+
+
+def _realised(policy: Policy, layout: dict[str, WeightStorage]) -> Policy:
+    """The policy with each quantized layer's format (and block size) as emitted: what the file records."""
+    layers = dict(policy.layers)
+    for name, ws in layout.items():
+        b = policy.get(name)
+        # An nbits layer reads a float input (storage auto picks it only where the input stays float).
+        act = FLOAT if ws.format in WEIGHT_ONLY_FORMATS else b.act_bits
+        layers[name] = LayerBits(b.weight_bits, act, ws.format, ws.block_size)
+    return Policy(layers, dict(policy.meta))
 
 
 def _storage(storage: Storage | str) -> Storage:

@@ -28,8 +28,9 @@ from onnx import TensorProto, numpy_helper
 from mqtool.analysis import analyze
 from mqtool.errors import InputError
 from mqtool.model import load_model
-from mqtool.numerics import dequantize
+from mqtool.numerics import dequantize, dequantize_blockwise, expand_blocks
 from mqtool.policy import FLOAT, LayerBits, Policy, average_weight_bits, bitops_ratio
+from mqtool.weight_layers import RECURRENT_OPS
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ class LayerReport:
     weight_bytes: int
     scale_bytes: int
     bits_source: str
+    format: str = "float"
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -92,11 +94,21 @@ class QuantReport:
         from mqtool.tables import format_table
 
         rows = [
-            [r.name, r.op_type, r.params, r.macs, r.weight_bits, r.act_bits, r.storage, r.weight_bytes]
+            [
+                r.name,
+                r.op_type,
+                r.params,
+                r.macs,
+                r.weight_bits,
+                r.act_bits,
+                r.format,
+                r.storage,
+                r.weight_bytes,
+            ]
             for r in self.layers
         ]
         t = self.totals
-        head = ["layer", "op", "params", "MACs", "w bits", "a bits", "storage", "bytes"]
+        head = ["layer", "op", "params", "MACs", "w bits", "a bits", "format", "storage", "bytes"]
         return (
             format_table(head, rows)
             + f"\n\n{len(self.layers)} layers ({t['float_layers']} float), {t['params']:,} weight params, "
@@ -120,10 +132,18 @@ def report(model: onnx.ModelProto | str | os.PathLike) -> QuantReport:
     info = analyze(_dequantized_view(model), allow_quantized=True)
     weight_tensors: set[str] = set()
     rows = []
+    nodes = {n.name: n for n in g.node}
     for layer in info.layers:
         m = meta.get(layer.name, {})
         dq = prod.get(layer.weight)
-        if dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in inits:
+        gbq = nodes.get(layer.name)
+        if gbq is not None and gbq.op_type == "GatherBlockQuantized" and gbq.input[0] in inits:
+            dq = gbq  # its data, scales and zero points are read like a DequantizeLinear's
+        if (
+            dq is not None
+            and dq.op_type in ("DequantizeLinear", "GatherBlockQuantized")
+            and dq.input[0] in inits
+        ):
             q_init = inits[dq.input[0]]
             storage, cap = _CONTAINERS.get(q_init.data_type, (f"type{q_init.data_type}", 32))
             k_min = _bits_needed(dq, inits)
@@ -138,10 +158,16 @@ def report(model: onnx.ModelProto | str | os.PathLike) -> QuantReport:
                     want,
                     k_min,
                 )
-            extras = [i for i in dq.input[1:] if i in inits]
+            extras = [i for i in _scale_inputs(dq) if i in inits]
             weight_tensors.update([dq.input[0], *extras])
             weight_bytes = tensor_bytes(q_init)
             scale_bytes = sum(tensor_bytes(inits[i]) for i in extras)
+            r = _recurrence_dq(nodes.get(layer.name), prod, inits)
+            if r is not None:  # an LSTM/GRU/RNN: R is stored with W
+                r_extras = [i for i in r.input[1:] if i in inits]
+                weight_tensors.update([r.input[0], *r_extras])
+                weight_bytes += tensor_bytes(inits[r.input[0]])
+                scale_bytes += sum(tensor_bytes(inits[i]) for i in r_extras)
         else:
             bits, source, storage, weight_bytes, scale_bytes = FLOAT, "graph", "float", 4 * layer.params, 0
             if layer.weight in inits:
@@ -149,6 +175,7 @@ def report(model: onnx.ModelProto | str | os.PathLike) -> QuantReport:
         # Activation bits come from the graph alone: the policy's act_bits may legitimately differ (a tensor
         # shared by layers asking for different widths gets the widest, see passes/qdq_plan.py).
         act = _act_bits(layer.input, prod, inits)
+        fmt = _format(layer, bits, storage, act, dq, m.get("format"))
         rows.append(
             LayerReport(
                 layer.name,
@@ -161,9 +188,50 @@ def report(model: onnx.ModelProto | str | os.PathLike) -> QuantReport:
                 weight_bytes,
                 scale_bytes,
                 source,
+                fmt,
             )
         )
     return QuantReport(path, rows, _totals(model, path, info.layers, rows, inits, weight_tensors))
+
+
+_FORMATS = ("float", "int8", "packed", "nbits")
+
+
+def _scale_inputs(node: onnx.NodeProto) -> list[str]:
+    """Scale and zero-point inputs: DequantizeLinear (q, s, z); GatherBlockQuantized (q, ids, s, z)."""
+    if node.op_type == "GatherBlockQuantized":
+        return list(node.input[2:4])
+    return list(node.input[1:3])
+
+
+def _recurrence_dq(node, prod, inits) -> onnx.NodeProto | None:
+    if node is None or node.op_type not in RECURRENT_OPS or len(node.input) < 3:
+        return None
+    r = prod.get(node.input[2])
+    return r if r is not None and r.op_type == "DequantizeLinear" and r.input[0] in inits else None
+
+
+def _format(layer, bits: int, storage: str, act: int, dq, recorded) -> str:
+    """The layer's format (policy.Format): the one mqtool recorded when the graph agrees with it, else
+    read from the graph (block-wise or weight-only 2-D MatMul: nbits; INT8/UINT8: int8; INT4/INT2: packed)."""
+    if bits == FLOAT:
+        return "float"
+    if storage in ("int8", "uint8"):
+        graph = "int8"
+    elif storage in ("int4", "int2", "uint4", "uint2"):
+        graph = "packed"
+    else:
+        graph = storage
+    blocked = dq is not None and bool(_attr(dq, "block_size", 0))
+    if blocked or (
+        act == FLOAT and layer.op_type == "MatMul" and len(layer.weight_shape) == 2 and graph != "int8"
+    ):
+        graph = "nbits"
+    if recorded in _FORMATS and recorded != "float":
+        if recorded == "nbits" and layer.op_type != "MatMul":
+            return graph  # an nbits layer is a MatMul in the emitted graph: the record is stale
+        return recorded
+    return graph
 
 
 def _totals(model, path, layers, rows: list[LayerReport], inits, weight_tensors: set[str]) -> dict:
@@ -208,13 +276,21 @@ def tensor_bytes(t: onnx.TensorProto) -> int:
 
 
 def _bits_needed(dq: onnx.NodeProto, inits) -> int:
-    """The fewest signed bits (>= 2) that hold the DequantizeLinear's integers minus their zero point."""
+    """The fewest signed bits (>= 2) that hold the integers of a DequantizeLinear (or GatherBlockQuantized)
+    minus their zero point."""
     q = numpy_helper.to_array(inits[dq.input[0]]).astype(np.int64)
+    gbq = dq.op_type == "GatherBlockQuantized"
+    z_in = 3 if gbq else 2
     zp = np.int64(0)
-    if len(dq.input) > 2 and dq.input[2] in inits:
-        zp = numpy_helper.to_array(inits[dq.input[2]]).astype(np.int64)
-        if zp.ndim == 1 and q.ndim > 1:
-            axis = _attr(dq, "axis", 1) % q.ndim
+    if gbq and inits[dq.input[0]].data_type == TensorProto.UINT8:
+        zp = np.int64(128)  # GatherBlockQuantized's default uint8 zero point
+    if len(dq.input) > z_in and dq.input[z_in] in inits:
+        zp = numpy_helper.to_array(inits[dq.input[z_in]]).astype(np.int64)
+        block = int(_attr(dq, "block_size", 0))
+        axis = int(_attr(dq, "quantize_axis" if gbq else "axis", 1)) % q.ndim
+        if block:
+            zp = expand_blocks(zp, axis, block, q.shape[axis])
+        elif zp.ndim == 1 and q.ndim > 1:
             shape = [1] * q.ndim
             shape[axis] = -1
             zp = zp.reshape(shape)
@@ -252,19 +328,16 @@ def _act_bits(tensor: str, prod, inits) -> int:
 
 
 def _dequantized_view(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of `model` whose constant DequantizeLinear nodes are replaced by their float values."""
+    """A copy of `model` whose constant DequantizeLinear nodes are replaced by their float values, and whose
+    GatherBlockQuantized nodes are Gathers from the dequantized table (so analysis lists them)."""
     view = onnx.ModelProto()
     view.CopyFrom(model)
     g = view.graph
     inits = {i.name: i for i in g.initializer}
     keep = []
+    replaced = False
     for n in g.node:
-        if (
-            n.op_type == "DequantizeLinear"
-            and n.input
-            and all(i in inits for i in n.input if i)
-            and not _attr(n, "block_size", 0)
-        ):
+        if n.op_type == "DequantizeLinear" and n.input and all(i in inits for i in n.input if i):
             q = numpy_helper.to_array(inits[n.input[0]]).astype(np.int64)
             s = numpy_helper.to_array(inits[n.input[1]])
             z = (
@@ -272,12 +345,33 @@ def _dequantized_view(model: onnx.ModelProto) -> onnx.ModelProto:
                 if len(n.input) > 2 and n.input[2]
                 else 0
             )
-            axis = _attr(n, "axis", 1) % max(q.ndim, 1) if np.ndim(s) == 1 else None
-            g.initializer.append(numpy_helper.from_array(dequantize(q, s, z, axis), n.output[0]))
+            block = int(_attr(n, "block_size", 0))
+            axis = _attr(n, "axis", 1) % max(q.ndim, 1)
+            if block:
+                value = dequantize_blockwise(q, s, z, axis, block)
+            else:
+                value = dequantize(q, s, z, axis if np.ndim(s) == 1 else None)
+            g.initializer.append(numpy_helper.from_array(value, n.output[0]))
             inits[n.output[0]] = g.initializer[-1]
+        elif n.op_type == "GatherBlockQuantized" and n.input[0] in inits and n.input[2] in inits:
+            q = numpy_helper.to_array(inits[n.input[0]]).astype(np.int64)
+            s = numpy_helper.to_array(inits[n.input[2]])
+            if len(n.input) > 3 and n.input[3] in inits:
+                z = numpy_helper.to_array(inits[n.input[3]]).astype(np.int64)
+            else:
+                z = 128 if inits[n.input[0]].data_type == TensorProto.UINT8 else 0
+            axis, block = int(_attr(n, "quantize_axis", 1)), int(_attr(n, "block_size", 32))
+            table = f"{n.name}.table"
+            z = np.full(s.shape, z, np.int64) if np.ndim(z) == 0 else z
+            g.initializer.append(
+                numpy_helper.from_array(dequantize_blockwise(q, s, z, axis % q.ndim, block), table)
+            )
+            inits[table] = g.initializer[-1]
+            keep.append(onnx.helper.make_node("Gather", [table, n.input[1]], list(n.output), n.name, axis=0))
+            replaced = True
         else:
             keep.append(n)
-    if len(keep) != len(g.node):
+    if len(keep) != len(g.node) or replaced:
         nodes = [onnx.NodeProto() for _ in keep]
         for dst, src in zip(nodes, keep):
             dst.CopyFrom(src)

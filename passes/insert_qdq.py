@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 
+import ml_dtypes
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -46,9 +47,10 @@ from mqtool.numerics import (
     weight_scale,
 )
 from mqtool.policy import FLOAT, Policy
+from mqtool.weight_layers import RECURRENT_OPS
 from passes.base import PassResult
 from passes.graph import Namer, initializers, producers, toposort
-from passes.qdq_plan import ActQuant, WeightStorage, int32_bias, quantize_bias
+from passes.qdq_plan import MS_DOMAIN, ActQuant, Format, WeightStorage, int32_bias, quantize_bias
 from passes.qparams import QuantParams
 
 log = logging.getLogger(__name__)
@@ -74,13 +76,13 @@ def insert_qdq(
     """
     info = analyze(model) if info is None else info
     qparams = qparams or QuantParams()
-    pairs = dict(activations)
+    all_acts = dict(activations)
     for tensor, source in (carried or {}).items():
         if source not in activations:
             raise ValueError(
                 f"insert_qdq: carried tensor '{tensor}' repeats '{source}', which is not planned"
             )
-        pairs[tensor] = activations[source]
+        all_acts[tensor] = activations[source]
     g = model.graph
     namer = Namer(g)
     nodes = {n.name: n for n in g.node}
@@ -90,63 +92,23 @@ def insert_qdq(
         bits = policy.get(layer.name).weight_bits
         if bits == FLOAT:
             continue
+        if getattr(layer, "subgraph", None):
+            # Layers inside If/Loop/Scan bodies: the same steps on the body graph (its own namer, nodes and
+            # initializers; the weight DequantizeLinear inside the body) would extend this pass.
+            log.warning("layer '%s' lives in a subgraph: left float (not emitted yet)", layer.name)
+            continue
         node = nodes.get(layer.name)
         if node is None:
             raise InputError(f"layer '{layer.name}' is not in the model (run the prepare passes first)")
-        over = qparams.layer(layer.name)
-        if over.weight is not None:
-            w = np.asarray(over.weight, dtype=np.float32)
-        elif layer.weight in inits:
-            w = numpy_helper.to_array(inits[layer.weight]).astype(np.float32)
-        else:
-            raise InputError(
-                f"layer '{layer.name}': weight '{layer.weight}' is not an initializer (run fold_constants)"
-            )
-        if not np.all(np.isfinite(w)):
-            raise InputError(f"layer '{layer.name}': weight '{layer.weight}' contains NaN or Inf")
         ws = (layout or {}).get(layer.name)
-        stored = ws.bits if ws is not None else bits
-        block = ws.block_size if ws is not None else 0
-        if block:
-            if over.scale is not None:
-                log.warning("layer '%s': per-channel scale override ignored (block-wise scales)", layer.name)
-            k_axis = _k_axis(layer)
-            q, scale = quantize_weight_blockwise(w, stored, k_axis, block)
-            zero = np.zeros(scale.shape, np.int8)
-            dq = _add_dq(g, namer, f"w{j}", q.astype(np.int8), scale, k_axis, zero, block=block)
-            node.input[layer.weight_input] = dq
-            _bias(g, namer, inits, node, f"b{j}", layer.bias, over.bias, None, scale)
-            modified = True
-            continue
-        axis = layer.channel_axis
-        if over.scale is not None:
-            # A scale made for other bits (an 8-bit one for a layer stored at 7) keeps its clipping range.
-            made_for = over.scale_bits or bits
-            scale = np.asarray(over.scale, np.float32) * np.float32(2.0 ** (made_for - stored))
-        else:
-            scale = weight_scale(w, stored, axis, method="mse")
-        q, scale = quantize_weight(w, stored, axis, scale=np.asarray(scale, dtype=np.float32))
-        # An explicit zero point 0 (ORT's convention): ORT fuses a Gemm - also one it makes from a 2-D
-        # MatMul + bias Add - into QGemm only when the weight DQ has one. Identical all-zero zero points
-        # of layers with the same channel count are merged by dedupe_initializers.
-        zero = np.zeros(len(scale), np.int8)
-        node.input[layer.weight_input] = _add_dq(g, namer, f"w{j}", q.astype(np.int8), scale, axis, zero)
-        act = pairs.get(layer.input) if int32_bias(layer, pairs) else None
-        _bias(g, namer, inits, node, f"b{j}", layer.bias, over.bias, act, scale)
+        _quantize_layer(g, namer, inits, node, layer, f"w{j}", f"b{j}", bits, ws, qparams, all_acts)
         modified = True
     # The readers of all quantized tensors are rewired in one scan of the nodes that were there before the
     # Q/DQ pairs (a scan per tensor was quadratic: 0.7 s on DenseNet-121); the new Q nodes keep reading the
     # float tensors.
     existing = len(g.node)
     rewire: dict[str, str] = {}
-    pairs = list(activations.items())
-    for tensor, source in (carried or {}).items():
-        if source not in activations:
-            raise ValueError(
-                f"insert_qdq: carried tensor '{tensor}' repeats '{source}', which is not planned"
-            )
-        pairs.append((tensor, activations[source]))
-    for i, (tensor, act) in enumerate(pairs):
+    for i, (tensor, act) in enumerate(all_acts.items()):
         rewire.update(_add_activation_qdq(g, namer, tensor, f"a{i}", act))
         modified = True
     for j, (name, k) in enumerate(constants):
@@ -157,6 +119,10 @@ def insert_qdq(
             for k, name in enumerate(n.input):
                 if name in rewire:
                     n.input[k] = rewire[name]
+    if any(n.domain == MS_DOMAIN for n in g.node) and not any(
+        o.domain == MS_DOMAIN for o in model.opset_import
+    ):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     if modified:
         toposort(g)
     return PassResult(model, modified)
@@ -193,6 +159,99 @@ def _constant_value(g, inits, name: str) -> np.ndarray:
                 np.float32
             )
     raise ValueError(f"insert_qdq: '{name}' is not a constant")
+
+
+def _quantize_layer(g, namer, inits, node, layer, tag, btag, bits, ws, qparams, acts) -> None:
+    """Replace the layer's float weight (and, for LSTM/GRU/RNN, its recurrence R) by quantized storage."""
+    over = qparams.layer(layer.name)
+    w = _weight(inits, layer, over.weight)
+    stored = ws.bits if ws is not None else bits
+    block = ws.block_size if ws is not None else 0
+    if layer.op_type == "Gather" and ws is not None and ws.format is Format.NBITS:
+        _gather_block_quantized(g, namer, node, w, stored, block or GATHER_BLOCK, ws.container, tag)
+        return
+    if block:
+        if over.scale is not None:
+            log.warning("layer '%s': per-channel scale override ignored (block-wise scales)", layer.name)
+        k_axis = _k_axis(layer)
+        q, scale = quantize_weight_blockwise(w, stored, k_axis, block)
+        zero = np.zeros(scale.shape, np.int8)
+        node.input[layer.weight_input] = _add_dq(g, namer, tag, q.astype(np.int8), scale, k_axis, zero, block)
+        _bias(g, namer, inits, node, btag, layer.bias, over.bias, None, scale)
+        return
+    axis = layer.channel_axis
+    if over.scale is not None:
+        # A scale made for other bits (an 8-bit one for a layer stored at 7) keeps its clipping range.
+        made_for = over.scale_bits or bits
+        scale = np.asarray(over.scale, np.float32) * np.float32(2.0 ** (made_for - stored))
+    else:
+        scale = weight_scale(w, stored, axis, method="mse")
+    q, scale = quantize_weight(w, stored, axis, scale=np.asarray(scale, dtype=np.float32))
+    # An explicit zero point 0 (ORT's convention): ORT fuses a Gemm - also one it makes from a 2-D
+    # MatMul + bias Add - into QGemm only when the weight DQ has one. Identical all-zero zero points
+    # of layers with the same channel count are merged by dedupe_initializers.
+    zero = np.zeros(len(scale), np.int8)
+    node.input[layer.weight_input] = _add_dq(g, namer, tag, q.astype(np.int8), scale, axis, zero)
+    if layer.op_type in RECURRENT_OPS:
+        # R [directions, gates * hidden, hidden] at the same bits, its own per-row scales (axis 1).
+        r = _weight(inits, layer, None, name=node.input[2])
+        qr, sr = quantize_weight(r, stored, axis)
+        node.input[2] = _add_dq(g, namer, f"{tag}r", qr.astype(np.int8), sr, axis, np.zeros(len(sr), np.int8))
+        if over.bias is not None:
+            log.warning(
+                "layer '%s': bias override ignored (recurrent layer: B stays as in the model)", layer.name
+            )
+        return
+    act = acts.get(layer.input) if int32_bias(layer, acts) else None
+    _bias(g, namer, inits, node, btag, layer.bias, over.bias, act, scale)
+
+
+def _weight(inits, layer, override, name: str | None = None) -> np.ndarray:
+    name = layer.weight if name is None else name
+    if override is not None:
+        w = np.asarray(override, dtype=np.float32)
+    elif name in inits:
+        w = numpy_helper.to_array(inits[name]).astype(np.float32)
+    else:
+        raise InputError(f"layer '{layer.name}': weight '{name}' is not an initializer (run fold_constants)")
+    if not np.all(np.isfinite(w)):
+        raise InputError(f"layer '{layer.name}': weight '{name}' contains NaN or Inf")
+    return w
+
+
+# GatherBlockQuantized's default block: 32 values of the last axis per scale (ORT needs a power of two >= 16).
+GATHER_BLOCK = 32
+
+
+def _gather_block_quantized(g, namer, node, table, bits: int, block: int, container, tag: str) -> None:
+    """Gather(table, ids) -> com.microsoft.GatherBlockQuantized(q, ids, scales[, zero points]): ORT
+    gathers the quantized rows and dequantizes only those (a DequantizeLinear in front of a Gather would
+    dequantize the whole table every run: 87-160 ms for a 30000 x 256 table, docs/passes.md). Block-wise
+    scales along the last axis; INT4 values (zero point 0) up to 4 bits, uint8 q + 128 (zero point 128)
+    above."""
+    axis = table.ndim - 1
+    q, scale = quantize_weight_blockwise(table, bits, axis, block)
+    q_name, s_name = namer(f"{tag}.q"), namer(f"{tag}.s")
+    inputs = [q_name, node.input[1], s_name]
+    if container.bits == 4:
+        g.initializer.append(numpy_helper.from_array(q.astype(np.int8).astype(ml_dtypes.int4), q_name))
+    else:
+        g.initializer.append(numpy_helper.from_array((q + 128).astype(np.uint8), q_name))
+        inputs.append(namer(f"{tag}.z"))
+        g.initializer.append(numpy_helper.from_array(np.full(scale.shape, 128, np.uint8), inputs[-1]))
+    g.initializer.append(numpy_helper.from_array(scale, s_name))
+    new = helper.make_node(
+        "GatherBlockQuantized",
+        inputs,
+        list(node.output),
+        node.name,
+        domain=MS_DOMAIN,
+        gather_axis=0,
+        quantize_axis=axis,
+        block_size=block,
+        bits=container.bits,
+    )
+    node.CopyFrom(new)
 
 
 def _k_axis(layer) -> int:

@@ -42,49 +42,52 @@ def pack_weights(model: onnx.ModelProto, containers: Mapping[str, Container | st
         node = nodes.get(layer)
         if node is None:
             raise ValueError(f"pack_weights: no node named '{layer}'")
-        dq = next(
-            (
-                prod[i]
-                for i in node.input
-                if i in prod
-                and prod[i].op_type == "DequantizeLinear"
-                and prod[i].input[0] in inits
-                and _is_weight(inits[prod[i].input[0]])
-            ),
-            None,
-        )
-        if dq is None:
+        # Every weight DequantizeLinear the node reads: one, or W and R of an LSTM/GRU/RNN.
+        dqs = [
+            prod[i]
+            for i in node.input
+            if i in prod
+            and prod[i].op_type == "DequantizeLinear"
+            and prod[i].input[0] in inits
+            and _is_weight(inits[prod[i].input[0]])
+        ]
+        if not dqs:
             raise ValueError(f"pack_weights: layer '{layer}' has no DequantizeLinear weight")
-        qmin, qmax = int_range(container.bits, signed=True)
-        name = dq.input[0]
-        zname = dq.input[2] if len(dq.input) > 2 and dq.input[2] else None
-        values = numpy_helper.to_array(inits[name]).astype(np.int32)
-        zero = numpy_helper.to_array(inits[zname]).astype(np.int32) if zname else None
-        if inits[name].data_type != onnx.TensorProto.INT8 or (zero is not None and np.any(zero != 0)):
-            raise ValueError(
-                f"pack_weights: layer '{layer}' is not an INT8 weight with zero point 0 (packed twice?)"
-            )
-        if values.size and (values.min() < qmin or values.max() > qmax):
-            raise ValueError(f"pack_weights: layer '{layer}' has values outside the {container.value} range")
-        if container is Container.UINT8:
-            # Same dequantized values: (q + 128) - 128. The zero point is required here: 0 is not the default.
-            if zname is None:
-                zname = namer(name[:-2] + ".z" if name.endswith(".q") else name + ".z")
-                g.initializer.append(onnx.TensorProto())
-                inits[zname] = g.initializer[-1]
-                while len(dq.input) < 3:
-                    dq.input.append("")
-                dq.input[2] = zname
-            channels = values.shape[int(attr(dq, "axis", 1)) % values.ndim] if values.ndim else 1
-            values, zero = (values + _UINT8_ZERO).astype(np.uint8), np.full(channels, _UINT8_ZERO, np.uint8)
-        else:
-            values = values.astype(np.int8).astype(_DTYPES[container])
-            zero = zero.astype(np.int8).astype(_DTYPES[container]) if zero is not None else None
-        inits[name].CopyFrom(numpy_helper.from_array(values, name))
-        if zero is not None:
-            inits[zname].CopyFrom(numpy_helper.from_array(zero, zname))
+        for dq in dqs:
+            _pack(g, namer, inits, layer, dq, container)
         modified = True
     return PassResult(model, modified)
+
+
+def _pack(g, namer: Namer, inits, layer: str, dq: onnx.NodeProto, container: Container) -> None:
+    qmin, qmax = int_range(container.bits, signed=True)
+    name = dq.input[0]
+    zname = dq.input[2] if len(dq.input) > 2 and dq.input[2] else None
+    values = numpy_helper.to_array(inits[name]).astype(np.int32)
+    zero = numpy_helper.to_array(inits[zname]).astype(np.int32) if zname else None
+    if inits[name].data_type != onnx.TensorProto.INT8 or (zero is not None and np.any(zero != 0)):
+        raise ValueError(
+            f"pack_weights: layer '{layer}' is not an INT8 weight with zero point 0 (packed twice?)"
+        )
+    if values.size and (values.min() < qmin or values.max() > qmax):
+        raise ValueError(f"pack_weights: layer '{layer}' has values outside the {container.value} range")
+    if container is Container.UINT8:
+        # Same dequantized values: (q + 128) - 128. The zero point is required here: 0 is not the default.
+        if zname is None:
+            zname = namer(name[:-2] + ".z" if name.endswith(".q") else name + ".z")
+            g.initializer.append(onnx.TensorProto())
+            inits[zname] = g.initializer[-1]
+            while len(dq.input) < 3:
+                dq.input.append("")
+            dq.input[2] = zname
+        channels = values.shape[int(attr(dq, "axis", 1)) % values.ndim] if values.ndim else 1
+        values, zero = (values + _UINT8_ZERO).astype(np.uint8), np.full(channels, _UINT8_ZERO, np.uint8)
+    else:
+        values = values.astype(np.int8).astype(_DTYPES[container])
+        zero = zero.astype(np.int8).astype(_DTYPES[container]) if zero is not None else None
+    inits[name].CopyFrom(numpy_helper.from_array(values, name))
+    if zero is not None:
+        inits[zname].CopyFrom(numpy_helper.from_array(zero, zname))
 
 
 def _is_weight(t: onnx.TensorProto) -> bool:

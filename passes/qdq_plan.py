@@ -40,6 +40,7 @@ from mqtool.errors import InputError
 from mqtool.model import infer_shapes
 from mqtool.numerics import MIN_SCALE, quantize
 from mqtool.policy import FLOAT, Format, Policy
+from mqtool.weight_layers import RECURRENT_OPS, WEIGHT_ONLY_OPS
 from passes.graph import attr, consumers, initializers
 from passes.upgrade_opset import INT2_OPSET, QDQ_OPSET
 
@@ -59,6 +60,7 @@ CARRY_OPS = frozenset(
     }
 )  # fmt: skip
 _MAX_CONSTANT_ELEMENTS = 4096
+MS_DOMAIN = "com.microsoft"
 # Bias integers stay within +-2^30: exactly representable in float32, far from int32 overflow.
 BIAS_LIMIT = 2**30
 _ACTIVATIONS = ("Relu", "Clip")
@@ -112,9 +114,10 @@ class ActQuant:
 
 
 def layer_act_request(policy: Policy, layer: LayerInfo) -> int:
-    """The input width `layer` asks for: its act_bits, or 32 when it is float or weight-only."""
+    """The input width `layer` asks for: its act_bits, or 32 when it is float or weight-only (an
+    embedding's input is its indices; LSTM/GRU/RNN have no integer kernel)."""
     b = policy.get(layer.name)
-    return FLOAT if b.weight_bits == FLOAT else b.act_bits
+    return FLOAT if b.weight_bits == FLOAT or layer.op_type in WEIGHT_ONLY_OPS else b.act_bits
 
 
 def plan_activations(model: onnx.ModelProto, info: ModelInfo, policy: Policy) -> dict[str, int]:
@@ -361,20 +364,21 @@ def plan_storage(
         if b.weight_bits == FLOAT:
             continue
         node = nodes.get(layer.name)
-        act_quantized = layer.input in quantized
+        act_quantized = layer.input in quantized and layer.op_type not in WEIGHT_ONLY_OPS
         fmt = b.format
         container = None
+        allowed = allowed_formats(layer, node, g)
         if fmt is None:
             if storage is Storage.INT8:
                 fmt = Format.INT8
             elif storage is Storage.PACKED:
                 fmt = Format.PACKED
-            elif act_quantized or Format.NBITS not in allowed_formats(layer, node, g):
+            elif act_quantized or Format.NBITS not in allowed:
                 fmt = Format.INT8
             else:
                 fmt = Format.NBITS
-                container = Container.INT4 if b.weight_bits <= 4 else Container.INT8
-        allowed = allowed_formats(layer, node, g)
+                if layer.op_type != "Gather":
+                    container = Container.INT4 if b.weight_bits <= 4 else Container.INT8
         if fmt not in allowed:
             raise InputError(
                 f"layer '{layer.name}' ({layer.op_type}): format '{fmt.value}' is not available "
@@ -382,12 +386,15 @@ def plan_storage(
             )
         if container is None:
             container = format_container(layer, b.weight_bits, fmt, act_quantized)
+        block = b.block_size
+        if fmt is Format.NBITS and layer.op_type == "Gather" and not block:
+            block = gather_block(layer)
         out[layer.name] = WeightStorage(
             container,
             as_matmul=fmt is Format.NBITS and layer.op_type == "Gemm",
             format=fmt,
             bits=stored_weight_bits(b.weight_bits, container, act_quantized),
-            block_size=b.block_size,
+            block_size=block,
         )
     return out
 
@@ -406,10 +413,23 @@ def stored_weight_bits(bits: int, container: Container, act_quantized: bool) -> 
     return 7 if bits == 8 and container is Container.INT8 and act_quantized else bits
 
 
+def gather_block(layer: LayerInfo, block: int = 32) -> int:
+    """The block size of an embedding table's GatherBlockQuantized: `block`, halved until it divides the
+    last axis (ORT needs a power of two >= 16 that does); 0 when none does."""
+    last = layer.weight_shape[-1] if layer.weight_shape else 0
+    while block >= 16 and last % block:
+        block //= 2
+    return block if block >= 16 else 0
+
+
 def format_container(layer: LayerInfo, bits: int, fmt: Format, act_quantized: bool) -> Container:
     """The container of a `bits`-bit weight in format `fmt` (see `plan_storage`)."""
     if fmt is Format.INT8:
         return Container.INT8
+    if fmt is Format.NBITS and layer.op_type == "Gather":
+        return Container.INT4 if bits <= 4 else Container.UINT8  # GatherBlockQuantized: int4 or uint8
+    if layer.op_type in RECURRENT_OPS or layer.op_type == "Gather":
+        return Container.INT4 if bits <= 4 else Container.INT8  # ORT cannot run INT2 there
     # ORT 1.32 fuses DQ(INT2) + MatMul into MatMulNBits and computes garbage (nondeterministically) unless
     # N % 4 == 0: the rows of such a weight do not start on a byte (tests/test_bad_models.py).
     odd_matmul = (
@@ -427,12 +447,17 @@ def allowed_formats(
 ) -> tuple[Format, ...]:
     """The formats layer `layer` can be emitted in, from its op and weight shape and what ORT 1.32 runs
     (pure; `node`/`graph` only refine the Gemm check). Every layer can stay `float` or be `packed`;
-    `int8` is offered where ORT has an integer kernel (Conv, Gemm, MatMul); `nbits` for `x @ W` with a
-    2-D W and a Gemm that is exactly MatMul + bias (`gemm_as_matmul_ok`, assumed when `node` is None)."""
+    `int8` is offered where ORT has an integer kernel (Conv, Gemm, MatMul) and for the weight-only
+    embedding tables and LSTM/GRU/RNN weights (INT8 containers: their DequantizeLinear is the fastest);
+    `nbits` for `x @ W` with a 2-D W, a Gemm that is exactly MatMul + bias (`gemm_as_matmul_ok`, assumed
+    when `node` is None), and an embedding table whose last axis is a multiple of 16
+    (com.microsoft.GatherBlockQuantized)."""
     out = [Format.FLOAT]
-    if layer.op_type in ("Conv", "Gemm", "MatMul"):
+    if layer.op_type in ("Conv", "Gemm", "MatMul", "Gather", *RECURRENT_OPS):
         out.append(Format.INT8)
     out.append(Format.PACKED)
+    if layer.op_type == "Gather" and gather_block(layer):
+        out.append(Format.NBITS)
     matmul = layer.op_type == "MatMul" and layer.weight_input == 1 and len(layer.weight_shape) == 2
     gemm = layer.op_type == "Gemm" and (node is None or graph is None or gemm_as_matmul_ok(node, graph))
     if matmul or gemm:
@@ -440,10 +465,13 @@ def allowed_formats(
     return tuple(out)
 
 
-# Protobuf framing of one initializer (name, dims, type) or node as emitted, measured on short names; the
-# size estimate adds it per tensor.
+# Protobuf framing of one initializer (name, dims, type) and of a weight DequantizeLinear node (short names,
+# axis attribute), measured on emitted models; the size estimate adds them per tensor / node.
 _TENSOR_OVERHEAD = 16
-_NODE_OVERHEAD = 40
+_NODE_OVERHEAD = 64
+# One activation Q/DQ pair (two nodes, scale and zero point), shared by every reader of the tensor: not part
+# of `format_bytes`; what an `int8` layer's input (and fusion output) adds to the file.
+ACT_QDQ_BYTES = 150
 
 
 def format_bytes(layer: LayerInfo, bits: int, fmt: Format | str, block_size: int = 0) -> int:
@@ -452,15 +480,25 @@ def format_bytes(layer: LayerInfo, bits: int, fmt: Format | str, block_size: int
     `block_size` along K) and zero points, the DequantizeLinear node, and the bias (float32); `float` is
     the float32 weight and bias. What a size budget sums; compare with `report`'s per-layer bytes.
     Identical zero points of layers with the same channel count are merged in the file
-    (`dedupe_initializers`), so a model's total can be a little smaller."""
+    (`dedupe_initializers`), so a model's total can be a little smaller; activation Q/DQ pairs are not
+    included (`ACT_QDQ_BYTES` each)."""
     fmt = Format(fmt)
     bias = 4 * layer.bias_params + (_TENSOR_OVERHEAD if layer.bias_params else 0)
     if fmt is Format.FLOAT or bits == FLOAT:
         return 4 * layer.params + _TENSOR_OVERHEAD + bias
     container = format_container(layer, bits, fmt, act_quantized=fmt is Format.INT8)
-    if fmt is Format.NBITS and bits <= 4 and container is Container.INT8:
-        container = Container.INT4
     cbits = container.bits
+    if layer.op_type == "Gather" and fmt is Format.NBITS:
+        block_size = block_size or gather_block(layer)
+        blocks = layer.params // max(1, block_size)
+        zeros = blocks if container is Container.UINT8 else 0
+        values = (layer.params * cbits + 7) // 8
+        # The com.microsoft node carries a domain and four attributes: about two DequantizeLinears' worth.
+        return values + 4 * blocks + zeros + (4 if zeros else 3) * _TENSOR_OVERHEAD + 2 * _NODE_OVERHEAD
+    if layer.op_type in RECURRENT_OPS:  # W and R, one DequantizeLinear each, per-row scales
+        values = (layer.params * cbits + 7) // 8
+        zeros = 2 * ((layer.channels * cbits + 7) // 8)
+        return values + 8 * layer.channels + zeros + 6 * _TENSOR_OVERHEAD + 2 * _NODE_OVERHEAD + bias
     if block_size and layer.weight_shape:
         k_axis = _k_axis(layer)
         shape = list(layer.weight_shape)

@@ -17,6 +17,7 @@ import numpy as np
 from mqtool.analysis import LayerInfo
 from mqtool.errors import InputError
 from mqtool.numerics import int_range
+from mqtool.weight_layers import RECURRENT_OPS
 
 
 @dataclass
@@ -68,8 +69,8 @@ class QuantParams:
                 if not np.all(np.isfinite(w)):
                     raise InputError(f"quant params: layer '{name}' weight contains NaN or Inf")
             for what, v in (("scale", p.scale), ("bias", p.bias)):
-                if v is None:
-                    continue
+                if v is None or (what == "bias" and info.op_type in RECURRENT_OPS):
+                    continue  # an LSTM/GRU/RNN bias override is ignored by emission (B stays as it is)
                 v = np.asarray(v)
                 if v.shape != (info.channels,):
                     raise InputError(

@@ -17,7 +17,7 @@ from mqtool.analysis import analyze
 from mqtool.emit import convert, quantize_model, save_model_atomic, uniform_policy
 from mqtool.errors import InputError
 from mqtool.numerics import int_range
-from mqtool.policy import LayerBits, Policy
+from mqtool.policy import Format, LayerBits, Policy
 from passes.qparams import ActParams, QuantParams
 
 from .conftest import ZOO, example_path
@@ -120,7 +120,10 @@ def test_metadata_determinism_and_the_callers_model():
         and meta["mqtool.storage"] == "packed"
         and meta["mqtool.calibration"] == "percentile"
     )
-    assert Policy.from_json(json.loads(meta["mqtool.policy"])).layers == pol.layers
+    # The recorded policy is the one emitted: the storage mode filled in every layer's format.
+    recorded = Policy.from_json(json.loads(meta["mqtool.policy"])).layers
+    assert {k: LayerBits(v.weight_bits, v.act_bits) for k, v in recorded.items()} == pol.layers
+    assert {v.format for v in recorded.values()} == {Format.PACKED}
 
 
 def test_missing_data_and_bad_storage_are_input_errors():
