@@ -1,6 +1,6 @@
 """Emission: a float ONNX model + a `Policy` (+ optional finetuned `QuantParams`) -> a QDQ ONNX model.
 
-    prepare -> plan_activations -> calibrate -> plan_storage ->
+    prepare -> plan_quantizers -> calibrate -> plan_storage ->
     upgrade_opset -> insert_qdq -> gemm_to_matmul -> pack_weights -> cleanup -> dedupe_initializers ->
     set_metadata (-> compact_names, for packed storage)
 
@@ -160,6 +160,9 @@ def _gathers(name: str, ws: WeightStorage, info: ModelInfo) -> bool:
 def _realised(policy: Policy, layout: dict[str, WeightStorage]) -> Policy:
     """The policy with each quantized layer's format (and block size) as emitted: what the file records."""
     layers = dict(policy.layers)
+    for name, b in policy.layers.items():
+        if b.weight_bits != FLOAT and name not in layout:  # not emitted (a layer inside a subgraph)
+            layers[name] = LayerBits(FLOAT, FLOAT, Format.FLOAT)
     for name, ws in layout.items():
         b = policy.get(name)
         # An nbits layer reads a float input (storage auto picks it only where the input stays float).

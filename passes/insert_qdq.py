@@ -19,9 +19,16 @@ Generated names are short on purpose: in a small model, ORT-style names (`<tenso
 take more bytes than the packed weights. The layer nodes and every original tensor keep their names.
 
 Weights: `numerics.quantize_weight` (per output channel, symmetric, zero point 0, full signed k-bit range,
-MSE scale) or, with `QuantParams`, `numerics.quantize` of the given weight with the given scale; stored in
-INT8 here with an explicit zero point 0 (`pack_weights` moves them to INT4/INT2/UINT8). Bias: see
-`qdq_plan.int32_bias` - int32 with scale s_x * s_w only for a Gemm with a quantized input, float otherwise. Activations below 8 bits get a Clip to their k-bit range in front of the QuantizeLinear.
+MSE scale) at the layer's stored bits (`qdq_plan.plan_storage`: 7 for an 8-bit layer on integer kernels)
+or, with `QuantParams`, `numerics.quantize` of the given weight with the given scale; block-wise scales
+(`numerics.quantize_weight_blockwise`, DequantizeLinear `block_size`) for an `nbits` layer with a block
+size. Stored in INT8 here with an explicit zero point 0 (`pack_weights` moves them to INT4/INT2). LSTM/GRU/
+RNN: W and R, each through its own DequantizeLinear. An embedding table in format `nbits` becomes
+com.microsoft.GatherBlockQuantized (int4 or uint8 q + 128, block-wise along the last axis). Bias: see
+`qdq_plan.int32_bias` - int32 with scale s_x * s_w only for a Gemm with a quantized input, float
+otherwise. Activations below 8 bits get a Clip to their k-bit range in front of the QuantizeLinear. Carried
+tensors (`ActivationPlan.carried`) get a Q/DQ pair with their source's parameters; single-valued constants
+of integer Add/Mul a uint8 DequantizeLinear (a Div by one becomes a Mul by its inverse).
 Every reader of a quantized tensor reads the DequantizeLinear output; a quantized graph output keeps its
 name (the DequantizeLinear writes it and the producer's tensor becomes `<name>_float`).
 """

@@ -1,4 +1,5 @@
-"""Move quantized weights from INT8 containers into INT4 / INT2 / UINT8 where the storage plan says so.
+"""Move quantized weights from INT8 containers into INT4 / INT2 / UINT8 where the storage plan says so
+(every weight DequantizeLinear the layer reads: W and R of an LSTM/GRU/RNN).
 
 Before::    DequantizeLinear <axis=0>(w0.q: int8 [64, 32], w0.s, w0.z: int8 [64] = 0)
 After::     DequantizeLinear <axis=0>(w0.q: int4 [64, 32], w0.s, w0.z: int4 [64] = 0)

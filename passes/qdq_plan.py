@@ -19,6 +19,18 @@ Activation rules (`plan_activations`), every one measured on ONNX Runtime 1.32 (
 3. Every reader of a quantized tensor reads the DequantizeLinear output, including graph outputs and float
    ops: one Q/DQ pair per tensor, and the simulation rule is simply "replace tensor t by fake_quant(t)".
 
+4. Integer regions (what ORT's own quantizer gets, measured on the zoo: bench/bench_int_path.py). Between
+   layers, ORT runs on uint8 the ops of `QLINEAR_OPS` whose float inputs all come from a DequantizeLinear
+   and whose output goes to a QuantizeLinear, and drops DQ -> op -> Q around the value-selecting ops of
+   `CARRY_OPS` when both sides share scale and zero point. So, walking the graph in order: (a) the output
+   of a QLinear op whose inputs are quantized is quantized too (8 bits, after a Relu/Clip that is its only
+   reader); a single-valued constant input (the 3 of a hard-swish) is stored as uint8 at exactly one level,
+   and a Div by one runs as a Mul by its inverse; (b) the output of a value-selecting op whose input is
+   quantized repeats that input's quantizer (`ActivationPlan.carried`: no value changes, so the simulation
+   needs nothing); (c) a float input of a QLinear op read next to a quantized one is quantized too, so the
+   op can run on integers (one QuantizeLinear instead of a DequantizeLinear). Graph outputs and tensors a
+   float layer reads stay float. Softmax is left out (8 uniform bits of probabilities).
+
 A k < 8-bit activation lives in uint8 with `numerics.activation_qparams(lo, hi, k)`; emission puts a Clip to
 the k-bit range before its QuantizeLinear so values saturate at 2^k - 1 exactly as `numerics.quantize` does.
 """
@@ -160,14 +172,15 @@ def plan_quantizers(model: onnx.ModelProto, info: ModelInfo, policy: Policy) -> 
     """The activation plan: layer inputs and fusion outputs (rules 1-2), then the integer regions ORT can
     run between layers (rule 4 of the module doc), to a fixed point."""
     votes: dict[str, list[int]] = defaultdict(list)
-    for layer in info.layers:
+    main = main_graph_layers(info)
+    for layer in main:
         votes[layer.input].append(layer_act_request(policy, layer))
     plan = {t: max(v) for t, v in votes.items() if FLOAT not in v}
     g = model.graph
     cons, consts = consumers(g), _constant_names(model)
     values = _constant_arrays(model)
     blocked = {t for t, v in votes.items() if FLOAT in v} | {o.name for o in g.output}
-    layers = {layer.name: layer for layer in info.layers}
+    layers = {layer.name: layer for layer in main}
     carried: dict[str, str] = {}
     constants: dict[tuple[str, int], None] = {}
     shapes: dict[str, list[int | None]] | None = None
@@ -219,6 +232,12 @@ def _root(t: str, carried: dict[str, str]) -> str:
         seen.add(t)
         t = carried[t]
     return t
+
+
+def main_graph_layers(info: ModelInfo) -> list[LayerInfo]:
+    """The layers of the main graph. Layers inside If/Loop/Scan bodies (`LayerInfo.subgraph`) are not
+    emitted yet: planning them would put Q/DQ on tensors the main graph does not have."""
+    return [layer for layer in info.layers if not getattr(layer, "subgraph", None)]
 
 
 def _integer_op(node, plan, quantized, blocked, values, cons, consts, constants) -> bool:
@@ -359,7 +378,7 @@ def plan_storage(
     g = model.graph
     nodes = {n.name: n for n in g.node}
     out: dict[str, WeightStorage] = {}
-    for layer in info.layers:
+    for layer in main_graph_layers(info):
         b = policy.get(layer.name)
         if b.weight_bits == FLOAT:
             continue

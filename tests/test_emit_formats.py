@@ -204,3 +204,68 @@ def test_blockwise_numerics_round_trip():
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
     ref = ReferenceEvaluator(model).run(None, {"q": q.astype(np.int8), "s": s})[0]
     np.testing.assert_array_equal(ref, back)
+
+
+def test_an_8_bit_scale_override_keeps_its_range_at_7_stored_bits():
+    """QuantParams scales are for the policy's bits unless `scale_bits` says otherwise; an 8-bit layer on
+    integer kernels is stored at 7 bits with that scale doubled (same clipping range)."""
+    from mqtool.numerics import quantize
+    from passes.qparams import LayerParams, QuantParams
+
+    m = net()
+    info = analyze(m)
+    c1 = info.layers[0]
+    wt = numpy_helper.to_array(next(i for i in m.graph.initializer if i.name == c1.weight))
+    s8 = (np.abs(wt).reshape(c1.channels, -1).max(1) / 128).astype(np.float32)
+    pol = Policy({c1.name: LayerBits(8, 8, Format.INT8), info.names[1]: LayerBits(8, 8, Format.INT8)})
+    for made_for, factor in ((None, 2), (7, 1)):
+        qp = QuantParams(layers={c1.name: LayerParams(scale=s8, scale_bits=made_for)})
+        q = quantize_model(m, pol, data=DATA_CNN, qparams=qp)
+        dq, q1 = weight_dq(q, c1.name)
+        inits = {i.name: i for i in q.graph.initializer}
+        np.testing.assert_array_equal(numpy_helper.to_array(inits[dq.input[1]]), s8 * factor)
+        np.testing.assert_array_equal(
+            numpy_helper.to_array(q1), quantize(wt, s8 * factor, 0, -64, 63, axis=0)
+        )
+
+
+def test_layers_inside_a_subgraph_stay_float_and_the_record_says_so():
+    from onnx import TensorProto, helper
+
+    def branch(name: str, scale: float) -> onnx.GraphProto:
+        wt = numpy_helper.from_array((w(6, 4) * scale).astype(np.float32), f"{name}_W")
+        node = helper.make_node("MatMul", ["h", f"{name}_W"], [f"{name}_y"], f"{name}_mm")
+        return helper.make_graph(
+            [node], name, [], [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, None)], [wt]
+        )
+
+    top_w = numpy_helper.from_array(w(3, 6), "W0")
+    nodes = [
+        helper.make_node("MatMul", ["x", "W0"], ["h"], "top"),
+        helper.make_node(
+            "If", ["c"], ["y"], "cond", then_branch=branch("a", 1.0), else_branch=branch("b", 2.0)
+        ),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3]),
+            helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [top_w],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    info = analyze(m)
+    inner = [layer.name for layer in info.layers if layer.subgraph]
+    assert len(inner) == 2
+    q = quantize_model(m, Policy.uniform(info.names, 4, 32))
+    onnx.checker.check_model(q, full_check=True)
+    recorded = json.loads(next(p.value for p in q.metadata_props if p.key == "mqtool.policy"))["layers"]
+    assert recorded["top"]["weight_bits"] == 4 and all(recorded[n]["format"] == "float" for n in inner)
+    x = np.random.default_rng(0).normal(size=(2, 3)).astype(np.float32)
+    out = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x, "c": np.array(True)}
+    )
+    assert out[0].shape == (2, 4)
