@@ -136,15 +136,17 @@ def report(model: onnx.ModelProto | str | os.PathLike) -> QuantReport:
     for layer in info.layers:
         m = meta.get(layer.name, {})
         dq = prod.get(layer.weight)
-        gbq = nodes.get(layer.name)
-        if gbq is not None and gbq.op_type == "GatherBlockQuantized" and gbq.input[0] in inits:
-            dq = gbq  # its data, scales and zero points are read like a DequantizeLinear's
+        own = nodes.get(layer.name)
+        if own is not None and own.op_type == "GatherBlockQuantized" and own.input[0] in inits:
+            dq = own  # its data, scales and zero points are read like a DequantizeLinear's
+        if own is not None and own.op_type == "DynamicQuantizeLSTM" and own.input[1] in inits:
+            dq = own
         if (
             dq is not None
-            and dq.op_type in ("DequantizeLinear", "GatherBlockQuantized")
-            and dq.input[0] in inits
+            and dq.op_type in ("DequantizeLinear", "GatherBlockQuantized", "DynamicQuantizeLSTM")
+            and _values_input(dq) in inits
         ):
-            q_init = inits[dq.input[0]]
+            q_init = inits[_values_input(dq)]
             storage, cap = _CONTAINERS.get(q_init.data_type, (f"type{q_init.data_type}", 32))
             k_min = _bits_needed(dq, inits)
             bits, source = k_min, "graph"
@@ -159,8 +161,11 @@ def report(model: onnx.ModelProto | str | os.PathLike) -> QuantReport:
                     k_min,
                 )
             extras = [i for i in _scale_inputs(dq) if i in inits]
-            weight_tensors.update([dq.input[0], *extras])
+            weight_tensors.update([_values_input(dq), *extras])
             weight_bytes = tensor_bytes(q_init)
+            if dq.op_type == "DynamicQuantizeLSTM":  # R is stored in the same node
+                weight_tensors.add(dq.input[2])
+                weight_bytes += tensor_bytes(inits[dq.input[2]])
             scale_bytes = sum(tensor_bytes(inits[i]) for i in extras)
             r = _recurrence_dq(nodes.get(layer.name), prod, inits)
             if r is not None:  # an LSTM/GRU/RNN: R is stored with W
@@ -198,10 +203,17 @@ _FORMATS = ("float", "int8", "packed", "nbits")
 
 
 def _scale_inputs(node: onnx.NodeProto) -> list[str]:
-    """Scale and zero-point inputs: DequantizeLinear (q, s, z); GatherBlockQuantized (q, ids, s, z)."""
+    """Scale and zero-point inputs: DequantizeLinear (q, s, z); GatherBlockQuantized (q, ids, s, z);
+    DynamicQuantizeLSTM (x, W, R, B, lens, h, c, P, W scale, W zero point, R scale, R zero point)."""
     if node.op_type == "GatherBlockQuantized":
         return list(node.input[2:4])
+    if node.op_type == "DynamicQuantizeLSTM":
+        return list(node.input[8:12])
     return list(node.input[1:3])
+
+
+def _values_input(node: onnx.NodeProto) -> str:
+    return node.input[1] if node.op_type == "DynamicQuantizeLSTM" else node.input[0]
 
 
 def _recurrence_dq(node, prod, inits) -> onnx.NodeProto | None:
@@ -278,6 +290,10 @@ def tensor_bytes(t: onnx.TensorProto) -> int:
 def _bits_needed(dq: onnx.NodeProto, inits) -> int:
     """The fewest signed bits (>= 2) that hold the integers of a DequantizeLinear (or GatherBlockQuantized)
     minus their zero point."""
+    if dq.op_type == "DynamicQuantizeLSTM":  # int8 W and R, zero points 0 (as emitted)
+        both = [numpy_helper.to_array(inits[dq.input[k]]).astype(np.int64) for k in (1, 2)]
+        lo, hi = min(int(v.min()) for v in both), max(int(v.max()) for v in both)
+        return next(k for k in range(2, 33) if -(2 ** (k - 1)) <= lo and hi <= 2 ** (k - 1) - 1)
     q = numpy_helper.to_array(inits[dq.input[0]]).astype(np.int64)
     gbq = dq.op_type == "GatherBlockQuantized"
     z_in = 3 if gbq else 2
@@ -368,6 +384,21 @@ def _dequantized_view(model: onnx.ModelProto) -> onnx.ModelProto:
             )
             inits[table] = g.initializer[-1]
             keep.append(onnx.helper.make_node("Gather", [table, n.input[1]], list(n.output), n.name, axis=0))
+            replaced = True
+        elif n.op_type == "DynamicQuantizeLSTM" and all(i in inits for i in n.input[8:12]):
+            floats = []
+            for k, sk in ((1, 8), (2, 10)):  # [D, K, 4H] int8 and [D, 4H] scales -> float [D, 4H, K]
+                q = numpy_helper.to_array(inits[n.input[k]]).astype(np.float32)
+                s = numpy_helper.to_array(inits[n.input[sk]]).astype(np.float32)
+                name = f"{n.name}.{'WR'[k - 1]}"
+                g.initializer.append(
+                    numpy_helper.from_array(np.transpose(q * s[:, None, :], (0, 2, 1)).copy(), name)
+                )
+                inits[name] = g.initializer[-1]
+                floats.append(name)
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+            ins = [n.input[0], *floats, *n.input[3:8]]
+            keep.append(onnx.helper.make_node("LSTM", ins, list(n.output), n.name, **attrs))
             replaced = True
         else:
             keep.append(n)

@@ -466,8 +466,9 @@ def allowed_formats(
 ) -> tuple[Format, ...]:
     """The formats layer `layer` can be emitted in, from its op and weight shape and what ORT 1.32 runs
     (pure; `node`/`graph` only refine the Gemm check). Every layer can stay `float` or be `packed`;
-    `int8` is offered where ORT has an integer kernel (Conv, Gemm, MatMul) and for the weight-only
-    embedding tables and LSTM/GRU/RNN weights (INT8 containers: their DequantizeLinear is the fastest);
+    `int8` is offered where ORT has an integer kernel (Conv, Gemm, MatMul; LSTM as
+    com.microsoft.DynamicQuantizeLSTM, which quantizes its input and state itself) and for the weight-only
+    embedding tables and GRU/RNN weights (INT8 containers: their DequantizeLinear is the fastest);
     `nbits` for `x @ W` with a 2-D W, a Gemm that is exactly MatMul + bias (`gemm_as_matmul_ok`, assumed
     when `node` is None), and an embedding table whose last axis is a multiple of 16
     (com.microsoft.GatherBlockQuantized)."""
@@ -514,6 +515,10 @@ def format_bytes(layer: LayerInfo, bits: int, fmt: Format | str, block_size: int
         values = (layer.params * cbits + 7) // 8
         # The com.microsoft node carries a domain and four attributes: about two DequantizeLinears' worth.
         return values + 4 * blocks + zeros + (4 if zeros else 3) * _TENSOR_OVERHEAD + 2 * _NODE_OVERHEAD
+    if layer.op_type == "LSTM" and fmt is Format.INT8:  # DynamicQuantizeLSTM: [directions, 4H] scales
+        scales = 2 * layer.weight_shape[0] * layer.channels
+        values = layer.params
+        return values + 5 * scales + 6 * _TENSOR_OVERHEAD + 3 * _NODE_OVERHEAD + bias
     if layer.op_type in RECURRENT_OPS:  # W and R, one DequantizeLinear each, per-row scales
         values = (layer.params * cbits + 7) // 8
         zeros = 2 * ((layer.channels * cbits + 7) // 8)

@@ -518,3 +518,36 @@ def test_dedupe_and_compact_names_keep_outputs_interface_and_layer_names():
     assert {n.name for n in small.graph.node} - {""} == set(info.names)
     assert len({i.name for i in small.graph.initializer}) == len(small.graph.initializer)
     np.testing.assert_array_equal(ReferenceEvaluator(small).run(None, {"x": x})[0], want)
+
+
+def test_hardswish_is_prepared_as_its_definition_and_its_gate_is_quantized():
+    """prepare writes HardSwish as x * HardSigmoid(x) (ONNX's definition: same values), so the plan can
+    quantize the gate and ORT runs the product as QLinearMul, as its own quantizer does."""
+    raw = parser.parse_model(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 3, 8, 8] x) => (float[N, 4, 8, 8] y) {
+          a = Conv <pads = [1, 1, 1, 1]> (x, W1, B1)
+          h = HardSwish(a)
+          y = Conv(h, W2, B2)
+        }"""
+    )
+    raw.graph.initializer.extend(
+        numpy_helper.from_array(v, k)
+        for k, v in {"W1": w(4, 3, 3, 3), "B1": w(4), "W2": w(4, 4, 1, 1), "B2": w(4)}.items()
+    )
+    m = prepare(raw)
+    assert "HardSwish" not in [n.op_type for n in m.graph.node]
+    x = w(2, 3, 8, 8, scale=2.0)
+    np.testing.assert_allclose(
+        ReferenceEvaluator(m).run(None, {"x": x})[0],
+        ReferenceEvaluator(raw).run(None, {"x": x})[0],
+        rtol=1e-6,
+        atol=1e-6,
+    )
+    info = analyze(m)
+    pol = Policy.uniform(info.names, 8)
+    full = plan_quantizers(m, info, pol)
+    gate = next(n.output[0] for n in m.graph.node if n.op_type == "HardSigmoid")
+    assert gate in full.bits and "h" in full.bits
+    ops = ort_ops(emit(m, pol, acts(full.bits, 0.0, 4.0)))
+    assert ops.count("QLinearMul") == 1 and ops.count("QLinearConv") == 2

@@ -121,9 +121,14 @@ def test_gather_nbits_is_gather_block_quantized_and_exact(bits):
     assert abs(format_bytes(analyze(m).layer("embed"), bits, "nbits", 32) - _init_bytes(q, node)) <= 64
 
 
-@pytest.mark.parametrize("rnn", ["LSTM", "GRU"])
 @pytest.mark.parametrize(
-    "fmt, bits, container", [("int8", 8, TensorProto.INT8), ("packed", 4, TensorProto.INT4)]
+    "rnn, fmt, bits, container",
+    [
+        ("GRU", "int8", 8, TensorProto.INT8),
+        ("GRU", "packed", 4, TensorProto.INT4),
+        ("LSTM", "packed", 4, TensorProto.INT4),
+        ("LSTM", "packed", 8, TensorProto.INT8),
+    ],
 )
 def test_recurrent_w_and_r_are_quantized_weight_only(rnn, fmt, bits, container):
     m = model(rnn)
@@ -150,18 +155,57 @@ def test_recurrent_w_and_r_are_quantized_weight_only(rnn, fmt, bits, container):
     np.testing.assert_allclose(run(q), run(with_weights(m, deq)), rtol=1e-5, atol=1e-5)
     rows = {r.name: r for r in report(q).layers}
     assert (rows["rnn"].weight_bits, rows["rnn"].format) == (bits, fmt)
-    assert rows["rnn"].weight_bytes == (info.layer("rnn").params * (8 if fmt == "int8" else 4)) // 8
+    assert rows["rnn"].weight_bytes == (info.layer("rnn").params * (8 if bits > 4 else 4)) // 8
     est = format_bytes(info.layer("rnn"), bits, fmt)
     got = sum(inits[i].ByteSize() for n in (prod[node.input[1]], prod[node.input[2]]) for i in n.input)
     got += inits["B"].ByteSize() + prod[node.input[1]].ByteSize() + prod[node.input[2]].ByteSize()
     assert abs(est - got) <= 0.02 * est + 64
 
 
+@pytest.mark.parametrize("bits", [8, 5])
+def test_lstm_int8_runs_as_dynamic_quantize_lstm(bits):
+    """An LSTM in format int8 is ORT's integer LSTM: int8 W and R (the per-row scales numerics gives),
+    input and state quantized by the kernel at run time - within a small error of the float LSTM with the
+    same dequantized weights."""
+    m = model("LSTM")
+    info = analyze(m)
+    q = quantize_model(m, Policy({"rnn": LayerBits(bits, 32, Format.INT8)}))
+    onnx.checker.check_model(q, full_check=True)
+    (node,) = [n for n in q.graph.node if n.name == "rnn"]
+    assert (node.domain, node.op_type) == ("com.microsoft", "DynamicQuantizeLSTM")
+    inits = {i.name: i for i in q.graph.initializer}
+    w = {k: numpy_helper.to_array(next(i for i in m.graph.initializer if i.name == k)) for k in ("W", "R")}
+    deq = {}
+    for k, idx in (("W", 1), ("R", 2)):
+        qv, s = quantize_weight(w[k], bits, 1)
+        np.testing.assert_array_equal(
+            numpy_helper.to_array(inits[node.input[idx]]), np.transpose(qv, (0, 2, 1))
+        )
+        deq[k] = qv * s[None, :, None]
+    want = run(with_weights(m, deq))
+    got = run(q)
+    # uint8 input and state quantization only (measured: 3% of the range at worst, 0.1% on average)
+    err = np.abs(got - want)
+    assert err.max() <= 0.05 * np.abs(want).max() and err.mean() <= 0.005 * np.abs(want).max()
+    row = {r.name: r for r in report(q).layers}["rnn"]
+    assert (row.weight_bits, row.format, row.storage, row.weight_bytes) == (
+        bits,
+        "int8",
+        "int8",
+        info.layer("rnn").params,
+    )
+    est = format_bytes(info.layer("rnn"), bits, "int8")
+    got_bytes = (
+        sum(inits[i].ByteSize() for i in node.input if i in inits and i != "B") + inits["B"].ByteSize()
+    )
+    assert abs(est - got_bytes - node.ByteSize()) <= 0.02 * est + 96
+
+
 def test_storage_modes_pick_formats_for_tables_and_recurrent_layers():
     m = model()
     info = analyze(m)
     want = {
-        "auto": {"embed": "nbits", "rnn": "int8"},  # GatherBlockQuantized; INT8 W/R (INT4's DQ is slow)
+        "auto": {"embed": "nbits", "rnn": "int8"},  # GatherBlockQuantized; DynamicQuantizeLSTM
         "int8": {"embed": "int8", "rnn": "int8"},
         "packed": {"embed": "packed", "rnn": "packed"},
     }
