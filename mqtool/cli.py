@@ -1,7 +1,8 @@
 """The `mqtool` command line: parse options, call one library function, print.
 
-Exit codes: 0 success; 2 bad input or usage (one line on stderr, no traceback); 1 internal error (a short
-message and a hint to re-run with --debug, which prints the traceback).
+Exit codes: 0 success; 2 bad input or usage (one line on stderr, no traceback); 3 quality gate failed
+(`convert --min-fidelity`: the file is written, its self-check agreement is below the gate); 1 internal
+error (a short message and a hint to re-run with --debug, which prints the traceback).
 """
 
 from __future__ import annotations
@@ -428,6 +429,19 @@ _BITS = click.IntRange(2, 8)
     default=None,
     help="Quantization-aware finetuning epochs (default 3 with --target-*, 0 with --bits/--policy).",
 )
+@click.option(
+    "--min-fidelity",
+    type=click.FloatRange(0, 1),
+    default=None,
+    metavar="X",
+    help="Quality gate: exit 3 (the file is still written) when the self-check's model agreement with fp32 "
+    "is below X (0..1).",
+)
+@click.option(
+    "--no-self-check",
+    is_flag=True,
+    help="Skip the self-check (the written file run on ONNX Runtime against fp32 and 8-bit PTQ).",
+)
 @search_options
 def convert(
     model: str,
@@ -441,6 +455,8 @@ def convert(
     target_bits: str | None,
     target_bitops: str | None,
     finetune_epochs: int | None,
+    min_fidelity: float | None,
+    no_self_check: bool,
     workdir: str | None,
     **kw,
 ) -> None:
@@ -457,6 +473,18 @@ def convert(
     if policy_path is not None:
         source = emit.policy_file(policy_path)
     epochs = finetune_epochs if finetune_epochs is not None else (3 if searched else 0)
+    self_check = data is not None and not no_self_check
+    if min_fidelity is not None and not self_check:
+        raise click.UsageError("--min-fidelity needs --data and the self-check (drop --no-self-check)")
+    held, calibration_data = None, data
+    if data is not None and not searched and epochs == 0:
+        from mqtool.model import load_model
+        from mqtool.selfcheck import hold_out
+
+        emit.check_output_path(model, output)
+        # The last samples check the result and never calibrate, checked or not: same file either way.
+        held = hold_out(data, load_model(model), read=self_check)
+        calibration_data = held.calibration
     summary: dict = {}
     if searched or epochs > 0:
         from mqtool.search import default_workdir
@@ -486,7 +514,9 @@ def convert(
 
             run_policy_source(model, source)  # its share of the training; rank 0 emits
             return
-    result = emit.convert(model, output, source, data=data, calibration=calibration, storage=storage)
+    result = emit.convert(
+        model, output, source, data=calibration_data, calibration=calibration, storage=storage
+    )
     if summary:
         pol = summary["policy"]
         bits_line = " ".join(f"{b.weight_bits}" for b in pol.layers.values())
@@ -498,6 +528,44 @@ def convert(
         )
         click.echo(f"bits per layer (graph order): {bits_line}")
     click.echo(result.summary())
+    if self_check:
+        _convert_self_check(
+            model, result, data, held, summary, min_fidelity, calibration, bits, act_bits, epochs
+        )
+
+
+def _convert_self_check(
+    model, result, data, held, summary, min_fidelity, calibration, bits, act_bits, epochs
+):
+    """The self-check at the end of `convert` (docs/cli.md, "Self-check"): the table on stderr; exit 3
+    below --min-fidelity, the file staying written."""
+    from mqtool.selfcheck import check_conversion
+
+    budget = result.avg_weight_bits if act_bits in ("8", "32") else min(result.avg_weight_bits, int(act_bits))
+    try:
+        check = check_conversion(
+            model,
+            result.output,
+            data,
+            held=held,
+            summary=summary,
+            calibration=calibration,
+            bits=budget,
+            baseline_is_quantized=bits == 8 and act_bits == "8" and epochs == 0 and result.storage == "auto",
+            trained_on_data=bool(summary) or epochs > 0,
+        )
+    except InputError as e:
+        _err(f"WARNING: the self-check could not run: {_in_cli_terms(e)} ({result.output} was written)")
+        if min_fidelity is not None:
+            click.get_current_context().exit(3)
+        return
+    _err(check.text())
+    if min_fidelity is not None and not check.passes(min_fidelity):
+        _err(
+            f"mqtool: quality gate failed: model agreement {check.agreement:.4f} < --min-fidelity "
+            f"{min_fidelity:g} ({result.output} was written)"
+        )
+        click.get_current_context().exit(3)
 
 
 @cli.command()
