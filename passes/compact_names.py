@@ -20,6 +20,7 @@ from collections.abc import Iterable
 import numpy as np
 import onnx
 
+from mqtool.model import nested_graphs
 from passes.base import PassResult
 
 _DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"
@@ -57,11 +58,8 @@ def compact_names(model: onnx.ModelProto, keep: Iterable[str] = ()) -> PassResul
             node.output[k] = short(o)
         if node.name not in keep:
             node.name = ""
-        for a in node.attribute:
-            if a.HasField("g"):
-                _rename_in_subgraph(a.g, mapping)
-            for sub in a.graphs:
-                _rename_in_subgraph(sub, mapping)
+        for sub in nested_graphs(node):
+            _rename_in_subgraph(sub, mapping)
     for vi in g.value_info:
         vi.name = short(vi.name)
     modified = bool(mapping) or any(not n.name for n in g.node)
@@ -70,40 +68,24 @@ def compact_names(model: onnx.ModelProto, keep: Iterable[str] = ()) -> PassResul
 
 def _subgraph_names(g: onnx.GraphProto) -> set[str]:
     names: set[str] = set()
-
-    def visit(sub: onnx.GraphProto) -> None:
-        for n in sub.node:
-            names.update(n.input)
-            names.update(n.output)
-            for a in n.attribute:
-                if a.HasField("g"):
-                    visit(a.g)
-                for s in a.graphs:
-                    visit(s)
-        names.update(i.name for i in sub.initializer)
-        names.update(v.name for v in sub.input)
-        names.update(v.name for v in sub.output)
-
     for n in g.node:
-        for a in n.attribute:
-            if a.HasField("g"):
-                visit(a.g)
-            for s in a.graphs:
-                visit(s)
+        for sub in nested_graphs(n):
+            for m in sub.node:
+                names.update(m.input)
+                names.update(m.output)
+            names.update(i.name for i in sub.initializer)
+            names.update(v.name for v in sub.input)
+            names.update(v.name for v in sub.output)
     return names
 
 
 def _rename_in_subgraph(sub: onnx.GraphProto, mapping: dict[str, str]) -> None:
-    # Only outer-scope names are in `mapping`; a subgraph's own names are left alone.
+    # Only outer-scope names are in `mapping`; a subgraph's own names are left alone. Nested bodies are
+    # visited by the caller (`nested_graphs` reaches every depth).
     for n in sub.node:
         for k, i in enumerate(n.input):
             if i in mapping:
                 n.input[k] = mapping[i]
-        for a in n.attribute:
-            if a.HasField("g"):
-                _rename_in_subgraph(a.g, mapping)
-            for s in a.graphs:
-                _rename_in_subgraph(s, mapping)
     for o in sub.output:
         if o.name in mapping:
             o.name = mapping[o.name]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import onnx
 
+from mqtool.model import all_graphs
 from passes.base import PassResult
 
 
@@ -52,12 +53,8 @@ def dedupe_initializers(model: onnx.ModelProto, max_bytes: int = 1024) -> PassRe
 
 
 def _rename_inputs(g: onnx.GraphProto, alias: dict[str, str]) -> None:
-    for n in g.node:
-        for k, i in enumerate(n.input):
-            if i in alias:
-                n.input[k] = alias[i]
-        for a in n.attribute:
-            if a.HasField("g"):
-                _rename_inputs(a.g, alias)
-            for sub in a.graphs:
-                _rename_inputs(sub, alias)
+    for graph in all_graphs(g):
+        for n in graph.node:
+            for k, i in enumerate(n.input):
+                if i in alias:
+                    n.input[k] = alias[i]

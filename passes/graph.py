@@ -13,6 +13,7 @@ from onnx import numpy_helper
 
 # Quantizable layer ops and the channel axis of their weight live in mqtool.analysis; the passes reuse them.
 from mqtool.analysis import QUANTIZABLE_OPS  # noqa: F401  (re-exported for the passes)
+from mqtool.model import nested_graphs
 
 
 def producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
@@ -30,28 +31,24 @@ def consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
 
 
 def subgraph_inputs(graph: onnx.GraphProto) -> set[str]:
-    """Names read inside the subgraphs (If/Loop/Scan bodies) of `graph`'s nodes, at any depth.
+    """Names read inside the subgraphs (If/Loop bodies) of `graph`'s nodes, at any depth.
 
     A tensor read there is in use even when no main-graph node lists it as an input.
     """
     names: set[str] = set()
+    for n in graph.node:
+        names |= subgraph_reads(n)
+    return names
 
-    def visit(g: onnx.GraphProto) -> None:
+
+def subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """Names read inside `node`'s subgraphs at any depth: node inputs and subgraph outputs (a branch may
+    output an outer tensor as it is)."""
+    names: set[str] = set()
+    for g in nested_graphs(node):
         for n in g.node:
             names.update(i for i in n.input if i)
-            for attr in n.attribute:
-                if attr.HasField("g"):
-                    visit(attr.g)
-                for sub in attr.graphs:
-                    visit(sub)
         names.update(o.name for o in g.output)
-
-    for n in graph.node:
-        for attr in n.attribute:
-            if attr.HasField("g"):
-                visit(attr.g)
-            for sub in attr.graphs:
-                visit(sub)
     return names
 
 
@@ -149,26 +146,6 @@ def iter_float_inputs(graph: onnx.GraphProto) -> Iterator[onnx.ValueInfoProto]:
             yield vi
 
 
-def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
-    names: set[str] = set()
-
-    def visit(g: onnx.GraphProto) -> None:
-        for n in g.node:
-            names.update(i for i in n.input if i)
-            for a in n.attribute:
-                if a.HasField("g"):
-                    visit(a.g)
-                for sub in a.graphs:
-                    visit(sub)
-
-    for a in node.attribute:
-        if a.HasField("g"):
-            visit(a.g)
-        for sub in a.graphs:
-            visit(sub)
-    return names
-
-
 def toposort(graph: onnx.GraphProto) -> bool:
     """Reorder `graph.node` topologically, keeping the existing order wherever it is already valid.
 
@@ -181,7 +158,7 @@ def toposort(graph: onnx.GraphProto) -> bool:
     writer = {o: k for k, n in enumerate(nodes) for o in n.output if o}
     deps: list[set[int]] = []
     for k, n in enumerate(nodes):
-        reads = {i for i in n.input if i} | _subgraph_reads(n)
+        reads = {i for i in n.input if i} | subgraph_reads(n)
         deps.append({writer[i] for i in reads if i in writer and writer[i] != k})
     readers: dict[int, list[int]] = defaultdict(list)
     for k, d in enumerate(deps):

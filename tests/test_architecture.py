@@ -30,6 +30,7 @@ CORE = frozenset(
         "mqtool.policy",
         "mqtool.data",
         "mqtool.dataspec",
+        "mqtool.runtime",
         "mqtool.tables",
     }
 )

@@ -716,30 +716,36 @@ def _by_rank(node: Node, build: Callable[[int], OpFn], weight_input: int = 1) ->
     return dispatch
 
 
-@register("Conv")
+@register("Conv", "ConvTranspose")
 def _conv(node: Node) -> OpFn:
-    return _by_rank(node, lambda nd: _conv_nd(node, nd))
+    """Conv and ConvTranspose of any supported rank: the attributes they share are read once here."""
+    transpose = node.op_type == "ConvTranspose"
+    return _by_rank(node, lambda nd: _conv_nd(node, nd, transpose))
 
 
-def _conv_nd(node: Node, nd: int) -> OpFn:
-    if nd not in _CONV:
-        raise node.error(f"cannot run a {nd}-D convolution (1-D, 2-D and 3-D are supported)")
-    conv = _CONV[nd]
+def _conv_nd(node: Node, nd: int, transpose: bool) -> OpFn:
+    table = _CONV_T if transpose else _CONV
+    if nd not in table:
+        kind = "transposed convolution" if transpose else "convolution"
+        raise node.error(f"cannot run a {nd}-D {kind} (1-D, 2-D and 3-D are supported)")
     groups = int(node.attr("group", 1))
     strides = list(node.attr("strides", [1] * nd))
     dilations = list(node.attr("dilations", [1] * nd))
     auto_pad = node.attr("auto_pad", "NOTSET")
+    if auto_pad not in ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"):
+        raise node.error(f"unknown auto_pad {auto_pad!r}")
     pairs = _pair_pads(node.attr("pads", [0] * 2 * nd), nd)
     if auto_pad == "VALID":
         pairs = [(0, 0)] * nd
+    if transpose:
+        return _conv_transpose_fn(node, table[nd], nd, groups, strides, dilations, auto_pad, pairs)
+    conv = table[nd]
     if auto_pad in ("NOTSET", "VALID"):
         if all(b == e for b, e in pairs):
             padding = [b for b, _ in pairs]
             return lambda x, w, b=None: conv(x, w, b, strides, padding, dilations, groups)
         pad = _torch_pad(pairs)
         return lambda x, w, b=None: conv(F.pad(x, pad), w, b, strides, 0, dilations, groups)
-    if auto_pad not in ("SAME_UPPER", "SAME_LOWER"):
-        raise node.error(f"unknown auto_pad {auto_pad!r}")
 
     def conv_same(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
         k = w.shape[2:]
@@ -751,24 +757,9 @@ def _conv_nd(node: Node, nd: int) -> OpFn:
     return conv_same
 
 
-@register("ConvTranspose")
-def _conv_transpose(node: Node) -> OpFn:
-    return _by_rank(node, lambda nd: _conv_transpose_nd(node, nd))
-
-
-def _conv_transpose_nd(node: Node, nd: int) -> OpFn:
-    if nd not in _CONV_T:
-        raise node.error(f"cannot run a {nd}-D transposed convolution (1-D, 2-D and 3-D are supported)")
-    conv_t = _CONV_T[nd]
-    groups = int(node.attr("group", 1))
-    strides = list(node.attr("strides", [1] * nd))
-    dilations = list(node.attr("dilations", [1] * nd))
+def _conv_transpose_fn(node: Node, conv_t, nd: int, groups, strides, dilations, auto_pad, pairs) -> OpFn:
     out_pad = list(node.attr("output_padding", [0] * nd))
-    auto_pad = node.attr("auto_pad", "NOTSET")
     output_shape = node.attr("output_shape")
-    pairs = _pair_pads(node.attr("pads", [0] * 2 * nd), nd)
-    if auto_pad == "VALID":
-        pairs = [(0, 0)] * nd
     if (
         output_shape is None
         and auto_pad in ("NOTSET", "VALID")
