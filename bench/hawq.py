@@ -38,7 +38,7 @@ def hessian_traces(
     def grads(ws: list[torch.Tensor]) -> list[torch.Tensor]:
         ps = [w.requires_grad_(True) for w in ws]
         with engine.ctx.net.override_weights(dict(zip(names, ps))):
-            loss = F.cross_entropy(engine.ctx.output(engine.ctx.net(*feeds)).flatten(1), y)
+            loss = F.cross_entropy(engine.ctx.forward_feeds(feeds)[0].flatten(1), y)
         return list(torch.autograd.grad(loss, ps))
 
     sums = np.zeros(len(names))

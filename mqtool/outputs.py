@@ -108,6 +108,8 @@ def plan_outputs(model: onnx.ModelProto) -> list[OutputPlan]:
             node = prod.get(node.input[0]) if node.input else None
             steps += 1
         op = node.op_type if node is not None else ""
+        if op == "If":  # what the branches compute (the then-branch stands for both)
+            node, op = _branch_producer(node, source)
         kind, reason, last = None, note, True
         if op in ("Softmax", "LogSoftmax"):
             axis = _axis(node, -1)
@@ -151,6 +153,8 @@ def classify(
             )
             continue
         kind, reason = _kind_of(p, np.asarray(values))
+        if p.kind is None and p.reason:  # an integer head's note, then what the values say
+            reason = _join(p.reason, reason)
         if metric in ("cosine",):
             kind, reason = OutputKind.EMBEDDING, "cosine asked for (objective.metric)"
         elif metric in ("sqnr",):
@@ -191,12 +195,17 @@ def _kind_of(p: OutputPlan, v: np.ndarray) -> tuple[OutputKind, str]:
         lse = np.log(np.exp(v.astype(np.float64)).sum(axis=-1))
         if np.allclose(lse, 0.0, atol=1e-3):
             return OutputKind.LOG_PROBS, "values <= 0 whose exp sums to 1 on the last axis"
-    if (
-        p.producer in ("Gemm", "MatMul", "Conv", "Add")
-        and 2 <= last <= 100_000
-        and _looks_like_classes(per_sample)
-    ):
-        where = "per position" if len(per_sample) > 1 else "per sample"
+    if len(per_sample) == 1 and last >= 8 and finite.size:
+        norms = np.linalg.norm(v.reshape(len(v), -1).astype(np.float64), axis=1)
+        if np.allclose(norms, 1.0, atol=1e-3):
+            return OutputKind.EMBEDDING, f"unit-norm vectors of {last} values: compared by cosine"
+    # Logits have their classes last and few positions before them ([C], [T, C], [T, 1, C]); a Conv output
+    # with many positions and few channels is a feature map or a box head, compared as regression.
+    positions = int(np.prod(per_sample[:-1])) if len(per_sample) > 1 else 1
+    dense = p.producer in ("Gemm", "MatMul", "Add", "Einsum") and (last >= 16 or positions <= last)
+    conv_head = p.producer == "Conv" and positions <= last
+    if last >= 2 and (dense or conv_head):
+        where = f"per position ({positions} positions)" if positions > 1 else "per sample"
         return OutputKind.LOGITS, f"unnormalised scores from {p.producer} over {last} classes, {where}"
     return (
         OutputKind.REGRESSION,
@@ -204,13 +213,20 @@ def _kind_of(p: OutputPlan, v: np.ndarray) -> tuple[OutputKind, str]:
     )
 
 
-def _looks_like_classes(per_sample: tuple[int, ...]) -> bool:
-    """Logits have their classes on the last axis and few positions before it ([C], [T, C], [T, 1, C]);
-    an output whose last axis is small and whose other axes are large is a feature map or boxes."""
-    positions = int(np.prod(per_sample[:-1])) if len(per_sample) > 1 else 1
-    return per_sample[-1] >= 2 and (
-        len(per_sample) == 1 or per_sample[-1] >= 16 or positions <= per_sample[-1]
-    )
+def _branch_producer(node: onnx.NodeProto, tensor: str) -> tuple[onnx.NodeProto | None, str]:
+    """The node of an If's then-branch that computes the branch output matching `tensor`, past pass-through
+    ops; (None, "If") when the branch does not say."""
+    k = list(node.output).index(tensor)
+    branch = next((a.g for a in node.attribute if a.name == "then_branch"), None)
+    if branch is None or k >= len(branch.output):
+        return None, "If"
+    prod = {o: n for n in branch.node for o in n.output}
+    inner = prod.get(branch.output[k].name)
+    steps = 0
+    while inner is not None and steps < 16 and inner.op_type in _PASS_THROUGH:
+        inner = prod.get(inner.input[0]) if inner.input else None
+        steps += 1
+    return (inner, inner.op_type) if inner is not None else (None, "If")
 
 
 def _axis(node: onnx.NodeProto, default: int) -> int:

@@ -72,7 +72,7 @@ def test_gradients_reach_metaquantnet(cnn, tmp_path):
     eng = SearchEngine(model, data, SearchConfig.flat(**(TINY | {"epochs": 0})), str(tmp_path))
     mqn = eng.train_metaquantnet()
     with eng.ctx.net.override_weights(mqn.generate([2] * eng.ctx.n)):
-        out = eng.ctx.output(eng.ctx.net(*eng.ctx.feeds(eng.ctx.train, np.arange(32))))
+        out = eng.ctx.forward(eng.ctx.train, np.arange(32))[0]
     out.square().mean().backward()
     grads = [p.grad for p in mqn.parameters()]
     assert all(g is not None for g in grads) and any(float(g.abs().sum()) > 0 for g in grads)
@@ -171,7 +171,7 @@ def test_finetuned_model_is_what_gets_emitted(trained, cnn):
             if p.bias is not None:
                 eng.ctx.net.layers[n].bias.copy_(torch.from_numpy(p.bias))
         with eng.ctx.net.override_weights(weights):
-            sim = eng.ctx.output(eng.ctx.net(torch.from_numpy(x))).numpy()
+            sim = eng.ctx.forward_feeds([torch.from_numpy(x)])[0].numpy()
         for n, b in saved.items():
             eng.ctx.net.layers[n].bias.copy_(b)
     # identical predictions; logits within the int32-bias rounding of the emitted model

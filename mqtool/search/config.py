@@ -90,13 +90,21 @@ class DataConfig:
 class ObjectiveConfig:
     """The one objective that drives MetaQuantNet training, GA fitness and finetuning."""
 
-    metric: Metric | None = None  # None: "ce" with labels, "kl" without
-    temperature: float = 2.0  # of the distillation loss and the KL fitness
+    metric: Metric | None = (
+        None  # None: "ce" with labels on a classifier, else "kl" (each output by its kind)
+    )
+    temperature: float = 2.0  # of the distillation of logits
+    output_weights: Mapping[str, float] = field(
+        default_factory=dict
+    )  # graph output -> weight (0: not scored)
 
     def __post_init__(self) -> None:
         if self.metric is not None:
             _check_choice("objective.metric", self.metric, Metric)
         _check_float("objective.temperature", self.temperature, 0.0, 1e6, open_lo=True)
+        for name, w in dict(self.output_weights).items():
+            _check_float(f"objective.output_weights[{name}]", w, 0.0, 1e6)
+        object.__setattr__(self, "output_weights", dict(self.output_weights))
 
 
 @dataclass(frozen=True)
@@ -244,6 +252,7 @@ class SearchConfig:
         doc = asdict(self)
         doc["space"]["widths"] = list(self.space.widths)
         doc["space"]["pins"] = dict(sorted(self.space.pins.items()))
+        doc["objective"]["output_weights"] = dict(sorted(self.objective.output_weights.items()))
         return {"version": CONFIG_VERSION, **doc}
 
     @classmethod

@@ -1,13 +1,21 @@
 """What every stage of the search shares: the prepared float model, its PyTorch twin, the data split into a
-training part and a held-out search part, the fp32 teacher's outputs, and activation quantization.
+training part, a held-out search part and a held-out check part, the fp32 teacher's outputs, the objective,
+and activation quantization.
 
 The model is the one the emitter quantizes (`passes.pipeline.prepare`: BN folded, names fixed), so layer
 names and float weights agree between search and emission. `convert` hands its already prepared model and
-analysis down (`prepared=...`): the model is loaded and prepared once per run.
+analysis down (`info=...`): the model is loaded and prepared once per run.
+
+Outputs are sample-major everywhere in the search. How samples go through the twin is probed once: in
+batches when the twin gives the same per-sample outputs batched as one at a time (the sample axis of each
+output found by comparing a 1-sample and a 2-sample run: time-major `[T, N, C]` outputs have it on axis
+1), else one sample per run (models exported with a batch of 1 baked into their reshapes), each run's
+output stacked along a new first axis.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -18,10 +26,19 @@ import torch
 from mqtool import numerics
 from mqtool.analysis import ModelInfo, analyze
 from mqtool.errors import InputError
+from mqtool.outputs import OutputKind, OutputSpec, classify, output_sample_axes, plan_outputs
 from mqtool.policy import FLOAT, LayerBits, Policy
 from mqtool.search import checkpoint, distributed
 from mqtool.search.config import SearchConfig
-from mqtool.search.objective import Objective
+from mqtool.search.objective import Objective, Teacher
+
+log = logging.getLogger(__name__)
+
+# Samples per forward pass when the teacher's outputs are computed (memory: one chunk's activations).
+_CHUNK = 256
+# The check split (held out from training and search, for the self-check on ONNX Runtime): this fraction
+# of the data, at most this many samples, and none below this many samples in all.
+_CHECK_FRACTION, _CHECK_MAX, _CHECK_MIN_DATA = 0.1, 256, 200
 
 
 @dataclass
@@ -73,11 +90,8 @@ class SearchContext:
         self.n = len(self.names)
         self.pins = self._resolve_pins(config.space.pins)
         self.widths = list(config.space.widths)
-        self.objective = Objective.choose(
-            config.objective.metric, config.objective.temperature, data.y is not None
-        )
         self.data = data
-        self.train, self.search_set = self._split(data)
+        self.train, self.search_set, self.check_set = self._split(data)
         self.net = to_torch(self.model, self.info, channels_last=True).to(self.device)
         self.net.eval()
         for p in self.net.parameters():
@@ -87,8 +101,12 @@ class SearchContext:
             checkpoint.data_digest(data.inputs, data.y),
             config.fingerprint_parts("metaquantnet"),
         )
-        self.teacher_train = self.forward_all(self.train)
-        self.teacher_search = self.forward_all(self.search_set)
+        self.plans = plan_outputs(self.model)
+        self._sources = [p.source for p in self.plans]
+        self._probe_feeding()
+        self.outputs, self.objective = self._choose_objective()
+        self.teacher_train = self.teacher(self.train)
+        self.teacher_search = self.teacher(self.search_set, self.teacher_train.energy)
         self.act_ranges = self._calibrate()
         self._act_plan_cache: dict[tuple, dict[str, int]] = {}
         self._act_key: tuple | None = None
@@ -109,19 +127,75 @@ class SearchContext:
             out[self.names.index(name)] = bits
         return out
 
-    def _split(self, data: Samples) -> tuple[Samples, Samples]:
+    def _split(self, data: Samples) -> tuple[Samples, Samples, Samples]:
+        """(train, search, check). The check split (the last samples of the permutation) is held out of
+        everything the search does, for the self-check; small data sets have none."""
         n = len(data)
         if n < 4:
             raise InputError(
                 f"data: {n} samples are too few to train and search (need at least 4)", field="data"
             )
         perm = np.random.default_rng(self.cfg.seed).permutation(n)
-        k = max(1, min(n - 1, int(round(n * self.cfg.data.search_split))))
+        c = min(_CHECK_MAX, int(round(n * _CHECK_FRACTION))) if n >= _CHECK_MIN_DATA else 0
+        k = max(1, min(n - c - 1, int(round(n * self.cfg.data.search_split))))
         # The GA scores candidates on the first `fitness_samples` rows of the search split; the re-ranking
         # and the final fitness use all of it (capped), so the winner is not picked on sampling noise.
         sc = self.cfg.scoring
         keep = max(sc.fitness_samples, sc.rerank_samples if sc.rerank else 0)
-        return data.take(np.sort(perm[k:])), data.take(np.sort(perm[:k][:keep]))
+        return (
+            data.take(np.sort(perm[k : n - c])),
+            data.take(np.sort(perm[:k][:keep])),
+            data.take(np.sort(perm[n - c :])),
+        )
+
+    # ---- running the twin --------------------------------------------------------------------------
+    def _probe_feeding(self) -> None:
+        """Batched or one sample per run (module docstring), and each output's sample axis when batched."""
+        ds = self.train
+        self.batched = False
+        self._out_axes: list[int | None] = []
+        self._scored = list(range(len(self.plans)))
+        if len(ds) < 2:
+            return
+        with torch.no_grad():
+            try:
+                one = self._raw(self.feeds(ds, slice(0, 1)))
+                other = self._raw(self.feeds(ds, slice(1, 2)))
+                two = self._raw(self.feeds(ds, slice(0, 2)))
+                axes = output_sample_axes([tuple(o.shape) for o in one], [tuple(o.shape) for o in two])
+            except (RuntimeError, InputError, ValueError, IndexError) as e:
+                log.info("the twin does not run batched (%s): one sample per run", e)
+                return
+            for a, b, both, axis in zip(one, other, two, axes):
+                if axis is None:
+                    continue
+                want = torch.cat([a, b], dim=axis)
+                if not torch.allclose(both, want, rtol=1e-3, atol=1e-4 * float(want.abs().max()) + 1e-6):
+                    log.info("batched outputs differ from one-at-a-time outputs: one sample per run")
+                    return
+        self.batched, self._out_axes = True, axes
+        self._scored = [i for i, a in enumerate(axes) if a is not None]
+
+    def _raw(self, feeds: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The twin's outputs (the float source of each graph output) for one run."""
+        if self._sources == self.net.output_names:
+            y = self.net(*feeds)
+            return list(y) if isinstance(y, tuple | list) else [y]
+        got = self.net.run(dict(zip(self.net.input_names, feeds)), self._sources)
+        return [got[s] for s in self._sources]
+
+    def forward(self, ds: Samples, idx: slice | np.ndarray) -> list[torch.Tensor]:
+        """Sample-major outputs (float) of the scored outputs for samples `idx` of `ds`."""
+        return self.forward_feeds(self.feeds(ds, idx))
+
+    def forward_feeds(self, feeds: list[torch.Tensor]) -> list[torch.Tensor]:
+        keep = self._scored
+        if self.batched:
+            outs = self._raw(feeds)
+            return [torch.movedim(outs[i], self._out_axes[i], 0).float() for i in keep]
+        n = len(feeds[0])
+        runs = [self._raw([f[j : j + 1] for f in feeds]) for j in range(n)]
+        return [torch.stack([r[i] for r in runs]).float() for i in keep]
 
     def feeds(self, ds: Samples, idx: slice | np.ndarray | None = None) -> list[torch.Tensor]:
         arrays = [ds.inputs[n] if idx is None else ds.inputs[n][idx] for n in self.info.inputs]
@@ -131,16 +205,56 @@ class SearchContext:
         return None if ds.y is None else torch.from_numpy(ds.y).to(self.device)
 
     @torch.no_grad()
-    def forward_all(self, ds: Samples, bs: int = 512) -> torch.Tensor:
-        outs = []
-        for i in range(0, len(ds), bs):
-            outs.append(self.output(self.net(*self.feeds(ds, slice(i, i + bs)))))
-        return torch.cat(outs)
+    def forward_all(self, ds: Samples, bs: int = _CHUNK) -> list[torch.Tensor]:
+        """Sample-major outputs of every sample of `ds` (scored outputs only)."""
+        parts = [self.forward(ds, slice(i, i + bs)) for i in range(0, len(ds), bs)]
+        return [torch.cat(p) for p in zip(*parts)]
 
-    @staticmethod
-    def output(y) -> torch.Tensor:
-        # The first output is the one the search optimises (logits, embedding, regression output).
-        return (y[0] if isinstance(y, tuple | list) else y).float()
+    # ---- objective ---------------------------------------------------------------------------------
+    def _choose_objective(self) -> tuple[list[OutputSpec], Objective]:
+        """Each output's kind from the graph and the fp32 values of the first training samples, then the
+        objective over the scored ones. The first scored output is the one labels apply to."""
+        feeds = self.feeds(self.train, slice(0, min(len(self.train), 64)))
+        with torch.no_grad():
+            if self.batched:
+                outs = self._raw(feeds)
+                values = {
+                    p.name: None if ax is None else torch.movedim(o, ax, 0).float().cpu().numpy()
+                    for p, o, ax in zip(self.plans, outs, self._out_axes)
+                }
+            else:
+                runs = [self._raw([f[j : j + 1] for f in feeds]) for j in range(len(feeds[0]))]
+                values = {
+                    p.name: torch.stack([r[i] for r in runs]).float().cpu().numpy()
+                    for i, p in enumerate(self.plans)
+                }
+        obj = self.cfg.objective
+        specs = classify(self.plans, values, metric=obj.metric, weights=obj.output_weights)
+        self._scored = [i for i, s in enumerate(specs) if s.kind is not OutputKind.NONE]
+        first = values[specs[self._scored[0]].name]
+        objective = Objective.choose(
+            [specs[i] for i in self._scored],
+            obj.metric,
+            obj.temperature,
+            self.data.y is not None,
+            first.shape[1:],
+        )
+        return specs, objective
+
+    def teacher(self, ds: Samples, energy: list | None = None) -> Teacher:
+        """The objective's stored form of the fp32 outputs on `ds`, computed chunk by chunk. A regression
+        output's error is normalised by `energy` (default: the variance in the first chunk of `ds`)."""
+        parts = []
+        with torch.no_grad():
+            for i in range(0, len(ds), _CHUNK):
+                parts.append(self.objective.teacher(self.forward(ds, slice(i, i + _CHUNK))))
+        merged = [
+            tuple(torch.cat([p.parts[k][j] for p in parts]) for j in range(len(parts[0].parts[k])))
+            if isinstance(parts[0].parts[k], tuple)
+            else torch.cat([p.parts[k] for p in parts])
+            for k in range(len(parts[0].parts))
+        ]
+        return Teacher(merged, len(ds), parts[0].energy if energy is None else energy)
 
     # ---- activation quantization -------------------------------------------------------------------
     def _calibrate(self) -> dict[str, tuple[float, float]]:

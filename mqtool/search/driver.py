@@ -42,6 +42,7 @@ class BudgetResult:
     evaluated: int
     seconds: float
     note: str = ""
+    relative: float | None = None  # the fitness on the anchors' scale (0 = uniform 8-bit PTQ)
 
 
 def _noop(event: str, info: dict) -> None:
@@ -66,6 +67,21 @@ class SearchEngine:
         self.ctx = SearchContext(model, data, config, workdir, info=info)
         self.scorer = Scorer(self.ctx, self.progress)
         self.mqn: MetaQuantNet | None = None
+        ctx = self.ctx
+        self.progress(
+            "objective",
+            {
+                "metric": ctx.metric,
+                "outputs": [s.describe() for s in ctx.outputs],
+                "labels": ctx.objective.labels,
+                "batched": ctx.batched,
+                "split": {
+                    "train": len(ctx.train),
+                    "search": len(ctx.search_set),
+                    "check": len(ctx.check_set),
+                },
+            },
+        )
 
     # ---- MetaQuantNet ------------------------------------------------------------------------------
     def train_metaquantnet(self) -> MetaQuantNet:
@@ -121,6 +137,17 @@ class SearchEngine:
             seed=cfg.seed,
             racing=cfg.scoring.racing,
         )
+        anchors = scorer.anchors()
+        self.progress(
+            "anchors",
+            {
+                "budget": budget.label,
+                "ptq8": anchors.ptq8,
+                "ptq_low": anchors.ptq_low,
+                "low_bits": anchors.low_bits,
+                "informative": anchors.informative,
+            },
+        )
         scorer.first_look = True
         sc = cfg.scoring
         scorer.set_float_screening(not (sc.exact_screening or cfg.space.search_act or not sc.rerank))
@@ -149,7 +176,15 @@ class SearchEngine:
             h = g.history[-1]
             self.progress(
                 "ga_generation",
-                {**h, "budget": budget.label, "generation": g.generation, "generations": g.cfg.generations},
+                {
+                    **h,
+                    "budget": budget.label,
+                    "generation": g.generation,
+                    "generations": g.cfg.generations,
+                    "best_relative": anchors.relative(h["best_fitness"])
+                    if h["best_fitness"] is not None
+                    else None,
+                },
             )
 
         res = ga.run(scorer.evaluate, on_generation)
@@ -157,7 +192,22 @@ class SearchEngine:
         if sc.rerank:
             best, fitness = scorer.rerank(ga.population[: sc.rerank], cost)
         policy = self.policy(best, budget, fitness, res.evaluated)
-        return self._result(budget, policy, time.time() - t0, res.evaluated, "")
+        return self._result(budget, policy, time.time() - t0, res.evaluated, self._blindness(ga))
+
+    def _blindness(self, ga: GeneticSearch) -> str:
+        """A note when this budget's fitness could not tell candidates apart (else "")."""
+        anchors = self.scorer.anchors()
+        if not anchors.informative:
+            return (
+                f"the objective scores uniform 8-bit and uniform {anchors.low_bits}-bit PTQ alike "
+                f"({anchors.ptq8:.4g} vs {anchors.ptq_low:.4g}): the search could not rank policies"
+            )
+        scores = [ga.cache[g.key()] for g in ga.population if np.isfinite(ga.cache[g.key()])]
+        if len(scores) >= 2 and (max(scores) - min(scores)) < 1e-3 * anchors.span:
+            return (
+                "the GA's final candidates all scored within 0.1% of the 8-bit..lowest-width span: no winner"
+            )
+        return ""
 
     def policy(self, g: Genome, budget: Budget, fitness: float, evaluated: int) -> Policy:
         """The `Policy` of a genome, with what produced it (budget, fitness, the whole config) in `meta`."""
@@ -168,7 +218,11 @@ class SearchEngine:
             layers,
             meta={
                 "budget": {"kind": budget.kind, "value": budget.value},
-                "fitness": {"metric": self.ctx.metric, "value": fitness},
+                "fitness": {
+                    "metric": self.ctx.metric,
+                    "value": fitness,
+                    "relative": _finite_or_none(self.scorer.anchors().relative(fitness)),
+                },
                 "seed": self.cfg.seed,
                 "evaluated": evaluated,
                 "search_config": self.cfg.to_json(),
@@ -188,6 +242,7 @@ class SearchEngine:
             evaluated,
             seconds,
             note,
+            policy.meta["fitness"].get("relative"),
         )
 
     # ---- finetuning ----------------------------------------------------------------------------------
@@ -205,3 +260,7 @@ class SearchEngine:
             start=start,
             seed=seed,
         )
+
+
+def _finite_or_none(x: float) -> float | None:
+    return float(x) if np.isfinite(x) else None

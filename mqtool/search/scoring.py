@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from mqtool import numerics
 from mqtool.search import distributed
 from mqtool.search.budgets import BudgetCost
 from mqtool.search.config import ScoringConfig
@@ -69,6 +71,32 @@ def choose_finalist(
 Progress = Callable[[str, dict], None]
 
 
+@dataclass(frozen=True)
+class Anchors:
+    """Raw fitness values that give the fitness a readable scale (`relative`): uniform 8-bit PTQ reads 0,
+    uniform PTQ at the lowest candidate width reads 1."""
+
+    ptq8: float
+    ptq_low: float
+    low_bits: int
+
+    @property
+    def span(self) -> float:
+        return self.ptq_low - self.ptq8
+
+    def relative(self, fitness: float) -> float:
+        """`fitness` on the anchors' scale; NaN when the objective cannot tell the anchors apart."""
+        if not self.informative:
+            return float("nan")
+        return (fitness - self.ptq8) / self.span
+
+    @property
+    def informative(self) -> bool:
+        """False when uniform lowest-width PTQ does not score clearly worse than uniform 8-bit PTQ: the
+        objective is then blind to quantization (the failure of a re-softmaxed probability output)."""
+        return self.span > 1e-6 * max(1.0, abs(self.ptq8)) and np.isfinite(self.span)
+
+
 class Scorer:
     """Fitness of candidate policies on the search split of `ctx`, with `mqn`'s generated weights."""
 
@@ -84,6 +112,7 @@ class Scorer:
         self.first_look = True
         self._feed_cache: dict[tuple, list[torch.Tensor]] = {}
         self._labels = ctx.labels(ctx.search_set)
+        self._anchors: Anchors | None = None
         self.set_samples(self.cfg.fitness_samples)
         self.race_stats = {"scored": 0, "stopped": 0, "samples": 0, "first_look": 0}
 
@@ -98,16 +127,17 @@ class Scorer:
     def full_terms(self) -> np.ndarray:
         """Per-sample terms on the whole search split, in chunks so memory stays that of one chunk."""
         rows = chunks(len(self.ctx.search_set), RACE_CHUNK)
-        return np.concatenate([self.terms_of(self.ctx.output(self.ctx.net(*self.feeds(r))), r) for r in rows])
+        return np.concatenate([self.terms_of(self.ctx.forward_feeds(self.feeds(r)), r) for r in rows])
 
-    def terms_of(self, out: torch.Tensor, rows: slice) -> np.ndarray:
-        """Per-sample terms of the search samples `rows` (`out`: the model's outputs for exactly those)."""
+    def terms_of(self, outs: list[torch.Tensor], rows: slice) -> np.ndarray:
+        """Per-sample terms of the search samples `rows` (`outs`: the model's outputs for exactly those)."""
         y = None if self._labels is None else self._labels[rows]
-        return self.ctx.objective.terms(out, self.ctx.teacher_search[rows], y)
+        t = self.ctx.teacher_search
+        return self.ctx.objective.terms(outs, t.rows(rows), t.energy, y)
 
     def aggregate(self, total: float, n: int) -> float:
         """The fitness from the sum of the terms of the first `n` search samples."""
-        return self.ctx.objective.aggregate(total, n, self.ctx.teacher_search)
+        return self.ctx.objective.aggregate(total, n)
 
     # ---- GA candidates ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -170,7 +200,7 @@ class Scorer:
         self.race_stats["scored"] += 1
         with ctx.net.override_weights(self.mqn.generate(list(g.wbits))):
             for rows in plan:
-                parts.append(self.terms_of(ctx.output(ctx.net(*self.feeds(rows))), rows))
+                parts.append(self.terms_of(ctx.forward_feeds(self.feeds(rows)), rows))
                 done = rows.stop
                 if ref is None or done == n:
                     continue
@@ -197,6 +227,32 @@ class Scorer:
         if key not in self._feed_cache:
             self._feed_cache[key] = self.ctx.feeds(self.ctx.search_set, rows)
         return self._feed_cache[key]
+
+    # ---- anchors -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def ptq_fitness(self, bits: int) -> float:
+        """Fitness of uniform `bits`-bit post-training quantization (pretrained weights, per-channel MSE
+        scales, activations as the search quantizes them) on the whole search split."""
+        from mqtool.search.metaquantnet import weight_quant_ste
+
+        ctx = self.ctx
+        weights = {}
+        for layer in ctx.info.layers:
+            w = ctx.net.layers[layer.name].weight.detach()
+            s = numerics.weight_scale(w.cpu().numpy(), bits, layer.channel_axis, "mse")
+            weights[layer.name] = weight_quant_ste(
+                w, torch.from_numpy(s).to(w.device), bits, layer.channel_axis
+            )
+        ctx.set_activation_quant(tuple([ctx.cfg.space.act_bits] * ctx.n))
+        with ctx.net.override_weights(weights):
+            return self.fitness()
+
+    def anchors(self) -> Anchors:
+        """The fitness scale a person can read: 0 = uniform 8-bit PTQ, 1 = uniform lowest-width PTQ."""
+        if self._anchors is None:
+            lo = min(self.ctx.widths)
+            self._anchors = Anchors(self.ptq_fitness(8), self.ptq_fitness(lo), lo)
+        return self._anchors
 
     # ---- finalists -----------------------------------------------------------------------------------
     @torch.no_grad()

@@ -29,10 +29,11 @@ def step_loss(ctx: SearchContext, weights: dict[str, torch.Tensor], idx: np.ndar
     if len(idx) == 0:  # a rank with no sample in a tiny last batch still joins the gradient average
         return sum(w.sum() for w in weights.values()) * 0.0
     with ctx.net.override_weights(weights):
-        out = ctx.output(ctx.net(*ctx.feeds(ctx.train, idx)))
+        outs = ctx.forward(ctx.train, idx)
     t = torch.as_tensor(idx, device=ctx.device)
     y = ctx.labels(ctx.train)
-    return ctx.objective.train_loss(out, ctx.teacher_train[t], None if y is None else y[t])
+    teacher = ctx.teacher_train
+    return ctx.objective.train_loss(outs, teacher.rows(t), teacher.energy, None if y is None else y[t])
 
 
 def run_epochs(
