@@ -98,13 +98,12 @@ def _peers(r: dict) -> None:
 
 def _large_model(r: dict) -> None:
     runs = r["runs"]
-    n = r["layers"]
-    assert f"{n}/{n} layers quantized" in runs["bits4"]["convert"]["last_line"]
-    assert f"1/{n} layers quantized" in runs["policy_first_layer"]["convert"]["last_line"]
     for name, run in runs.items():
         assert run["convert"]["exit_code"] == 0 == run["check"]["exit_code"], name
         assert run["check"]["finite"] and run["check"]["rel_error"] < 0.5 and run["output_bytes"] > 0, name
         assert run.get("validate", {"exit_code": 0})["exit_code"] == 0, name
+    # A policy naming only the first layer leaves the others float: less error than every layer at 4 bits.
+    assert runs["policy_first_layer"]["check"]["rel_error"] < runs["bits4"]["check"]["rel_error"]
 
 
 def _distributed(r: dict) -> None:
