@@ -32,6 +32,7 @@ CORE = frozenset(
         "mqtool.dataspec",
         "mqtool.runtime",
         "mqtool.tables",
+        "mqtool.weight_layers",
     }
 )
 # Engines: each may import the core and its own package, nothing else of ours.
