@@ -121,3 +121,9 @@ def test_validate_a_fixed_batch_model_like_its_free_batch_twin(tmp_path):
     assert one.top1_agreement == free.top1_agreement and one.reference_top1 == free.reference_top1
     assert one.outputs[0].sqnr_db == pytest.approx(free.outputs[0].sqnr_db, rel=1e-4)
     assert [lat.batch for lat in one.latency] == [1]
+
+
+def test_backend_module_knows_the_fixed_batch():
+    from mqtool.backend import to_torch
+
+    assert to_torch(conv_net(1)).fixed_batch == 1 and to_torch(conv_net("N")).fixed_batch is None

