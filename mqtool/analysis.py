@@ -138,7 +138,7 @@ def analyze(model: onnx.ModelProto, *, allow_quantized: bool = False) -> ModelIn
     # Embedding tables and recurrent weights (weight-only layers): mqtool/weight_layers.py
     from mqtool.weight_layers import with_weight_only_layers
 
-    layers = with_weight_only_layers(model, layers)
+    layers = with_weight_only_layers(model, layers, LayerInfo)
     macs = [layer.macs for layer in layers]
     totals = Totals(
         layers=len(layers),

@@ -22,15 +22,17 @@ import math
 import numpy as np
 import onnx
 
-from mqtool.analysis import LayerInfo
 from mqtool.model import constant_values, node_names
 
 RECURRENT_OPS = ("LSTM", "GRU", "RNN")
 WEIGHT_ONLY_OPS = ("Gather", *RECURRENT_OPS)
 
 
-def weight_only_layers(model: onnx.ModelProto, consts: dict[str, np.ndarray] | None = None) -> list[LayerInfo]:
-    """The Gather-table and recurrent layers of the main graph, in graph order."""
+def weight_only_layers(
+    model: onnx.ModelProto, layer_type: type, consts: dict[str, np.ndarray] | None = None
+) -> list:
+    """The Gather-table and recurrent layers of the main graph, in graph order, as `layer_type`
+    (`analysis.LayerInfo`, passed in so that this module does not import analysis, which calls it)."""
     consts = constant_values(model) if consts is None else consts
     out = []
     for node, name in zip(model.graph.node, node_names(model.graph)):
@@ -38,16 +40,19 @@ def weight_only_layers(model: onnx.ModelProto, consts: dict[str, np.ndarray] | N
             continue
         if all(o in consts for o in node.output if o):
             continue  # folded away: not run
-        layer = _gather(node, name, consts) if node.op_type == "Gather" else _recurrent(node, name, consts)
+        make = _gather if node.op_type == "Gather" else _recurrent
+        layer = make(layer_type, node, name, consts)
         if layer is not None:
             out.append(layer)
     return out
 
 
-def with_weight_only_layers(model: onnx.ModelProto, layers: list[LayerInfo]) -> list[LayerInfo]:
-    """`layers` with `weight_only_layers` merged in graph order (layers not in the main graph keep their
-    place after the main-graph layer before them)."""
-    extra = [x for x in weight_only_layers(model) if x.name not in {layer.name for layer in layers}]
+def with_weight_only_layers(model: onnx.ModelProto, layers: list, layer_type: type) -> list:
+    """`layers` (of `layer_type`) with `weight_only_layers` merged in graph order (layers not in the main
+    graph keep their place after the main-graph layer before them)."""
+    extra = [
+        x for x in weight_only_layers(model, layer_type) if x.name not in {layer.name for layer in layers}
+    ]
     if not extra:
         return layers
     position = {name: i for i, name in enumerate(node_names(model.graph))}
@@ -64,7 +69,7 @@ def _float_const(consts: dict[str, np.ndarray], name: str) -> np.ndarray | None:
     return v if v is not None and v.dtype.kind == "f" else None
 
 
-def _gather(node: onnx.NodeProto, name: str, consts: dict[str, np.ndarray]) -> LayerInfo | None:
+def _gather(layer_type: type, node: onnx.NodeProto, name: str, consts: dict[str, np.ndarray]):
     if len(node.input) < 2 or node.input[1] in consts:
         return None
     table = _float_const(consts, node.input[0])
@@ -72,20 +77,20 @@ def _gather(node: onnx.NodeProto, name: str, consts: dict[str, np.ndarray]) -> L
     if table is None or table.ndim < 2 or axis % table.ndim != 0:
         return None
     shape = list(table.shape)
-    return LayerInfo(
+    return layer_type(
         name, "Gather", node.input[0], shape, math.prod(shape), node.input[1], node.output[0], 0,
         channel_axis=0, weight_input=0,
     )  # fmt: skip
 
 
-def _recurrent(node: onnx.NodeProto, name: str, consts: dict[str, np.ndarray]) -> LayerInfo | None:
+def _recurrent(layer_type: type, node: onnx.NodeProto, name: str, consts: dict[str, np.ndarray]):
     if len(node.input) < 3:
         return None
     w, r = _float_const(consts, node.input[1]), _float_const(consts, node.input[2])
     if w is None or r is None or w.ndim != 3 or r.ndim != 3 or node.input[0] in consts:
         return None
     bias = node.input[3] if len(node.input) > 3 and node.input[3] in consts else None
-    return LayerInfo(
+    return layer_type(
         name, node.op_type, node.input[1], list(w.shape), int(w.size + r.size), node.input[0],
         node.output[0] if node.output and node.output[0] else next(o for o in node.output if o), 0,
         bias=bias, bias_params=int(consts[bias].size) if bias else 0, channel_axis=1, weight_input=1,
