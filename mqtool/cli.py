@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import traceback
 
 import click
@@ -68,6 +69,8 @@ def cli(debug: bool) -> None:
     emitted as QDQ ONNX that ONNX Runtime runs on its integer kernels."""
     import logging
 
+    global _STARTED
+    _STARTED = time.monotonic()  # the time budget counts from here
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(name)s: %(message)s")
 
 
@@ -192,6 +195,16 @@ def search_options(f):
             help="Where to train and score (auto: CUDA when available). Under torchrun each rank takes its "
             "LOCAL_RANK-th GPU; see docs/distributed.md.",
         ),
+        click.option(
+            "--time-budget",
+            type=click.FloatRange(0, 100_000),
+            default=15.0,
+            show_default=True,
+            metavar="MIN",
+            help="Minutes for the whole run (setup, MetaQuantNet, GA, finetuning, emission, self-check): the "
+            "epochs, GA size, fitness samples and finetuning are sized to fit and printed with an ETA; options "
+            "you set explicitly are kept. 0: no limit (the values as configured).",
+        ),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -214,9 +227,26 @@ def _search_config(**kw):
     except ValueError as e:
         raise InputError(f"--widths: expected comma-separated integers such as 2,4,8, got {text!r}") from e
     kw.pop("workdir", None)
-    config = SearchConfig.flat(pins=pins, widths=widths, **kw)
+    budget = kw.pop("time_budget", None)
+    config = SearchConfig.flat(
+        pins=pins, widths=widths, time_budget=budget or None, fixed=_explicit_options(), **kw
+    )
     _join_ranks(config.device)
     return config
+
+
+def _explicit_options() -> frozenset[str]:
+    """Flat option names the user typed (the time plan never changes them)."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return frozenset()
+    typed = {
+        name
+        for name in ctx.params
+        if ctx.get_parameter_source(name)
+        in (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
+    }
+    return frozenset(typed)
 
 
 # Library errors name config fields and arguments; the terminal shows the flag the user typed instead.
@@ -272,39 +302,20 @@ def _budgets(target_bits: str | None, target_bitops: str | None) -> list:
     return parse_budgets("bits", target_bits) if target_bits else parse_budgets("bitops", target_bitops)
 
 
-class _Progress:
-    """Draws the search's progress events on stderr (the library never prints)."""
+_CONSOLE = None  # the run's progress display (mqtool.console), made by the command
 
-    def __call__(self, event: str, d: dict) -> None:
-        if event == "mqn_start":
-            ratio = d["params"] / max(1, d["model_params"])
-            _err(f"MetaQuantNet: {d['params']:,} parameters ({ratio:.1%} of the model), {d['epochs']} epochs")
-        elif event == "mqn_resume":
-            _err(f"MetaQuantNet: resuming after epoch {d['epoch']}")
-        elif event == "mqn_epoch":
-            _err(f"  epoch {d['epoch']}/{d['epochs']}  loss {d['loss']:.4f}  {d['seconds']:.1f}s", bar=True)
-        elif event == "ga_resume":
-            _err(f"search {d['budget']}: resuming after generation {d['generation']}")
-        elif event == "ga_generation":
-            _err(
-                f"  {d['budget']} generation {d['generation']}/{d['generations']}  best {d['best_fitness']:.4f}"
-                f"  cost {d['best_cost']:.3f}  evaluated {d['cached']}",
-                bar=True,
-            )
-        elif event == "ga_rerank":
-            how = (
-                " (screened with float activations; re-ranked with them quantized)"
-                if d.get("screened_float")
-                else ""
-            )
-            _err(
-                f"  re-ranked the best {d['finalists']} on {d['samples']} samples{how}: fitness {d['fitness']:.4f}"
-            )
-        elif event == "finetune_epoch":
-            _err(f"  finetune epoch {d['epoch']}/{d['epochs']}  loss {d['loss']:.4f}", bar=True)
+
+def _console(budgets: int = 1):
+    """The progress display of this run: bars with ETA on a terminal, plain lines otherwise."""
+    global _CONSOLE
+    from mqtool.console import Console
+
+    _CONSOLE = Console(_STARTED, quiet=_QUIET, budgets=budgets)
+    return _CONSOLE
 
 
 _QUIET = False  # set on torchrun ranks other than 0
+_STARTED = time.monotonic()  # reset when the command line is parsed
 
 
 def _err(msg: str, bar: bool = False) -> None:
@@ -359,7 +370,7 @@ def search(model, data, target_bits, target_bitops, output, workdir, **kw) -> No
     ds = load_dataset(data, m)
     workdir = workdir or default_workdir(model, data)
     _err(f"workdir: {workdir}")
-    outcome = search_policies(m, ds, budgets, config, workdir, _Progress())
+    outcome = search_policies(m, ds, budgets, config, workdir, _console(len(budgets)), started=_STARTED)
     if _QUIET:
         return  # rank 0 writes the outputs
     written = write_search_outputs(outcome, output)
@@ -506,9 +517,9 @@ def convert(
             budgets = _budgets(target_bits, target_bitops)
             if len(budgets) != 1:
                 raise InputError("convert takes one budget; use `mqtool search` for several")
-            source = searched_policy(data, budgets[0], config, workdir, _Progress(), summary)
+            source = searched_policy(data, budgets[0], config, workdir, _console(), summary, started=_STARTED)
         else:
-            source = finetuned_policy(source, data, epochs, config, workdir, _Progress())
+            source = finetuned_policy(source, data, epochs, config, workdir, _console())
         if _QUIET:
             from mqtool.search.api import run_policy_source
 

@@ -38,7 +38,7 @@ CORE = frozenset(
 # Engines: each may import the core and its own package, nothing else of ours.
 ENGINES = ("passes", "calibration", "mqtool.backend")
 # Entry points: only they may print.
-ENTRY_POINTS = ("mqtool.cli", "mqtool.__main__", "mqtool.backend.__main__")
+ENTRY_POINTS = ("mqtool.cli", "mqtool.console", "mqtool.__main__", "mqtool.backend.__main__")
 NO_TORCH = ("passes", "calibration")  # and the core
 
 

@@ -53,14 +53,19 @@ def search_policies(
     progress: Progress | None = None,
     *,
     info=None,
+    started: float | None = None,
+    finetune: bool = False,
 ) -> SearchOutcome:
     """Train (or reload) MetaQuantNet, then run one genetic search per budget. With `info` (its analysis),
-    `model` is taken as already prepared (`passes.pipeline.prepare`) and is not prepared again."""
+    `model` is taken as already prepared (`passes.pipeline.prepare`) and is not prepared again. With a time
+    budget (`config.plan`), the run is planned to fit from `started` (time.monotonic; default now),
+    finetuning and emission included when `finetune`."""
     if not budgets:
         raise InputError("budgets: no budget given", field="budgets")
-    engine = SearchEngine(model, data, config, workdir, progress, info=info)
+    engine = SearchEngine(model, data, config, workdir, progress, info=info, started=started)
     for b in budgets:  # fail fast on an infeasible budget, before the long training
         engine.check_budget(b)
+    engine.plan_run(len(budgets), finetune)
     engine.train_metaquantnet()
     results = [engine.search(b) for b in budgets]
     return SearchOutcome(results, engine)
@@ -75,21 +80,33 @@ def search_and_finetune(
     progress: Progress | None = None,
     *,
     info=None,
+    started: float | None = None,
 ):
     """Search one budget and finetune its winner: (policy, QuantParams, prepared model, summary dict)."""
-    outcome = search_policies(model, data, [budget], config, workdir, progress, info=info)
+    outcome = search_policies(
+        model, data, [budget], config, workdir, progress, info=info, started=started, finetune=True
+    )
     res = outcome.results[0]
-    params, final_fitness = outcome.engine.finetune(res.policy)
+    engine = outcome.engine
+    params, final_fitness, predicted = engine.finetune_and_predict(res.policy)
     res.policy.meta["finetuned_fitness"] = final_fitness
+    relative = engine.scorer.anchors().relative(final_fitness)
+    res.policy.meta["finetuned_relative"] = float(relative) if relative == relative else None
     summary = {
         "budget": budget.label,
         "avg_weight_bits": res.avg_bits,
         "bitops_ratio": res.bitops_ratio,
         "predicted_fitness": res.fitness,
         "finetuned_fitness": final_fitness,
-        "metric": outcome.engine.ctx.metric,
+        "predicted_relative": res.relative,
+        "finetuned_relative": res.policy.meta["finetuned_relative"],
+        "metric": engine.ctx.metric,
         "note": res.note,
+        "plan": None if engine.plan is None else engine.plan.to_json(),
     }
+    check = engine.ctx.check_set
+    if len(check):
+        summary |= {"check_feeds": check.inputs, "check_labels": check.y, "predicted_fidelity": predicted}
     return res.policy, params, outcome.engine.ctx.model, summary
 
 
@@ -171,15 +188,20 @@ def searched_policy(
     workdir: str,
     progress: Progress | None = None,
     summary: dict | None = None,
+    started: float | None = None,
 ):
     """A `mqtool.emit.PolicySource`: search `budget` on the prepared model, finetune, hand the finetuned
     weights, scales and activation ranges to the emitter. `summary` (if given) is filled for the CLI."""
 
     def source(prepared: onnx.ModelProto, info):
         ds = load_dataset(data_path, prepared)
-        policy, params, _, s = search_and_finetune(prepared, ds, budget, config, workdir, progress, info=info)
+        policy, params, _, s = search_and_finetune(
+            prepared, ds, budget, config, workdir, progress, info=info, started=started
+        )
         if summary is not None:
             summary.update(s, policy=policy)
+        if progress is not None:
+            progress("emit_start", {})
         return policy, params
 
     return source

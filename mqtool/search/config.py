@@ -178,6 +178,21 @@ class FinetuneConfig:
         _check_float("finetune.lr", self.lr, 0.0, 10.0, open_lo=True)
 
 
+@dataclass(frozen=True)
+class PlanConfig:
+    """The time budget of a whole run (`mqtool/search/plan.py`). `time_budget` (minutes) None: no plan,
+    the configured values as they are. `fixed`: flat option names the user set, which the plan never
+    changes."""
+
+    time_budget: float | None = None
+    fixed: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        if self.time_budget is not None:
+            _check_float("plan.time_budget", self.time_budget, 0.0, 1e6, open_lo=True)
+        object.__setattr__(self, "fixed", frozenset(self.fixed))
+
+
 _SECTIONS: dict[str, type] = {
     "space": SpaceConfig,
     "data": DataConfig,
@@ -186,11 +201,14 @@ _SECTIONS: dict[str, type] = {
     "ga": GAConfig,
     "scoring": ScoringConfig,
     "finetune": FinetuneConfig,
+    "plan": PlanConfig,
 }
 
 # What each checkpoint depends on. MetaQuantNet (and the calibration) depend on the model, the data and
-# these sections; the GA of a budget also on its own settings. Finetuning, the device and `restart` never
-# change a checkpoint's content.
+# these sections, except the number of epochs: its learning rate is constant and each epoch has its own
+# random stream, so a checkpoint after k epochs is exactly where a longer run would be (a run planned for
+# more epochs resumes it). The GA of a budget also depends on its own settings. Finetuning, the time plan,
+# the device and `restart` never change a checkpoint's content.
 _MQN_SECTIONS = ("space", "data", "objective", "training")
 _GA_SECTIONS = ("ga", "scoring")
 
@@ -206,6 +224,7 @@ class SearchConfig:
     ga: GAConfig = field(default_factory=GAConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     seed: int = 0
     device: Device = "auto"  # auto (CUDA when available) | cpu | cuda
     restart: bool = False  # ignore (and overwrite) checkpoints in the work directory
@@ -244,6 +263,7 @@ class SearchConfig:
         """The options a checkpoint of `what` depends on (MetaQuantNet/calibration, or a budget's GA)."""
         doc = self.to_json()
         parts = {s: doc[s] for s in _MQN_SECTIONS} | {"seed": self.seed}
+        parts["training"] = {k: v for k, v in parts["training"].items() if k != "epochs"}
         if what == "ga":
             parts |= {s: doc[s] for s in _GA_SECTIONS}
         return parts
@@ -253,6 +273,7 @@ class SearchConfig:
         doc["space"]["widths"] = list(self.space.widths)
         doc["space"]["pins"] = dict(sorted(self.space.pins.items()))
         doc["objective"]["output_weights"] = dict(sorted(self.objective.output_weights.items()))
+        doc["plan"]["fixed"] = sorted(self.plan.fixed)
         return {"version": CONFIG_VERSION, **doc}
 
     @classmethod
@@ -277,6 +298,8 @@ class SearchConfig:
                     raise _fail(f.name, f"unknown option(s) {', '.join(sorted(extra))}")
                 if f.name == "space" and "widths" in value:
                     value = {**value, "widths": tuple(value["widths"])}
+                if f.name == "plan" and "fixed" in value:
+                    value = {**value, "fixed": frozenset(value["fixed"])}
                 value = section(**value)
             kw[f.name] = value
         if doc:

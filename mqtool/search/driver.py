@@ -7,6 +7,7 @@ stage reports progress through one callback (the CLI draws it) and checkpoints t
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable
@@ -18,8 +19,11 @@ import torch
 
 from mqtool.analysis import ModelInfo
 from mqtool.errors import InputError
+from mqtool.fileio import atomic_write_text
+from mqtool.outputs import OutputKind
 from mqtool.policy import FLOAT, LayerBits, Policy, average_weight_bits, bitops_ratio
 from mqtool.search import checkpoint, distributed
+from mqtool.search import plan as planning
 from mqtool.search.budgets import Budget, BudgetCost, feasible_range
 from mqtool.search.config import SearchConfig
 from mqtool.search.context import Samples, SearchContext
@@ -27,7 +31,7 @@ from mqtool.search.finetune import finetune
 from mqtool.search.ga import GeneticSearch, Genome
 from mqtool.search.metaquantnet import MetaQuantNet
 from mqtool.search.scoring import Scorer
-from mqtool.search.train import train_metaquantnet
+from mqtool.search.train import past_deadline, train_metaquantnet
 
 Progress = Callable[[str, dict], None]
 
@@ -61,9 +65,13 @@ class SearchEngine:
         progress: Progress | None = None,
         *,
         info: ModelInfo | None = None,
+        started: float | None = None,
     ):
+        """`started` (time.monotonic) is when the run began, for the time budget (default: now)."""
+        self.started = time.monotonic() if started is None else started
         self.cfg = config
         self.progress = progress or _noop
+        self.plan: planning.Plan | None = None
         self.ctx = SearchContext(model, data, config, workdir, info=info)
         self.scorer = Scorer(self.ctx, self.progress)
         self.mqn: MetaQuantNet | None = None
@@ -83,9 +91,58 @@ class SearchEngine:
             },
         )
 
+    # ---- time budget -------------------------------------------------------------------------------
+    def plan_run(self, budgets: int, finetune: bool) -> planning.Plan | None:
+        """Fit the run into `plan.time_budget` minutes (`plan.py`); None without a time budget. The planned
+        options are kept in the work directory, so a resumed run continues with the same ones."""
+        cfg = self.cfg
+        if cfg.plan.time_budget is None:
+            return None
+        costs = planning.measure(self, time.monotonic() - self.started)
+        new, plan = planning.plan(
+            cfg,
+            costs,
+            budget_s=60 * cfg.plan.time_budget,
+            fixed=cfg.plan.fixed,
+            budgets=budgets,
+            finetune=finetune,
+        )
+        path = os.path.join(self.ctx.workdir, "plan.json")
+        key = checkpoint.fingerprint(self.ctx.fp, budgets, finetune, cfg.to_json())
+        saved = _read_json(path) if not cfg.restart else None
+        if saved is not None and saved.get("fingerprint") == key:
+            new = SearchConfig.from_json(saved["config"])  # as planned when the run began
+        elif distributed.is_main():
+            atomic_write_text(
+                path, json.dumps({"fingerprint": key, "config": new.to_json()}, indent=1) + "\n"
+            )
+        self._use(new)
+        self.plan = plan
+        self.progress(
+            "plan",
+            {
+                "text": planning.describe(plan, new, finetune),
+                "stages": plan.stages,
+                "budget_s": plan.budget_s,
+                "elapsed": time.monotonic() - self.started,
+            },
+        )
+        return plan
+
+    def _use(self, cfg: SearchConfig) -> None:
+        self.cfg = cfg
+        self.ctx.cfg = cfg
+        self.scorer.cfg = cfg.scoring
+        self.scorer.set_samples(cfg.scoring.fitness_samples)
+
+    def _deadline(self, stage: str) -> float | None:
+        if self.plan is None:
+            return None
+        return time.monotonic() + self.plan.deadlines[stage]
+
     # ---- MetaQuantNet ------------------------------------------------------------------------------
     def train_metaquantnet(self) -> MetaQuantNet:
-        self.mqn = train_metaquantnet(self.ctx, self.progress)
+        self.mqn = train_metaquantnet(self.ctx, self.progress, self._deadline("metaquantnet"))
         self.scorer.mqn = self.mqn
         return self.mqn
 
@@ -187,7 +244,11 @@ class SearchEngine:
                 },
             )
 
-        res = ga.run(scorer.evaluate, on_generation)
+        deadline = self._deadline("ga")
+        stop = None if deadline is None else (lambda: past_deadline(deadline))
+        res = ga.run(scorer.evaluate, on_generation, stop)
+        if ga.generation < cfg.ga.generations:
+            self.progress("deadline", {"stage": f"GA {budget.label}", "generation": ga.generation})
         best, fitness = res.best, res.best_fitness
         if sc.rerank:
             best, fitness = scorer.rerank(ga.population[: sc.rerank], cost)
@@ -247,20 +308,70 @@ class SearchEngine:
 
     # ---- finetuning ----------------------------------------------------------------------------------
     def finetune(
-        self, policy: Policy, epochs: int | None = None, start: str = "metaquantnet", seed: int | None = None
+        self,
+        policy: Policy,
+        epochs: int | None = None,
+        start: str = "metaquantnet",
+        seed: int | None = None,
+        on_finished: Callable[[], None] | None = None,
     ):
         """Quantization-aware training of `policy`: (`QuantParams` for the emitter, final fitness)."""
+        anchors = self.scorer.anchors()
+
+        def progress(event: str, d: dict) -> None:  # finetuning's fitness on the readable scale too
+            if "fitness" in d:
+                d = {**d, "relative": anchors.relative(d["fitness"])}
+            if "start_fitness" in d:
+                d = {**d, "start_relative": anchors.relative(d["start_fitness"])}
+            self.progress(event, d)
+
         return finetune(
             self.ctx,
             policy,
             self.scorer.fitness,
-            self.progress,
+            progress,
             mqn=self.mqn,
             epochs=epochs,
             start=start,
             seed=seed,
+            deadline=self._deadline("finetune"),
+            on_finished=on_finished,
         )
+
+    # ---- the held-out check split --------------------------------------------------------------------
+    @torch.no_grad()
+    def check_values(self) -> dict[str, np.ndarray]:
+        """The network's outputs on the check split as it stands (output name -> the scored tensor's
+        values, sample-major): fp32 when no weights are overridden and activations are float."""
+        ctx = self.ctx
+        scored = [s for s in ctx.outputs if s.kind is not OutputKind.NONE]
+        outs = ctx.forward_all(ctx.check_set)
+        return {s.name: o.cpu().numpy() for s, o in zip(scored, outs)}
+
+    def finetune_and_predict(self, policy: Policy):
+        """Finetune `policy` and predict the emitted model's fidelity on the check split: (QuantParams,
+        final fitness, `mqtool.fidelity.ModelFidelity` of the simulation against fp32, or None without a
+        check split). The self-check compares this prediction with ONNX Runtime's on the same samples."""
+        from mqtool.fidelity import model_fidelity
+
+        ctx = self.ctx
+        if not len(ctx.check_set):
+            return (*self.finetune(policy), None)
+        ctx.set_activation_quant(None)
+        reference = self.check_values()
+        simulated: dict[str, np.ndarray] = {}
+        params, fitness = self.finetune(policy, on_finished=lambda: simulated.update(self.check_values()))
+        predicted = model_fidelity(ctx.outputs, reference, simulated, ctx.check_set.y)
+        return params, fitness, predicted
 
 
 def _finite_or_none(x: float) -> float | None:
     return float(x) if np.isfinite(x) else None
+
+
+def _read_json(path: str) -> dict | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None

@@ -51,12 +51,21 @@ def finetune(
     epochs: int | None = None,
     start: str = "metaquantnet",
     seed: int | None = None,
+    deadline: float | None = None,
+    on_finished: Callable[[], None] | None = None,
 ):
     """Quantization-aware training of one policy: (`QuantParams` for the emitter, final fitness).
 
     `start` is "metaquantnet" (the weights `mqn` generates for the policy) or "ptq" (the pretrained weights
     with MSE scales: the uniform-QAT baselines). `fitness()` scores the network as it stands on the search
-    split (`Scorer.fitness`). `seed` (default: the config's) orders the mini-batches."""
+    split (`Scorer.fitness`). `seed` (default: the config's) orders the mini-batches. Past `deadline`
+    (time.monotonic) training stops after the current step.
+
+    Finetuning never hands back a model worse than it started from: the search-split fitness (held out
+    from training) is taken before the first epoch and after each one, and the best state is kept (on a
+    real OCR recogniser, finetuning on a blind objective took the fitness from 2.08 to 3.98).
+    `on_finished()` is called with the kept weights in place and activations quantized (e.g. to run the
+    held-out check split through the simulation)."""
     from passes.qparams import ActParams, LayerParams, QuantParams
 
     cfg = ctx.cfg
@@ -105,11 +114,28 @@ def finetune(
             for sc in scales.values():
                 sc.clamp_(min=float(numerics.MIN_SCALE))
 
+    def snapshot() -> list[torch.Tensor]:
+        return [p.detach().clone() for p in trainable.parameters()]
+
+    def score() -> float:
+        with torch.no_grad(), ctx.net.override_weights(trainable()):
+            return fitness()
+
+    best_fit, best_state, best_epoch = score(), snapshot(), 0
+    start_fit = best_fit
+
     def after_epoch(epoch: int, loss: float, seconds: float) -> None:
-        progress("finetune_epoch", {"epoch": epoch + 1, "epochs": epochs, "loss": loss, "seconds": seconds})
+        nonlocal best_fit, best_state, best_epoch
+        fit = score()
+        if fit < best_fit:
+            best_fit, best_state, best_epoch = fit, snapshot(), epoch + 1
+        progress(
+            "finetune_epoch",
+            {"epoch": epoch + 1, "epochs": epochs, "loss": loss, "seconds": seconds, "fitness": fit},
+        )
 
     try:
-        run_epochs(
+        if not run_epochs(
             ctx,
             opt,
             range(epochs),
@@ -117,9 +143,20 @@ def finetune(
             lambda rng, step, idx: step_loss(ctx, current(), idx),
             after_step,
             after_epoch,
+            deadline,
+        ):
+            progress("deadline", {"stage": "finetuning"})
+        with torch.no_grad():
+            for p, v in zip(trainable.parameters(), best_state):
+                p.copy_(v)
+        final = best_fit
+        progress(
+            "finetune_done",
+            {"start_fitness": start_fit, "fitness": best_fit, "best_epoch": best_epoch, "epochs": epochs},
         )
-        with torch.no_grad(), ctx.net.override_weights(trainable()):
-            final = fitness()
+        if on_finished is not None:
+            with torch.no_grad(), ctx.net.override_weights(trainable()):
+                on_finished()
         final_bias = {n: p.detach().cpu().numpy().copy() for n, p in biases.items()}
     finally:
         with torch.no_grad():

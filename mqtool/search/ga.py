@@ -186,11 +186,16 @@ class GeneticSearch:
         self,
         evaluate: Callable[..., list[float]],
         on_generation: Callable[[GeneticSearch], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> GAResult:
+        """Run the remaining generations; `should_stop()` (asked after each generation, e.g. a deadline)
+        ends the search early with the best so far."""
         while self.generation < self.cfg.generations:
             self.step(evaluate)
             if on_generation:
                 on_generation(self)
+            if should_stop is not None and self.population and should_stop():
+                break
         return self.result()
 
     def result(self) -> GAResult:

@@ -290,6 +290,7 @@ class Scorer:
                     "finalists": len(finalists),
                     "samples": n,
                     "fitness": fits[i],
+                    "relative": self.anchors().relative(fits[i]),
                     "screened_float": self.float_screen,
                 },
             )

@@ -44,10 +44,13 @@ def run_epochs(
     loss_of: StepLoss,
     after_step: Callable[[], None] = lambda: None,
     after_epoch: Callable[[int, float, float], None] = lambda epoch, loss, seconds: None,
-) -> None:
+    deadline: float | None = None,
+) -> bool:
     """Train over `ctx.train` for `epochs`: per epoch a generator seeded with `[*seed_key, epoch]`
     shuffles the samples; each global mini-batch of `training.batch_size` is split across ranks and
-    `loss_of(rng, global step, local indices)` gives its loss. `after_epoch(epoch, mean loss, seconds)`."""
+    `loss_of(rng, global step, local indices)` gives its loss. `after_epoch(epoch, mean loss, seconds)`.
+    Past `deadline` (time.monotonic, agreed by every rank) the epoch ends after the current step and no
+    other starts; returns False when that cut training short."""
     n = len(ctx.train)
     bs = min(ctx.cfg.training.batch_size, n)
     steps = math.ceil(n / bs)
@@ -56,6 +59,7 @@ def run_epochs(
         rng = np.random.default_rng([*seed_key, epoch])
         perm = rng.permutation(n)
         total = 0.0
+        done = 0
         for s in range(steps):
             idx, share = distributed.local_share(np.sort(perm[s * bs : (s + 1) * bs]))
             loss = loss_of(rng, epoch * steps + s, idx) * share
@@ -64,8 +68,19 @@ def run_epochs(
             optimizer.step()
             after_step()
             total += float(loss.detach()) / share if share else 0.0
+            done += 1
+            if deadline is not None and s + 1 < steps and past_deadline(deadline):
+                break
         total = distributed.mean_over_ranks(total, ctx.device)
-        after_epoch(epoch, total / steps, time.time() - t0)
+        after_epoch(epoch, total / done, time.time() - t0)
+        if done < steps or (deadline is not None and epoch != epochs[-1] and past_deadline(deadline)):
+            return False
+    return True
+
+
+def past_deadline(deadline: float) -> bool:
+    """Whether `deadline` has passed, as rank 0 sees it (every rank must stop at the same step)."""
+    return bool(distributed.broadcast(time.monotonic() > deadline))
 
 
 def steps_per_epoch(ctx: SearchContext) -> int:
@@ -101,8 +116,9 @@ def build_metaquantnet(ctx: SearchContext) -> MetaQuantNet:
     return MetaQuantNet(layers, widths, hidden=ctx.cfg.training.hidden)
 
 
-def train_metaquantnet(ctx: SearchContext, progress: Progress) -> MetaQuantNet:
-    """Train once (resuming from the work directory's checkpoint); reused by every budget."""
+def train_metaquantnet(ctx: SearchContext, progress: Progress, deadline: float | None = None) -> MetaQuantNet:
+    """Train once (resuming from the work directory's checkpoint); reused by every budget. Past `deadline`
+    (time.monotonic) training stops after the current step."""
     cfg = ctx.cfg
     torch.manual_seed(cfg.seed)
     mqn = build_metaquantnet(ctx).to(ctx.device)
@@ -147,5 +163,14 @@ def train_metaquantnet(ctx: SearchContext, progress: Progress) -> MetaQuantNet:
             "mqn_epoch", {"epoch": epoch + 1, "epochs": cfg.training.epochs, "loss": loss, "seconds": seconds}
         )
 
-    run_epochs(ctx, opt, range(start, cfg.training.epochs), [cfg.seed], loss_of, after_epoch=after_epoch)
+    if not run_epochs(
+        ctx,
+        opt,
+        range(start, cfg.training.epochs),
+        [cfg.seed],
+        loss_of,
+        after_epoch=after_epoch,
+        deadline=deadline,
+    ):
+        progress("deadline", {"stage": "MetaQuantNet training"})
     return mqn
