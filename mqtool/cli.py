@@ -264,7 +264,7 @@ def _flag_of(field: str) -> str | None:
     """The CLI flag of a library field name (`training.epochs` -> `--epochs`), None when there is none."""
     if field in _FLAG_OF_FIELD:
         return _FLAG_OF_FIELD[field]
-    if "mqtool.search.config" not in sys.modules:  # only search errors carry config fields
+    if "." not in field:  # config fields are dotted (`training.epochs`); others have no flag of their own
         return None
     from mqtool.search.config import FLAT
 
@@ -533,16 +533,62 @@ def convert(
         bits_line = " ".join(f"{b.weight_bits}" for b in pol.layers.values())
         click.echo(
             f"searched {summary['budget']}: avg {summary['avg_weight_bits']:.3f} weight bits, BitOPs "
-            f"{summary['bitops_ratio']:.3f} x w8a8; fitness ({summary['metric']}) predicted "
-            f"{summary['predicted_fitness']:.4f}, after finetuning {summary['finetuned_fitness']:.4f}"
+            f"{summary['bitops_ratio']:.3f} x w8a8; fitness {_fitness_text(summary)}"
             + (f" [{summary['note']}]" if summary["note"] else "")
         )
         click.echo(f"bits per layer (graph order): {bits_line}")
     click.echo(result.summary())
+    check = None
     if self_check:
-        _convert_self_check(
+        check = _convert_self_check(
             model, result, data, held, summary, min_fidelity, calibration, bits, act_bits, epochs
         )
+    if summary and _CONSOLE is not None:
+        _CONSOLE.finish()
+        _err(_summary_table(summary, result, check))
+    if check is not None and min_fidelity is not None and not check.passes(min_fidelity):
+        click.get_current_context().exit(3)
+
+
+def _fitness_text(s: dict) -> str:
+    """The search's fitness on the readable scale (0 = uniform 8-bit PTQ, 1 = uniform lowest-width PTQ)."""
+    pred, fine = s.get("predicted_relative"), s.get("finetuned_relative")
+    raw = f"{s['metric']} {s['predicted_fitness']:.4g} -> {s['finetuned_fitness']:.4g}"
+    if pred is None or fine is None:
+        return f"({s['metric']}) predicted {s['predicted_fitness']:.4f}, after finetuning {s['finetuned_fitness']:.4f}"
+    return f"predicted {pred:.3f}, after finetuning {fine:.3f} (0 = uniform 8-bit PTQ; raw {raw})"
+
+
+def _summary_table(summary: dict, result, check) -> str:
+    """The closing table of a searched conversion: budget, bits, size, fidelity predicted and checked,
+    and the time each stage took."""
+    from mqtool.console import summary_table
+
+    rows = [
+        ("budget", summary["budget"]),
+        ("average weight bits", f"{result.avg_weight_bits:.3f}"),
+        ("file", f"{result.bytes / 2**20:.2f} MiB (input {result.input_bytes / 2**20:.2f} MiB)"),
+    ]
+    fine = summary.get("finetuned_relative")
+    rows.append(
+        (
+            "fitness after finetuning",
+            f"{fine:.3f} (0 = uniform 8-bit PTQ)"
+            if fine is not None
+            else f"{summary['finetuned_fitness']:.4g}",
+        )
+    )
+    if check is not None:
+        pred = getattr(check, "predicted", None)
+        if pred is not None:
+            rows.append(("agreement predicted (simulation)", f"{pred.agreement:.4f}"))
+        rows.append(("agreement checked (ONNX Runtime)", f"{check.agreement:.4f}"))
+        if check.baseline is not None:
+            rows.append(("agreement of uniform 8-bit PTQ", f"{check.baseline.agreement:.4f}"))
+        rows.append(("self-check", check.verdict))
+    for note in _CONSOLE.notes:
+        rows.append(("note", note))
+    return summary_table(rows, _CONSOLE.times)
 
 
 def _convert_self_check(
@@ -576,7 +622,7 @@ def _convert_self_check(
             f"mqtool: quality gate failed: model agreement {check.agreement:.4f} < --min-fidelity "
             f"{min_fidelity:g} ({result.output} was written)"
         )
-        click.get_current_context().exit(3)
+    return check
 
 
 @cli.command()

@@ -176,7 +176,12 @@ def plan(
         if "rerank" not in fixed and R:
             per = rerank_cost(1)
             planned["rerank"] = int(max(min(R, 3), min(R, budget["rerank"] // max(per, 1e-9))))
-        planned |= _size_ga(P, G, S, budget["ga"], budgets, per_cand, fixed)
+        # the GA takes whatever the others leave (it is the stage that scales most smoothly)
+        others = total(planned["epochs"], P, G, S, planned["rerank"], planned["finetune_epochs"])
+        ga_room = max(budget["ga"], room - others["metaquantnet"] - others["rerank"] - others["finetune"])
+        if {"population", "generations", "fitness_samples"} <= fixed:
+            ga_room = want["ga"]
+        planned |= _size_ga(P, G, S, ga_room, budgets, per_cand, fixed)
     new = cfg.replace(**{k: v for k, v in planned.items() if k != "finetune_epochs" or finetune})
     stages = total(
         planned["epochs"],

@@ -1,0 +1,86 @@
+"""The time budget: the plan keeps the configured values when they fit, shrinks what the user did not set
+when they do not, and every stage stops at its deadline with what it has."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mqtool.search import SearchConfig
+from mqtool.search.config import GAConfig
+from mqtool.search.ga import GeneticSearch
+from mqtool.search.plan import Costs, candidates, describe, plan
+
+
+def _costs(**kw) -> Costs:
+    base = dict(
+        train_step=0.1,
+        per_sample=0.001,
+        per_candidate=0.002,
+        steps_per_epoch=20,
+        search_samples=400,
+        check_samples=100,
+        elapsed=10.0,
+    )
+    return Costs(**(base | kw))
+
+
+def test_defaults_are_kept_when_they_fit() -> None:
+    cfg = SearchConfig()
+    new, p = plan(cfg, _costs(), budget_s=3600)
+    assert new == cfg and p.changed == {}
+    assert p.predicted_total < 3600
+    # the prediction adds up what each stage costs at these settings
+    per_cand = 0.001 * 128 + 0.002
+    assert p.stages["ga"] == pytest.approx(candidates(50, 20) * per_cand)
+    assert p.stages["metaquantnet"] == pytest.approx(4 * 20 * 0.1)
+
+
+def test_a_tight_budget_shrinks_what_the_user_did_not_set() -> None:
+    cfg = SearchConfig.flat(population=50)
+    costs = _costs(train_step=1.0, per_sample=0.02)
+    new, p = plan(cfg, costs, budget_s=600, fixed=frozenset({"population"}))
+    assert new.ga.population == 50  # set by the user: kept
+    assert new.ga.generations < 20
+    assert "population" not in p.changed and "generations" in p.changed
+    # a budget too tight for MetaQuantNet's configured epochs shortens them too
+    short, _ = plan(
+        cfg, _costs(train_step=5.0, per_sample=0.02), budget_s=600, fixed=frozenset({"population"})
+    )
+    assert short.training.epochs < 4
+    # the planned run fits (the prediction is what the plan sized against)
+    assert p.predicted_total <= 600
+    # a looser budget never plans more than the configured values
+    roomy, _ = plan(cfg, costs, budget_s=10**6)
+    assert roomy.ga.generations == 20 and roomy.training.epochs == 4
+    assert "GA 50x" in describe(p, new, finetune=True)
+
+
+def test_the_plan_scales_with_the_budget() -> None:
+    costs = _costs(train_step=0.5, per_sample=0.01)
+    sizes = []
+    for minutes in (5, 15, 45):
+        new, _ = plan(SearchConfig(), costs, budget_s=60 * minutes)
+        sizes.append(candidates(new.ga.population, new.ga.generations) * new.scoring.fitness_samples)
+    assert sizes[0] < sizes[1] <= sizes[2]
+
+
+def test_search_without_finetuning_gives_finetuning_time_to_the_others() -> None:
+    costs = _costs(train_step=1.0, per_sample=0.02)
+    with_ft, p1 = plan(SearchConfig(), costs, budget_s=900, finetune=True)
+    without, p2 = plan(SearchConfig(), costs, budget_s=900, finetune=False)
+    assert p2.stages["finetune"] == 0
+    assert candidates(without.ga.population, without.ga.generations) >= candidates(
+        with_ft.ga.population, with_ft.ga.generations
+    )
+
+
+def test_ga_stops_at_its_deadline_with_the_best_so_far() -> None:
+    cfg = GAConfig(population=10, generations=50)
+    calls = []
+    ga = GeneticSearch(4, [2, 4, 8], lambda w, a: float(np.mean(w)), 6.0, config=cfg, seed=0)
+    res = ga.run(
+        lambda gs: calls.append(1) or [float(-sum(g.wbits)) for g in gs], should_stop=lambda: len(calls) >= 3
+    )
+    assert ga.generation == 3 and len(res.history) == 3
+    assert res.best_fitness == min(ga.cache.values())
