@@ -111,7 +111,20 @@ class Console:
         for s in _ORDER[idx + 1 :]:
             if s not in self._done:
                 later += self.plan.get(s, 0.0)
-        return left_here + later
+        return left_here + later * self._pace(predicted, spent, frac)
+
+    def _pace(self, predicted_here: float, spent_here: float, frac: float) -> float:
+        """How much slower (> 1) or faster than planned the run has gone so far, from the finished stages
+        after setup and the current one's progress: later stages are predicted at the same pace."""
+        actual = spent_here
+        planned = predicted_here * frac
+        for s, t in self.times.items():
+            if s != "setup" and s in self.plan:
+                actual += t
+                planned += self.plan[s]
+        if planned < 5.0:  # too little run to judge
+            return 1.0
+        return min(3.0, max(0.3, actual / planned))
 
     # ---- events from the library --------------------------------------------------------------------
     def __call__(self, event: str, d: dict) -> None:

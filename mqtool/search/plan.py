@@ -97,9 +97,13 @@ def measure(engine, elapsed: float) -> Costs:
             mqn.zero_grad(set_to_none=True)
             loss.backward()
 
-    train_step = _time(step, repeats=1)
+    train_step = _time(step, repeats=2)
     k = min(len(ctx.search_set), 64)
     feeds = ctx.feeds(ctx.search_set, slice(0, k))
+    # GA candidates are screened with float activations unless the config says otherwise (scoring.py)
+    sc, space = ctx.cfg.scoring, ctx.cfg.space
+    if not (sc.exact_screening or space.search_act or not sc.rerank):
+        ctx.set_activation_quant(None)
 
     def forward() -> None:
         with ctx.net.override_weights(mqn.generate(top)):
