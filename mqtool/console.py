@@ -43,8 +43,9 @@ class Console:
         self.stage_started = started
         self.times: dict[str, float] = {}  # stage -> seconds it took
         self._bar_open = False
-        self._done: set[str] = {"setup"}
+        self._done: set[str] = set()
         self.notes: list[str] = []
+        self.enter("setup")
 
     # ---- output ------------------------------------------------------------------------------------
     def line(self, msg: str) -> None:
@@ -131,6 +132,9 @@ class Console:
         handler: Callable[[dict], None] | None = getattr(self, f"_on_{event}", None)
         if handler is not None:
             handler(d)
+
+    def _on_stage(self, d: dict) -> None:
+        self.enter(d["name"])
 
     def _on_objective(self, d: dict) -> None:
         sp = d["split"]
@@ -228,4 +232,5 @@ def summary_table(rows: list[tuple[str, str]], times: dict[str, float]) -> str:
 
     body = [[k, v] for k, v in rows]
     body += [[f"time: {k}", clock(v)] for k, v in times.items() if v >= 0.5]
+    body.append(["time: total", clock(sum(times.values()))])
     return format_table(["summary", ""], body)

@@ -194,6 +194,7 @@ class SearchEngine:
             seed=cfg.seed,
             racing=cfg.scoring.racing,
         )
+        self.progress("stage", {"name": "ga"})
         anchors = scorer.anchors()
         self.progress(
             "anchors",
@@ -251,6 +252,7 @@ class SearchEngine:
             self.progress("deadline", {"stage": f"GA {budget.label}", "generation": ga.generation})
         best, fitness = res.best, res.best_fitness
         if sc.rerank:
+            self.progress("stage", {"name": "rerank"})
             best, fitness = scorer.rerank(ga.population[: sc.rerank], cost)
         policy = self.policy(best, budget, fitness, res.evaluated)
         return self._result(budget, policy, time.time() - t0, res.evaluated, self._blindness(ga))
@@ -317,6 +319,7 @@ class SearchEngine:
     ):
         """Quantization-aware training of `policy`: (`QuantParams` for the emitter, final fitness)."""
         anchors = self.scorer.anchors()
+        self.progress("stage", {"name": "finetune"})
 
         def progress(event: str, d: dict) -> None:  # finetuning's fitness on the readable scale too
             if "fitness" in d:
