@@ -28,8 +28,10 @@ def test_int_path_quick(tmp_path):
     r = _run("bench_int_path.py", tmp_path)
     assert set(r["models"]) == {"mnist_cnn", "mnist_vit"} and r["cpu_flags"]
     for key, m in r["models"].items():
-        for variant in ("ort-int8", "ours-w8", "ours-w4"):
+        for variant in ("ours-w8", "ours-w4"):
             assert m["graph"][variant]["integer_layers"] == m["layers"], (key, variant)
+        # ORT also runs activation x activation MatMuls (attention) on integers: at least every layer
+        assert m["graph"]["ort-int8"]["integer_layers"] >= m["layers"], key
         assert set(m["ratio_to_ort"]["cpu"]) == {"fp32", "ours-w8", "ours-w4"}
         assert m["accuracy"]["ours-w8"] >= m["accuracy"]["fp32"] - 0.01
         assert m["bytes"]["ours-w8"] < m["bytes"]["fp32"] / 2
