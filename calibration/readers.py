@@ -20,6 +20,7 @@ import onnx
 from mqtool.data import SINGLE_INPUT, Dataset, InputSpec, model_inputs, open_data, split_item, to_input
 from mqtool.dataspec import DataSpec
 from mqtool.errors import InputError
+from mqtool.runtime import samples_in, take_samples
 
 
 @runtime_checkable
@@ -53,12 +54,18 @@ def _from_arrays(
     arrays: Mapping[str, np.ndarray], specs: list[InputSpec], batch_size: int, limit: int | None
 ) -> Iterator[dict[str, np.ndarray]]:
     _check_names("calibration arrays", set(arrays), specs)
-    n = min(len(arrays[s.name]) for s in specs)
+    # Samples lie on each input's sample axis (axis 1 of a state [layers, N, hidden]); a shared scalar
+    # input is fed whole with every batch.
+    counts = [samples_in(arrays[s.name], s.sample_axis) for s in specs]
+    n = min((c for c in counts if c is not None), default=1)
     n = n if limit is None else min(n, limit)
     for i in range(0, n, batch_size):
         feed = {
             s.name: to_input(
-                np.asarray(arrays[s.name][i : i + batch_size]), s, f"calibration arrays: '{s.name}'", i
+                np.asarray(take_samples(np.asarray(arrays[s.name]), s.sample_axis, slice(i, i + batch_size))),
+                s,
+                f"calibration arrays: '{s.name}'",
+                i,
             )
             for s in specs
         }

@@ -38,6 +38,7 @@ import onnx
 
 from mqtool.dataspec import DEFAULT_MAX_SAMPLES, DataSpec, on_sys_path
 from mqtool.errors import InputError
+from mqtool.runtime import concat_feeds, fixed_batch, sample_axis, take_samples
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +69,15 @@ class InputSpec:
     shape: tuple[int | None, ...] | None
 
     @property
+    def sample_axis(self) -> int | None:
+        """The axis that counts samples (`mqtool.runtime.sample_axis`); None for a shared scalar input."""
+        return sample_axis(self.shape)
+
+    @property
     def fixed_batch(self) -> int | None:
-        """The batch size the model requires, when its first dim is a number."""
-        return self.shape[0] if self.shape and self.shape[0] else None
+        """The batch size the model requires, when the dim on its sample axis is a number."""
+        axis = self.sample_axis
+        return self.shape[axis] if axis is not None and self.shape and self.shape[axis] else None
 
 
 def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
@@ -92,13 +99,33 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
 
 
 class _Array:
-    """One array of a data file, readable in row slices without loading it whole."""
+    """One array of a data file, readable in slices of samples. Samples on axis 0 are streamed without
+    loading the array whole; an array with its samples on another axis (a recurrent state `[layers, N,
+    hidden]`) is read whole once, and a shared input's one value is given with every batch. `axis` is the
+    model input's sample axis (`mqtool.runtime.sample_axis`), set when the array is matched to it."""
 
-    def __init__(self, source: str, key: str, shape: tuple[int, ...], dtype: np.dtype, reader):
+    def __init__(self, source: str, key: str, shape: tuple[int, ...], dtype: np.dtype, reader, whole):
         self.source, self.key, self.shape, self.dtype, self._reader = source, key, shape, dtype, reader
+        self._whole = whole
+        self.axis: int | None = 0
+
+    @property
+    def count(self) -> int | None:
+        """Samples in the array (None for a shared input)."""
+        if self.axis is None or len(self.shape) <= self.axis:
+            return None
+        return self.shape[self.axis]
 
     def rows(self, batch: int, limit: int) -> Iterator[np.ndarray]:
-        yield from self._reader(batch, limit)
+        if self.axis == 0:
+            yield from self._reader(batch, limit)
+            return
+        whole = self._whole()
+        for i in range(0, max(limit, 1), batch):
+            if self.axis is None:
+                yield np.asarray(whole).reshape(())
+            else:
+                yield np.ascontiguousarray(take_samples(whole, self.axis, slice(i, min(i + batch, limit))))
 
 
 def _npy_array(path: str, key: str) -> _Array:
@@ -115,7 +142,7 @@ def _npy_array(path: str, key: str) -> _Array:
         for i in range(0, limit, batch):
             yield np.array(arr[i : min(i + batch, limit)])
 
-    return _Array(path, key, tuple(arr.shape), arr.dtype, reader)
+    return _Array(path, key, tuple(arr.shape), arr.dtype, reader, lambda: arr)
 
 
 def _npz_array(path: str, zf: zipfile.ZipFile, key: str) -> _Array:
@@ -149,7 +176,19 @@ def _npz_array(path: str, zf: zipfile.ZipFile, key: str) -> _Array:
                     raise InputError(f"{path}: array '{key}' is truncated")
                 yield np.frombuffer(buf, dtype=dtype).reshape((n,) + tuple(shape[1:]))
 
-    return _Array(path, key, tuple(shape), dtype, reader)
+    def whole() -> np.ndarray:
+        size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        with zf.open(member) as f:
+            _npy_header(f)
+            try:
+                buf = f.read(size)
+            except Exception as e:
+                raise InputError(f"{path}: array '{key}' is corrupt ({_short(e)})") from e
+        if len(buf) != size:
+            raise InputError(f"{path}: array '{key}' is truncated")
+        return np.frombuffer(buf, dtype=dtype).reshape(shape)
+
+    return _Array(path, key, tuple(shape), dtype, reader, whole)
 
 
 def _npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
@@ -176,7 +215,8 @@ class Dataset:
         self._arrays = arrays
         self.specs = specs
         self._keepalive = None
-        n = next(iter(arrays.values())).shape[0]
+        # Samples are counted on the inputs' sample axes; a model fed only shared scalars has one sample.
+        n = next((a.count for a in arrays.values() if a.count is not None), 1)
         self.num_samples = n if max_samples is None else min(n, max_samples)
         self.labels = labels if labels is None else labels[: self.num_samples]
 
@@ -188,9 +228,9 @@ class Dataset:
         """Feeds of at most `batch_size` samples (exactly the model's batch when it is fixed), in file order,
         over the first `limit` samples. A model with a fixed batch drops a last partial batch."""
         n = self.num_samples if limit is None else min(limit, self.num_samples)
-        fixed = {s.fixed_batch for s in self.specs} - {None}
+        fixed = fixed_batch(self.specs)
         if fixed:
-            batch_size = fixed.pop()
+            batch_size = fixed
             if n % batch_size:
                 log.info(
                     "%s: dropping %d samples that do not fill a batch of %d",
@@ -210,12 +250,9 @@ class Dataset:
             start += batch_size
 
     def load(self, limit: int | None = None) -> dict[str, np.ndarray]:
-        """All (or the first `limit`) samples of every input, in memory."""
-        parts: dict[str, list[np.ndarray]] = {s.name: [] for s in self.specs}
-        for feed in self.batches(1024, limit):
-            for k, v in feed.items():
-                parts[k].append(v)
-        return {k: np.concatenate(v) for k, v in parts.items()}
+        """All (or the first `limit`) samples of every input, in memory (joined on each input's sample
+        axis; a shared input's one value as it is)."""
+        return concat_feeds(list(self.batches(1024, limit)), self.specs)
 
     def _convert(self, spec: InputSpec, rows: np.ndarray, start: int) -> np.ndarray:
         arr = self._arrays[spec.name]
@@ -223,15 +260,20 @@ class Dataset:
 
 
 def to_input(rows: np.ndarray, spec: InputSpec, where: str, start: int = 0) -> np.ndarray:
-    """`rows` (samples starting at sample `start`) cast to the dtype of model input `spec`, C-ordered; an
-    `InputError` starting with `where` for NaN/Inf in a float input or integers the input's type cannot hold."""
+    """`rows` (samples starting at sample `start`, on the input's sample axis; a shared input's one value)
+    cast to the dtype of model input `spec`, C-ordered; an `InputError` starting with `where` for NaN/Inf in
+    a float input or integers the input's type cannot hold."""
+    rows = np.asarray(rows)
+    axis = spec.sample_axis if rows.ndim else None
+    if axis is not None and rows.ndim <= axis:
+        axis = 0
     cast = rows.dtype != spec.dtype
     if cast and spec.dtype.kind in "iu" and rows.dtype.kind in "iu" and rows.size:
         # A plain cast wraps around: int64 token ids of 2**31 would become negative int32 ones.
         info, have = np.iinfo(spec.dtype), np.iinfo(rows.dtype)
         # Bounds in the data's own type, so the comparison is exact (no float64 promotion of uint64).
         lo, hi = (np.array(v, rows.dtype) for v in (max(info.min, have.min), min(info.max, have.max)))
-        flat = rows.reshape(len(rows), -1)
+        flat = _per_sample(rows, axis)
         out = ((flat < lo) | (flat > hi)).any(axis=1)
         if out.any():
             i = int(np.argmax(out))
@@ -242,12 +284,19 @@ def to_input(rows: np.ndarray, spec: InputSpec, where: str, start: int = 0) -> n
             )
     # Checked after the cast: float64 data beyond the float32 range becomes Inf in it.
     with np.errstate(over="ignore"):
-        rows = np.ascontiguousarray(rows, dtype=spec.dtype)
+        rows = rows.astype(spec.dtype, order="C", copy=False)  # (ascontiguousarray makes 0-d arrays 1-d)
     if rows.dtype.kind == "f" and not np.all(np.isfinite(rows)):
-        bad = start + int(np.argwhere(~np.isfinite(rows).reshape(len(rows), -1).all(axis=1))[0][0])
+        bad = start + int(np.argwhere(~_per_sample(np.isfinite(rows), axis).all(axis=1))[0][0])
         beyond = f" or values beyond the {spec.dtype} range" if cast else ""
         raise InputError(f"{where} contains NaN or Inf (sample {bad}){beyond}")
     return rows
+
+
+def _per_sample(a: np.ndarray, axis: int | None) -> np.ndarray:
+    """`a` as [samples, values] (one row for a shared input)."""
+    if axis is None:
+        return a.reshape(1, -1)
+    return np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1)
 
 
 def open_data(
@@ -288,8 +337,7 @@ def open_data(
         arrays = {spec: _npz_array(path, npz.zip, key) for spec, key in names.items()}
         labels_arr = _load_whole(path, LABELS, npz) if LABELS in npz.files else None
         keepalive = npz  # the NpzFile closes its zip when collected; the batch readers still need it
-    _check_arrays(path, arrays, specs)
-    n = next(iter(arrays.values())).shape[0]
+    n = _check_arrays(path, arrays, specs)
     if labels_arr is not None:
         labels_arr = _check_labels(path, labels_arr, n, classes)
     ds = Dataset(path, arrays, labels_arr, specs, source.max_samples)
@@ -339,8 +387,13 @@ def _from_function(
         log.warning("%s: using the first %d samples (max_samples); the function yields more", src, cap)
     keys = _match_names(src, list(parts), specs, found="the function yields")
     arrays = {}
+    axes = {s.name: s.sample_axis for s in specs}
     for name, key in keys.items():
-        a = np.concatenate(parts.pop(key)) if len(parts[key]) > 1 else np.ascontiguousarray(parts[key][0])
+        got, axis = parts.pop(key), axes[name]
+        if len(got) > 1 and axis is not None:
+            a = np.concatenate(got, axis=axis)
+        else:  # one item, or a shared input (one value, checked equal in every item)
+            a = got[0].copy(order="C")
         arrays[name] = _memory_array(src, key, a)
     _check_arrays(src, arrays, specs)
     y = None
@@ -454,11 +507,18 @@ def _collect(
         if not parts:
             parts = {k: [] for k in feeds}
             labels = None if y is None else []
-        _check_consistent(src, items.count - 1, feeds, y, parts, labels)
+        axes = _key_axes(specs, feeds)
+        _check_consistent(src, items.count - 1, feeds, y, parts, labels, axes)
         take = min(count, want - n)
         for k, v in feeds.items():
-            parts[k].append(v[:take])
-            nbytes += v[:take].nbytes
+            if axes[k] is None:  # a shared input: its one value, kept once
+                if not parts[k]:
+                    parts[k].append(v)
+                    nbytes += v.nbytes
+                continue
+            v = take_samples(v, axes[k], slice(0, take))
+            parts[k].append(v)
+            nbytes += v.nbytes
         if labels is not None:
             labels.append(y[:take])
         n += take
@@ -480,6 +540,7 @@ def _check_consistent(
     y: np.ndarray | None,
     parts: dict[str, list[np.ndarray]],
     labels: list | None,
+    axes: dict[str, int | None],
 ) -> None:
     if set(feeds) != set(parts):
         raise InputError(f"{src}: item {index} has inputs {sorted(feeds)}, earlier items {sorted(parts)}")
@@ -487,20 +548,49 @@ def _check_consistent(
         has = "has no label" if y is None else "has a label"
         raise InputError(f"{src}: item {index} {has} and earlier items do not agree (label all or none)")
     for k, v in feeds.items():
-        if parts[k] and v.shape[1:] != parts[k][0].shape[1:]:
+        if not parts[k]:
+            continue
+        first = parts[k][0]
+        if axes[k] is None:
+            if not np.array_equal(v, first):
+                raise InputError(
+                    f"{src}: item {index}: shared input '{k}' is {v.tolist()}, earlier items gave "
+                    f"{first.tolist()} (a scalar input takes one value for all samples)"
+                )
+            continue
+        got, had = _sample_shape(v, axes[k]), _sample_shape(first, axes[k])
+        if got != had:
             raise InputError(
-                f"{src}: item {index}: '{k}' has sample shape {list(v.shape[1:])}, earlier items "
-                f"{list(parts[k][0].shape[1:])} (all samples share one shape)"
+                f"{src}: item {index}: '{k}' has sample shape {got}, earlier items {had} (all samples share "
+                "one shape)"
             )
+
+
+def _sample_shape(v: np.ndarray, axis: int) -> list[int]:
+    """The shape of one sample of `v` (its shape without the sample axis)."""
+    return [d for i, d in enumerate(v.shape) if i != axis]
+
+
+def _key_axes(specs: list[InputSpec], keys) -> dict[str, int | None]:
+    """Each key's sample axis: its model input's (`x` standing for a one-input model's), 0 when unknown."""
+    by_name = {s.name: s for s in specs}
+    single = specs[0] if len(specs) == 1 else None
+    out = {}
+    for k in keys:
+        s = by_name.get(k, single if k == SINGLE_INPUT else None)
+        out[k] = 0 if s is None else s.sample_axis
+    return out
 
 
 def split_item(
     source: str, item, specs: list[InputSpec], index: int = 0
 ) -> tuple[dict[str, np.ndarray], np.ndarray | None, int]:
     """One item of a user's data (a feed dict, a `(feeds, label)` pair, or an input's array for a one-input
-    model) as (key -> array with a leading sample axis, labels [count] or None, count). An array with the
-    input's rank is a batch; one with a rank less is one sample and gets the axis. Keys are as given (a
-    one-input model's may be `x`); labels come from the pair or a `y` key."""
+    model) as (key -> array with a sample axis, labels [count] or None, count). An array with the input's
+    rank is a batch; one with a rank less is one sample and gets the axis (the input's sample axis,
+    `mqtool.runtime.sample_axis`: axis 1 of a state `[layers, N, hidden]`). A shared scalar input is one
+    value (a 0-d array, a number). Keys are as given (a one-input model's may be `x`); labels come from
+    the pair or a `y` key."""
     where = f"{source}: item {index}"
     label = None
     if (
@@ -534,10 +624,19 @@ def split_item(
     counts = {}
     for k, v in feeds.items():
         s = by_name.get(k, single if k == SINGLE_INPUT else None)
+        axis = 0 if s is None else s.sample_axis
+        if s is not None and axis is None:
+            if v.size != 1:
+                raise InputError(
+                    f"{where}: '{k}' has shape {list(v.shape)}; model input '{s.name}' is a scalar shared by "
+                    "all samples: give one value"
+                )
+            feeds[k] = v.reshape(())
+            continue
         if s is not None and s.shape is not None:
             rank = len(s.shape)
             if v.ndim == rank - 1:
-                v = feeds[k] = v[None]  # one sample
+                v = feeds[k] = np.expand_dims(v, axis)  # one sample
             elif v.ndim != rank:
                 raise InputError(
                     f"{where}: '{k}' has shape {list(v.shape)}; model input '{s.name}' takes a batch of rank "
@@ -545,7 +644,7 @@ def split_item(
                 )
         if v.ndim == 0:
             raise InputError(f"{where}: '{k}' is a scalar; an input needs at least a sample axis")
-        counts[k] = v.shape[0]
+        counts[k] = v.shape[axis if v.ndim > axis else 0]
     if len(set(counts.values())) > 1:
         each = ", ".join(f"'{k}' {c}" for k, c in counts.items())
         raise InputError(f"{where}: inputs have different numbers of samples ({each})")
@@ -572,7 +671,7 @@ def _memory_array(source: str, key: str, a: np.ndarray) -> _Array:
         for i in range(0, limit, batch):
             yield a[i : min(i + batch, limit)]
 
-    return _Array(source, key, tuple(a.shape), a.dtype, reader)
+    return _Array(source, key, tuple(a.shape), a.dtype, reader, lambda: a)
 
 
 def _available_memory() -> int | None:
@@ -643,30 +742,51 @@ def _match_names(
     return mapping
 
 
-def _check_arrays(path: str, arrays: dict[str, _Array], specs: list[InputSpec]) -> None:
-    counts: dict[str, int] = {}
+def _check_arrays(path: str, arrays: dict[str, _Array], specs: list[InputSpec]) -> int:
+    """Check every array against its model input and set its sample axis; the number of samples."""
+    counts: dict[str, tuple[int, int]] = {}
     for s in specs:
         a = arrays[s.name]
         where = f"{path}: array '{a.key}'"
-        if len(a.shape) == 0 or a.shape[0] == 0:
-            raise InputError(f"{where} is empty (shape {list(a.shape)})")
-        if s.shape is not None:
-            if len(a.shape) != len(s.shape):
+        axis = a.axis = s.sample_axis
+        if axis is None:
+            if int(np.prod(a.shape)) != 1:
                 raise InputError(
-                    f"{where} has shape {list(a.shape)}; model input '{s.name}' has rank {len(s.shape)}"
+                    f"{where} has shape {list(a.shape)}; model input '{s.name}' is a scalar shared by all "
+                    "samples: give one value (a 0-d array)"
                 )
-            for got, want in zip(a.shape[1:], s.shape[1:]):
-                if want is not None and got != want:
-                    shape = ["N" if d is None else d for d in s.shape]
+        elif len(a.shape) == 0:
+            raise InputError(
+                f"{where} is a scalar; model input '{s.name}' takes samples on axis {axis} (shape "
+                f"{_dims(s.shape)})"
+            )
+        elif s.shape is not None and len(a.shape) != len(s.shape):
+            raise InputError(
+                f"{where} has shape {list(a.shape)}; model input '{s.name}' has rank {len(s.shape)}"
+            )
+        elif a.shape[axis] == 0:
+            raise InputError(f"{where} is empty (shape {list(a.shape)})")
+        elif s.shape is not None:
+            for i, (got, want) in enumerate(zip(a.shape, s.shape)):
+                if i != axis and want is not None and got != want:
                     raise InputError(
-                        f"{where} has shape {list(a.shape)}, model input '{s.name}' wants {shape}"
+                        f"{where} has shape {list(a.shape)}, model input '{s.name}' wants {_dims(s.shape, axis)}"
                     )
         if not _compatible(a.dtype, s.dtype):
             raise InputError(f"{where} has dtype {a.dtype}; model input '{s.name}' is {s.dtype}")
-        counts[a.key] = a.shape[0]
-    if len(set(counts.values())) > 1:
-        each = ", ".join(f"'{k}' {n}" for k, n in counts.items())
+        if axis is not None:
+            counts[a.key] = (a.shape[axis], axis)
+    if len({n for n, _ in counts.values()}) > 1:
+        each = ", ".join(f"'{k}' {n}" + (f" (axis {ax})" if ax else "") for k, (n, ax) in counts.items())
         raise InputError(f"{path}: arrays have different numbers of samples ({each})")
+    return next((n for n, _ in counts.values()), 1)
+
+
+def _dims(shape: tuple[int | None, ...] | None, axis: int | None = 0) -> list:
+    """A model input's dims for a message: N on the sample axis and where free."""
+    if shape is None:
+        return []
+    return ["N" if i == axis or d is None else d for i, d in enumerate(shape)]
 
 
 def _compatible(got: np.dtype, want: np.dtype) -> bool:

@@ -103,13 +103,15 @@ def plan_outputs(model: onnx.ModelProto) -> list[OutputPlan]:
             )
             continue
         node = prod.get(source)
+        produced = source  # the tensor `node` writes (an Identity after an If reads one of its outputs)
         steps = 0
         while node is not None and steps < 16 and node.op_type in _PASS_THROUGH:
-            node = prod.get(node.input[0]) if node.input else None
+            produced = node.input[0] if node.input else ""
+            node = prod.get(produced)
             steps += 1
         op = node.op_type if node is not None else ""
         if op == "If":  # what the branches compute (the then-branch stands for both)
-            node, op = _branch_producer(node, source)
+            node, op = _branch_producer(node, produced)
         kind, reason, last = None, note, True
         if op in ("Softmax", "LogSoftmax"):
             axis = _axis(node, -1)

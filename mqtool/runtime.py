@@ -166,6 +166,44 @@ def split_feed(feed: Mapping[str, np.ndarray], specs: Sequence[_Spec]) -> list[d
     return runs
 
 
+def take_samples(v: np.ndarray, axis: int | None, index: slice | np.ndarray | int) -> np.ndarray:
+    """Samples `index` (a slice, an index array, or one position kept as a length-1 axis) of an input
+    array whose samples lie on `axis`; a shared input (`axis` None, or an array too small to have that axis)
+    comes back whole."""
+    if axis is None or np.ndim(v) <= axis:
+        return v
+    if isinstance(index, int | np.integer):
+        index = slice(int(index), int(index) + 1)
+    return v[(slice(None),) * axis + (index,)]
+
+
+def samples_in(v: np.ndarray, axis: int | None) -> int | None:
+    """How many samples an input array holds on its sample `axis` (None for a shared input)."""
+    return None if axis is None or np.ndim(v) <= axis else int(np.shape(v)[axis])
+
+
+def slice_feed(
+    feed: Mapping[str, np.ndarray], specs: Sequence[_Spec], index: slice | np.ndarray
+) -> dict[str, np.ndarray]:
+    """Samples `index` of every input of `feed` along its sample axis, shared inputs whole."""
+    axes = {s.name: sample_axis(s.shape) for s in specs}
+    return {k: take_samples(v, axes.get(k, 0), index) for k, v in feed.items()}
+
+
+def concat_feeds(parts: Sequence[Mapping[str, np.ndarray]], specs: Sequence[_Spec]) -> dict[str, np.ndarray]:
+    """Feeds joined along each input's sample axis; a shared input is taken from the first feed."""
+    axes = {s.name: sample_axis(s.shape) for s in specs}
+    out = {}
+    for k in parts[0]:
+        axis = axes.get(k, 0)
+        values = [p[k] for p in parts]
+        if axis is None or np.ndim(values[0]) <= axis:
+            out[k] = values[0]
+        else:
+            out[k] = values[0] if len(values) == 1 else np.concatenate(values, axis=axis)
+    return out
+
+
 def resize_feed(feed: Mapping[str, np.ndarray], specs: Sequence[_Spec], n: int) -> dict[str, np.ndarray]:
     """`feed` with exactly `n` samples along each input's sample axis (samples repeated cyclically), shared
     inputs unchanged: a feed of any batch size for timing."""

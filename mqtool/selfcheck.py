@@ -38,7 +38,16 @@ from mqtool.errors import InputError
 from mqtool.fidelity import ABS_DIFF, ACCURACY, CTC, KL, SQNR, ModelFidelity, model_fidelity, paired_gap
 from mqtool.model import load_model
 from mqtool.outputs import OutputKind, OutputSpec, classify, output_sample_axes, plan_outputs
-from mqtool.runtime import feed_samples, fixed_batch, ort_session, resize_feed, sample_axis, split_feed
+from mqtool.runtime import (
+    concat_feeds,
+    feed_samples,
+    fixed_batch,
+    ort_session,
+    resize_feed,
+    sample_axis,
+    slice_feed,
+    split_feed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -461,19 +470,18 @@ def hold_out(
     calibration = spec if in_sample else DataSpec(spec, max_samples=first)
     if not read:
         return HeldOut({}, None, total - first, total, calibration, in_sample)
-    parts: dict[str, list[np.ndarray]] = {s.name: [] for s in ds.specs}
+    parts: list[dict[str, np.ndarray]] = []
     start = 0
     for feed in ds.batches(256):
-        size = len(next(iter(feed.values())))
+        size = feed_samples(feed, ds.specs)
         lo = max(0, first - start)
         if lo < size:
-            for k, v in feed.items():
-                parts[k].append(v[lo:])
+            parts.append(slice_feed(feed, ds.specs, slice(lo, None)))
         start += size
-    if not all(parts.values()):
+    if not parts:
         raise InputError(f"{spec}: no samples left for the self-check", field="data")
-    feed = {k: np.concatenate(v) for k, v in parts.items()}
-    count = len(next(iter(feed.values())))
+    feed = concat_feeds(parts, ds.specs)
+    count = feed_samples(feed, ds.specs)
     labels = None if ds.labels is None else np.asarray(ds.labels)[first : first + count]
     return HeldOut(feed, labels, count, total, calibration, in_sample)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -25,9 +25,11 @@ import torch
 
 from mqtool import numerics
 from mqtool.analysis import ModelInfo, analyze
+from mqtool.data import model_inputs
 from mqtool.errors import InputError
 from mqtool.outputs import OutputKind, OutputSpec, classify, output_sample_axes, plan_outputs
 from mqtool.policy import FLOAT, LayerBits, Policy
+from mqtool.runtime import samples_in, take_samples
 from mqtool.search import checkpoint, distributed
 from mqtool.search.config import SearchConfig
 from mqtool.search.objective import Objective, Teacher
@@ -43,16 +45,24 @@ _CHECK_FRACTION, _CHECK_MAX, _CHECK_MIN_DATA = 0.1, 256, 200
 
 @dataclass
 class Samples:
-    """Model inputs (name -> array, first axis = samples) and optional integer labels."""
+    """Model inputs (name -> array) and optional integer labels. An input's samples lie on its axis in
+    `axes` (default 0; axis 1 of a state [layers, N, hidden]); an input whose axis is None is shared (a
+    scalar, given once and passed whole)."""
 
     inputs: dict[str, np.ndarray]
     y: np.ndarray | None = None
+    axes: dict[str, int | None] = field(default_factory=dict)
 
     def __len__(self) -> int:
-        return len(next(iter(self.inputs.values())))
+        counts = (samples_in(v, self.axes.get(k, 0)) for k, v in self.inputs.items())
+        return next((c for c in counts if c is not None), 1)
 
-    def take(self, idx: np.ndarray) -> Samples:
-        return Samples({k: v[idx] for k, v in self.inputs.items()}, None if self.y is None else self.y[idx])
+    def take(self, idx: np.ndarray | slice) -> Samples:
+        return Samples(
+            {k: take_samples(v, self.axes.get(k, 0), idx) for k, v in self.inputs.items()},
+            None if self.y is None else self.y[idx],
+            self.axes,
+        )
 
 
 class SearchContext:
@@ -90,6 +100,8 @@ class SearchContext:
         self.n = len(self.names)
         self.pins = self._resolve_pins(config.space.pins)
         self.widths = list(config.space.widths)
+        if not data.axes:
+            data = Samples(data.inputs, data.y, {s.name: s.sample_axis for s in model_inputs(model)})
         self.data = data
         self.train, self.search_set, self.check_set = self._split(data)
         self.net = to_torch(self.model, self.info, channels_last=True).to(self.device)
@@ -193,12 +205,21 @@ class SearchContext:
         if self.batched:
             outs = self._raw(feeds)
             return [torch.movedim(outs[i], self._out_axes[i], 0).float() for i in keep]
-        n = len(feeds[0])
-        runs = [self._raw([f[j : j + 1] for f in feeds]) for j in range(n)]
+        runs = [self._raw(one) for one in self._one_by_one(feeds)]
         return [torch.stack([r[i] for r in runs]).float() for i in keep]
 
+    def _one_by_one(self, feeds: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """`feeds` as one-sample runs, cut on each input's sample axis (shared inputs whole)."""
+        axes = [self.data.axes.get(n, 0) for n in self.info.inputs]
+        axes = [a if a is not None and f.dim() > a else None for f, a in zip(feeds, axes)]
+        n = next((f.shape[a] for f, a in zip(feeds, axes) if a is not None), 1)
+        return [[f if a is None else f.narrow(a, j, 1) for f, a in zip(feeds, axes)] for j in range(n)]
+
     def feeds(self, ds: Samples, idx: slice | np.ndarray | None = None) -> list[torch.Tensor]:
-        arrays = [ds.inputs[n] if idx is None else ds.inputs[n][idx] for n in self.info.inputs]
+        arrays = [
+            ds.inputs[n] if idx is None else take_samples(ds.inputs[n], ds.axes.get(n, 0), idx)
+            for n in self.info.inputs
+        ]
         return [torch.from_numpy(np.ascontiguousarray(a)).to(self.device) for a in arrays]
 
     def labels(self, ds: Samples) -> torch.Tensor | None:
@@ -223,7 +244,7 @@ class SearchContext:
                     for p, o, ax in zip(self.plans, outs, self._out_axes)
                 }
             else:
-                runs = [self._raw([f[j : j + 1] for f in feeds]) for j in range(len(feeds[0]))]
+                runs = [self._raw(one) for one in self._one_by_one(feeds)]
                 values = {
                     p.name: torch.stack([r[i] for r in runs]).float().cpu().numpy()
                     for i, p in enumerate(self.plans)
