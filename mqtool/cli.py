@@ -377,8 +377,8 @@ def search(model, data, target_bits, target_bitops, output, workdir, **kw) -> No
     for r in outcome.results:
         _echo(
             f"{r.budget.describe()}: avg {r.avg_bits:.3f} bits, BitOPs {r.bitops_ratio:.3f} x w8a8, "
-            f"fitness {r.fitness:.4f} ({outcome.engine.ctx.metric}), {r.evaluated} candidates in {r.seconds:.1f}s"
-            + (f" [{r.note}]" if r.note else "")
+            f"fitness {_relative(r.relative)} ({outcome.engine.ctx.metric} {r.fitness:.4g}), {r.evaluated} "
+            f"candidates in {r.seconds:.1f}s" + (f" [{r.note}]" if r.note else "")
         )
     click.echo("wrote " + ", ".join(written))
 
@@ -548,6 +548,10 @@ def convert(
         _err(_summary_table(summary, result, check))
     if check is not None and min_fidelity is not None and not check.passes(min_fidelity):
         click.get_current_context().exit(3)
+
+
+def _relative(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
 
 
 def _fitness_text(s: dict) -> str:
