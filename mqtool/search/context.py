@@ -122,6 +122,7 @@ class SearchContext:
         self.act_ranges = self._calibrate()
         self._act_plan_cache: dict[tuple, dict[str, int]] = {}
         self._act_key: tuple | None = None
+        self.reduce8 = self._reduced_eight_bit_layers()
 
     @property
     def metric(self) -> str:
@@ -280,10 +281,12 @@ class SearchContext:
     # ---- activation quantization -------------------------------------------------------------------
     def _calibrate(self) -> dict[str, tuple[float, float]]:
         from calibration.calibrate import calibrate
-        from passes.qdq_plan import plan_activations
+        from passes.qdq_plan import plan_quantizers
 
+        # every tensor that carries a quantizer in the all-8-bit plan, carried ones too: one of them can need
+        # its own quantizer under another policy, and a tensor without a range would stay float unnoticed
         all8 = Policy.uniform(self.names, 8, self.cfg.space.act_bits)
-        tensors = plan_activations(self.model, self.info, all8)
+        tensors = plan_quantizers(self.model, self.info, all8).all_bits()
         path = os.path.join(self.workdir, "calibration.pt")
         cached = checkpoint.load_shared(path, self.fp, True)
         if cached is not None:
@@ -299,6 +302,20 @@ class SearchContext:
             path, {"fingerprint": self.fp, "ranges": {k: list(v) for k, v in ranges.items()}}
         )
         return ranges
+
+    def _reduced_eight_bit_layers(self) -> list[bool]:
+        """Per layer: does emission store its 8-bit weights at 7 bits (integer kernels, quantized input)?
+        Asked of the emitter's own storage plan, so the simulation follows whatever it decides."""
+        from passes.qdq_plan import plan_quantizers, plan_storage
+
+        act = self.cfg.space.act_bits
+        if act == FLOAT:
+            return [False] * self.n
+        pol = Policy.uniform(self.names, 8, act)
+        layout = plan_storage(
+            self.model, self.info, pol, plan_quantizers(self.model, self.info, pol).all_bits()
+        )
+        return [name in layout and layout[name].bits == 7 for name in self.names]
 
     def act_plan(self, abits: tuple[int, ...]) -> dict[str, int]:
         from passes.qdq_plan import plan_activations
@@ -317,6 +334,13 @@ class SearchContext:
         key = tuple(sorted(plan.items()))
         if key == self._act_key:
             return  # every GA candidate without search_act shares one plan: nothing to rebuild
+        missing = [t for t in plan if t not in self.act_ranges]
+        if missing:
+            log.warning(
+                "no calibrated range for %d planned tensors (e.g. %s): simulated float",
+                len(missing),
+                missing[0],
+            )
         for tensor in self.act_ranges:
             if tensor in plan:
                 scale, zp = numerics.activation_qparams(*self.act_ranges[tensor], plan[tensor])

@@ -18,7 +18,7 @@ from mqtool import numerics
 from mqtool.policy import FLOAT, Policy
 from mqtool.search import distributed
 from mqtool.search.context import SearchContext
-from mqtool.search.metaquantnet import MetaQuantNet, weight_quant_ste
+from mqtool.search.metaquantnet import MetaQuantNet, stored_bits, weight_quant_ste
 from mqtool.search.train import run_epochs, step_loss, steps_per_epoch
 
 Progress = Callable[[str, dict], None]
@@ -75,7 +75,8 @@ def finetune(
     with torch.no_grad():
         gen = mqn.generate_float(wbits) if start == "metaquantnet" and mqn is not None else {}
     weights, scales, axes, biases = {}, {}, {}, {}
-    for layer, b in zip(ctx.info.layers, wbits):
+    stored = stored_bits(wbits, abits, ctx.reduce8)
+    for layer, b, keep in zip(ctx.info.layers, wbits, stored):
         if b == FLOAT:
             continue
         q = ctx.net.layers[layer.name]
@@ -87,7 +88,8 @@ def finetune(
             s = s.to(ctx.device)
         weights[layer.name] = torch.nn.Parameter(w.detach().clone())
         scales[layer.name] = torch.nn.Parameter(s.detach().clone())
-        axes[layer.name] = (b, layer.channel_axis)
+        # the scale is trained as the one made for `b` bits; emission rescales it for `keep` (scale_bits)
+        axes[layer.name] = (b, layer.channel_axis, keep)
         if q.bias is not None:
             biases[layer.name] = q.bias
     saved_bias = {n: p.detach().clone() for n, p in biases.items()}

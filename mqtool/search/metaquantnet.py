@@ -28,10 +28,31 @@ from mqtool.backend.fake_quant import fake_quantize
 from mqtool.policy import FLOAT
 
 
-def weight_quant_ste(w: torch.Tensor, scale: torch.Tensor, bits: int, axis: int) -> torch.Tensor:
-    """k-bit symmetric per-channel fake quantization of `w` with the numerics' definition (STE)."""
-    qmin, qmax = numerics.int_range(bits, signed=True)
+def weight_quant_ste(
+    w: torch.Tensor, scale: torch.Tensor, bits: int, axis: int, stored: int | None = None
+) -> torch.Tensor:
+    """k-bit symmetric per-channel fake quantization of `w` with the numerics' definition (STE).
+
+    `stored` (default `bits`): the bits emission stores the integers at. An 8-bit layer on ONNX Runtime's
+    integer kernels is stored at 7 bits with the same clipping range (`passes.qdq_plan.stored_weight_bits`:
+    the scale doubles), so the simulation quantizes it exactly that way."""
+    stored = bits if stored is None else stored
+    if stored != bits:
+        scale = scale * float(2.0 ** (bits - stored))
+    qmin, qmax = numerics.int_range(stored, signed=True)
     return fake_quantize(w, scale, 0, qmin, qmax, axis)  # symmetric: one zero point, 0
+
+
+def stored_bits(
+    wbits: list[int], abits: list[int] | tuple[int, ...] | None, reduce8: list[bool]
+) -> list[int]:
+    """Per layer, the bits emission stores: 7 for an 8-bit layer on integer kernels (`reduce8`: its format
+    is int8 when its input is quantized) whose input is quantized (`abits` not float), else the policy's."""
+    out = []
+    for i, b in enumerate(wbits):
+        quantized_input = abits is None or abits[i] != FLOAT
+        out.append(7 if b == 8 and reduce8[i] and quantized_input else b)
+    return out
 
 
 class LayerBlock(nn.Module):
@@ -80,8 +101,12 @@ class MetaQuantNet(nn.Module):
         layers: dict[str, tuple[torch.Tensor, int]],
         widths: list[int],
         hidden: int = 16,
+        reduce8: list[bool] | None = None,
     ):
+        """`reduce8[i]`: layer i's 8-bit weights are stored at 7 bits when its input is quantized
+        (`stored_bits`)."""
         super().__init__()
+        self.reduce8 = list(reduce8) if reduce8 is not None else [False] * len(layers)
         self.names = list(layers)
         self.widths = sorted(widths)
         self._span = max(self.widths) - min(self.widths) or 1
@@ -103,18 +128,22 @@ class MetaQuantNet(nn.Module):
         nxt = np.concatenate([norm[1:], norm[-1:]])
         return torch.from_numpy(np.concatenate([onehot, norm[:, None], prev[:, None], nxt[:, None]], axis=1))
 
-    def generate(self, wbits: list[int], quantize: bool = True) -> dict[str, torch.Tensor]:
-        """Layer name -> the weight fed to the layer under the policy `wbits` (layer order)."""
+    def generate(
+        self, wbits: list[int], quantize: bool = True, abits: list[int] | tuple[int, ...] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Layer name -> the weight fed to the layer under the policy `wbits` (layer order), quantized at the
+        bits emission stores (`stored_bits`, with the activation bits `abits`; default: inputs quantized)."""
         enc = self.encode(wbits)
+        stored = stored_bits(wbits, abits, self.reduce8)
         if quantize and not torch.is_grad_enabled():
-            return self._generate_flat(wbits, enc)
+            return self._generate_flat(wbits, enc, stored)
         out = {}
         for i, (name, block) in enumerate(zip(self.names, self.blocks)):
             if wbits[i] == FLOAT:  # a layer pinned to float keeps its pretrained weights
                 out[name] = block.w0
                 continue
             w, scale = block(enc[i], wbits[i])
-            out[name] = weight_quant_ste(w, scale, wbits[i], block.axis) if quantize else w
+            out[name] = weight_quant_ste(w, scale, wbits[i], block.axis, stored[i]) if quantize else w
         return out
 
     def _layout(self, device: torch.device) -> dict:
@@ -146,7 +175,9 @@ class MetaQuantNet(nn.Module):
         self._flat_layout = lay
         return lay
 
-    def _generate_flat(self, wbits: list[int], enc: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _generate_flat(
+        self, wbits: list[int], enc: torch.Tensor, stored: list[int]
+    ) -> dict[str, torch.Tensor]:
         """`generate` at inference as ~15 operations on one buffer holding every layer's weights instead of
         ~12 small operations per layer (the GA scores ~1000 policies per budget). The same float32
         operations element by element as `weight_quant_ste`; a NaN becomes 0 and +-inf the ends of the
@@ -156,10 +187,12 @@ class MetaQuantNet(nn.Module):
         heads = self._all_heads(enc).reshape(-1)
         # width index and integer range per layer (a float layer computes at 8 bits and is dropped below)
         eff = [b if b != FLOAT else max(self.widths) for b in wbits]
+        keep = [s if b != FLOAT else e for b, s, e in zip(wbits, stored, eff)]
         widx = torch.tensor([self.widths.index(b) for b in eff], device=dev)[lay["layer_of"]]
-        hi = torch.tensor([float(2 ** (b - 1) - 1) for b in eff], device=dev)[lay["layer_of"]]
+        hi = torch.tensor([float(2 ** (b - 1) - 1) for b in keep], device=dev)[lay["layer_of"]]
+        grow = torch.tensor([float(2.0 ** (e - k)) for e, k in zip(eff, keep)], device=dev)[lay["layer_of"]]
         s0 = lay["s0"].gather(0, widx[None])[0]
-        scale = s0 * torch.exp(heads[lay["clip"]])
+        scale = s0 * torch.exp(heads[lay["clip"]]) * grow
         elem = lay["elem"]
         w = lay["w0"] * (1.0 + heads[lay["gain"]]).index_select(0, elem)
         scale_e = scale.index_select(0, elem)

@@ -198,7 +198,7 @@ class Scorer:
         parts: list[np.ndarray] = []
         done = 0
         self.race_stats["scored"] += 1
-        with ctx.net.override_weights(self.mqn.generate(list(g.wbits))):
+        with ctx.net.override_weights(self.mqn.generate(list(g.wbits), abits=g.abits)):
             for rows in plan:
                 parts.append(self.terms_of(ctx.forward_feeds(self.feeds(rows)), rows))
                 done = rows.stop
@@ -237,11 +237,12 @@ class Scorer:
 
         ctx = self.ctx
         weights = {}
-        for layer in ctx.info.layers:
+        for layer, reduce in zip(ctx.info.layers, ctx.reduce8):
             w = ctx.net.layers[layer.name].weight.detach()
             s = numerics.weight_scale(w.cpu().numpy(), bits, layer.channel_axis, "mse")
+            stored = 7 if bits == 8 and reduce else bits
             weights[layer.name] = weight_quant_ste(
-                w, torch.from_numpy(s).to(w.device), bits, layer.channel_axis
+                w, torch.from_numpy(s).to(w.device), bits, layer.channel_axis, stored
             )
         ctx.set_activation_quant(tuple([ctx.cfg.space.act_bits] * ctx.n))
         with ctx.net.override_weights(weights):
@@ -272,7 +273,7 @@ class Scorer:
             out = []
             for g in gs:
                 ctx.set_activation_quant(g.abits)
-                with ctx.net.override_weights(self.mqn.generate(list(g.wbits))):
+                with ctx.net.override_weights(self.mqn.generate(list(g.wbits), abits=g.abits)):
                     out.append(self.full_terms())
             return out
 

@@ -113,7 +113,7 @@ def build_metaquantnet(ctx: SearchContext) -> MetaQuantNet:
         for layer in ctx.info.layers
     }
     widths = sorted(set(ctx.widths) | {b for b in ctx.pins.values() if b != FLOAT})
-    return MetaQuantNet(layers, widths, hidden=ctx.cfg.training.hidden)
+    return MetaQuantNet(layers, widths, hidden=ctx.cfg.training.hidden, reduce8=ctx.reduce8)
 
 
 def train_metaquantnet(ctx: SearchContext, progress: Progress, deadline: float | None = None) -> MetaQuantNet:
