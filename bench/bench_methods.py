@@ -62,7 +62,9 @@ def random_search(engine, target: float, count: int, seed: int):
         fits += engine.scorer.evaluate(genomes[i : i + 50])
     # the same final step as the GA: the best few re-scored on the whole search split
     order = sorted(range(len(genomes)), key=lambda i: (fits[i], genomes[i].key()))
-    best, fit = engine.scorer.rerank([genomes[i] for i in order[: max(1, engine.cfg.scoring.rerank)]], cost)
+    best, fit = engine.scorer.rerank(
+        [genomes[i] for i in order[: max(1, engine.cfg.scoring.rerank)]], ga.cost_of
+    )
     return engine.policy(best, Budget("bits", target), fit, len(genomes))
 
 

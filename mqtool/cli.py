@@ -254,7 +254,8 @@ _FLAG_OF_FIELD = {
     "space.pins": "--pin",
     "budget.bits": "--target-bits",
     "budget.bitops": "--target-bitops",
-    "budgets": "--target-bits/--target-bitops",
+    "budget.size": "--target-size",
+    "budgets": "--target-bits/--target-bitops/--target-size",
     "data": "--data",
     "output": "-o",
 }
@@ -294,12 +295,17 @@ def _join_ranks(device: str) -> None:
         _QUIET = True
 
 
-def _budgets(target_bits: str | None, target_bitops: str | None) -> list:
+_TARGETS = ("bits", "bitops", "size")
+
+
+def _budgets(**targets: str | None) -> list:
+    """The budgets of the one `--target-KIND` given (`targets`: kind -> its text or None)."""
     from mqtool.search import parse_budgets
 
-    if bool(target_bits) == bool(target_bitops):
-        raise InputError("give exactly one of --target-bits and --target-bitops")
-    return parse_budgets("bits", target_bits) if target_bits else parse_budgets("bitops", target_bitops)
+    given = [k for k in _TARGETS if targets.get(k)]
+    if len(given) != 1:
+        raise InputError("give exactly one of " + ", ".join(f"--target-{k}" for k in _TARGETS))
+    return parse_budgets(given[0], targets[given[0]])
 
 
 _CONSOLE = None  # the run's progress display (mqtool.console), made by the command
@@ -350,6 +356,12 @@ def _echo(msg: str) -> None:
 @click.option("--target-bits", default=None, help="Average weight bits budget(s), e.g. 2.5 or 2.5,3,4.")
 @click.option("--target-bitops", default=None, help="BitOPs budget(s) relative to uniform w8a8, e.g. 0.1.")
 @click.option(
+    "--target-size",
+    default=None,
+    metavar="SIZE",
+    help="Size budget(s) of the emitted file, e.g. 1.2MB or 300KB,200KB (also searches each layer's format).",
+)
+@click.option(
     "-o",
     "--output",
     required=True,
@@ -357,14 +369,14 @@ def _echo(msg: str) -> None:
     help="Policy JSON (one budget) or a directory (several budgets: one policy each + pareto.json/png).",
 )
 @search_options
-def search(model, data, target_bits, target_bitops, output, workdir, **kw) -> None:
+def search(model, data, target_bits, target_bitops, target_size, output, workdir, **kw) -> None:
     """Search per-layer weight bits for MODEL under one or more budgets (MetaQuantNet + genetic search)
     and write the policy file(s)."""
     from mqtool.model import load_model
     from mqtool.search import default_workdir, search_policies, write_search_outputs
     from mqtool.search.api import load_dataset
 
-    budgets = _budgets(target_bits, target_bitops)
+    budgets = _budgets(bits=target_bits, bitops=target_bitops, size=target_size)
     config = _search_config(**kw)
     m = load_model(model)
     ds = load_dataset(data, m)
@@ -435,6 +447,20 @@ _BITS = click.IntRange(2, 8)
 )
 @click.option("--target-bitops", default=None, help="Search the policy: BitOPs <= this x uniform w8a8.")
 @click.option(
+    "--target-size",
+    default=None,
+    metavar="SIZE",
+    help="Search the policy: the written file <= SIZE (1.2MB, 300KB, bytes); each layer's format is searched too.",
+)
+@click.option(
+    "--max-drop",
+    type=click.FloatRange(0, 100),
+    default=None,
+    metavar="X",
+    help="Search the smallest policy whose drop, measured on ONNX Runtime on held-out samples, is <= X points "
+    "(top-1 accuracy with labels, else agreement with fp32).",
+)
+@click.option(
     "--finetune-epochs",
     type=click.IntRange(0, 10_000),
     default=None,
@@ -465,6 +491,8 @@ def convert(
     storage: str,
     target_bits: str | None,
     target_bitops: str | None,
+    target_size: str | None,
+    max_drop: float | None,
     finetune_epochs: int | None,
     min_fidelity: float | None,
     no_self_check: bool,
@@ -472,12 +500,15 @@ def convert(
     **kw,
 ) -> None:
     """Quantize MODEL and write the QDQ model to -o. The policy comes from uniform --bits, a --policy file,
-    or a search under --target-bits/--target-bitops (MetaQuantNet + genetic search + finetuning)."""
+    or a search under a --target-* budget (MetaQuantNet + genetic search + finetuning)."""
     from mqtool import emit
 
-    searched = bool(target_bits or target_bitops)
+    targets = {"bits": target_bits, "bitops": target_bitops, "size": target_size}
+    if max_drop is not None and any(targets.values()):
+        raise click.UsageError("--max-drop is a budget of its own: give it without --target-*")
+    searched = any(targets.values()) or max_drop is not None
     if sum([bits is not None, policy_path is not None, searched]) != 1:
-        raise click.UsageError("give exactly one of --bits, --policy, --target-bits or --target-bitops")
+        raise click.UsageError("give exactly one of --bits, --policy or a --target-* budget")
     if policy_path is not None and act_bits != "8":
         raise click.UsageError("--act-bits applies to --bits; a policy file sets act_bits per layer")
     source = emit.uniform_policy(bits, int(act_bits)) if bits is not None else None
@@ -514,7 +545,7 @@ def convert(
         workdir = workdir or default_workdir(model, data)
         _err(f"workdir: {workdir}")
         if searched:
-            budgets = _budgets(target_bits, target_bitops)
+            budgets = [float(max_drop)] if max_drop is not None else _budgets(**targets)
             if len(budgets) != 1:
                 raise InputError("convert takes one budget; use `mqtool search` for several")
             source = searched_policy(data, budgets[0], config, workdir, _console(), summary, started=_STARTED)
@@ -633,14 +664,134 @@ def _convert_self_check(
 @click.argument("qmodel", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON document instead of a table.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Also draw bits per layer into this PNG.")
-def report(qmodel: str, as_json: bool, plot: str | None) -> None:
+@click.option(
+    "--compare-int8",
+    is_flag=True,
+    help="Also the totals of the float --reference and of ONNX Runtime's quantize_static int8 of it "
+    "(calibrated on --data, or on synthetic inputs).",
+)
+@click.option("--reference", type=click.Path(dir_okay=False), help="The float model (for --compare-int8).")
+@click.option(
+    "--data",
+    metavar="DATA",
+    callback=cli_data,
+    help="Inputs for --latency and ORT's int8 calibration: .npz, a folder of .npy, or FILE.py:FUNCTION "
+    "(docs/data.md); default synthetic inputs.",
+)
+@click.option(
+    "--latency", is_flag=True, help="Measure ONNX Runtime CPU latency: ms per layer (and of --compare-int8)."
+)
+@click.option("--latency-batch", type=click.IntRange(1), default=1, show_default=True, metavar="N")
+def report(
+    qmodel: str,
+    as_json: bool,
+    plot: str | None,
+    compare_int8: bool,
+    reference: str | None,
+    data,
+    latency: bool,
+    latency_batch: int,
+) -> None:
     """Per-layer weight/activation bits, storage and bytes of a quantized model, read from its graph."""
-    from mqtool.report import plot_report
+    from mqtool.report import compare_int8 as int8_comparison
+    from mqtool.report import measure_layer_ms, plot_report
     from mqtool.report import report as build_report
 
+    if compare_int8 and not reference:
+        raise click.UsageError("--compare-int8 needs --reference FLOAT.onnx (the model QMODEL was made from)")
     rep = build_report(qmodel)
+    if latency:
+        measure_layer_ms(rep, qmodel, data, batch=latency_batch)
+    cmp = None
+    if compare_int8:
+        cmp = int8_comparison(rep, reference, data, latency=latency, batch=latency_batch)
     if plot:
         plot_report(rep, plot)
+    if as_json:
+        doc = rep.to_json()
+        if cmp is not None:
+            doc["compare_int8"] = cmp.to_json()
+        click.echo(json.dumps(doc, indent=2))
+        return
+    text = rep.table()
+    if latency:
+        t = rep.totals["latency"]
+        text += (
+            f"\nlatency (ONNX Runtime CPU, batch {t['batch']}, {t['threads']} threads): median "
+            f"{t['median_ms']:.3f} ms, p90 {t['p90_ms']:.3f} ms; layers {t['median_ms'] - t['rest_ms']:.3f} ms "
+            f"+ the rest {t['rest_ms']:.3f} ms"
+        )
+    if cmp is not None:
+        text += "\n\n" + cmp.table()
+    click.echo(text)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option(
+    "--data",
+    required=True,
+    metavar="DATA",
+    callback=cli_data,
+    help="The search's data: .npz, a folder of .npy, or FILE.py:FUNCTION / MODULE:FUNCTION (docs/data.md).",
+)
+@click.option(
+    "--max-samples",
+    type=click.IntRange(1),
+    default=None,
+    metavar="N",
+    expose_value=False,
+    callback=cli_max_samples,
+    help="Use at most N samples of --data, the first ones (default: all of a file, 4096 from a function).",
+)
+@click.option("--widths", default="2,3,4,5,6,8", show_default=True, help="Candidate weight widths.")
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="A search's workdir: adds MetaQuantNet's view when the MetaQuantNet trained there matches the "
+    "model, data and options (nothing is written there).",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="As for search: picks the search split.")
+@click.option("--search-split", type=click.FloatRange(0.01, 0.99), default=0.2, show_default=True)
+@click.option("--metric", type=click.Choice(["ce", "kl", "cosine", "sqnr"]), default=None)
+@click.option(
+    "--samples",
+    type=click.IntRange(1),
+    default=None,
+    metavar="N",
+    help="Score on the first N samples of the search split (default: all of it, up to 1024).",
+)
+@click.option(
+    "--quantize-activations",
+    is_flag=True,
+    help="Quantize the activations as the emitter will (8 bits, calibrated) in every measurement; default float.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON document (one row per layer per width).")
+@click.option(
+    "--plot", type=click.Path(dir_okay=False), help="Also draw the increases per layer into this PNG."
+)
+def sensitivity(model, data, workdir, samples, quantize_activations, as_json, plot, **kw) -> None:
+    """Per layer, how much the search's fitness rises when that layer alone is quantized to each width (the
+    others float), next to MetaQuantNet's own view when --workdir holds a trained MetaQuantNet."""
+    from mqtool.model import load_model
+    from mqtool.search.api import load_dataset
+    from mqtool.sensitivity import layer_sensitivity, plot_sensitivity
+
+    config = _search_config(**kw)
+    m = load_model(model)
+    rep = layer_sensitivity(
+        m,
+        load_dataset(data, m),
+        config,
+        workdir=workdir,
+        activations="quantized" if quantize_activations else "float",
+        samples=samples,
+        progress=lambda event, d: _err(f"  {d['done']}/{d['layers']} {d['layer']}"),
+    )
+    rep.model = model
+    if plot:
+        plot_sensitivity(rep, plot)
     click.echo(json.dumps(rep.to_json(), indent=2) if as_json else rep.table())
 
 

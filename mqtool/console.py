@@ -213,6 +213,18 @@ class Console:
                 else "  finetuning did not improve the search-split fitness: the model before finetuning is kept"
             )
 
+    def _on_size_retry(self, d: dict) -> None:
+        self.line(
+            f"  {d['budget']}: the emitted file would be {d['emitted']:,} bytes; the size estimate is corrected "
+            f"and the search runs again (attempt {d['attempt']})"
+        )
+
+    def _on_max_drop_probe(self, d: dict) -> None:
+        self.line(
+            f"max-drop probe {d['budget']}: {d['bytes']:,} bytes, drop {d['drop']:.2f} points ({d['measure']}) "
+            "on ONNX Runtime"
+        )
+
     def _on_emit_start(self, d: dict) -> None:
         self.enter("emit and self-check")
         self.line("emitting the QDQ model, then checking it on ONNX Runtime")

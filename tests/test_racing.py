@@ -163,7 +163,7 @@ def test_rerank_prefers_the_bigger_policy_when_the_split_cannot_tell_them_apart(
     small = _genome(eng, [8] * quiet + [6] + [8] * (n - quiet - 1))
     assert gaps[quiet] <= 1.0, "no layer pair is a statistical tie on this split"
     cost = BudgetCost("bits", eng.ctx.info.layers)
-    got, _ = scorer.rerank([small, big], cost)
+    got, _ = scorer.rerank([small, big], lambda g: float(cost(np.array(g.wbits), np.array(g.abits))))
     assert got == big
     # without a cost, plain lowest fitness
     plain, _ = scorer.rerank([small, big])

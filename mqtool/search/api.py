@@ -110,6 +110,49 @@ def search_and_finetune(
     return res.policy, params, outcome.engine.ctx.model, summary
 
 
+def search_within_drop(
+    model: onnx.ModelProto,
+    data: Samples,
+    max_drop: float,
+    config: SearchConfig,
+    workdir: str,
+    progress: Progress | None = None,
+    *,
+    info=None,
+    started: float | None = None,
+):
+    """The smallest policy whose drop on ONNX Runtime is at most `max_drop` points (`maxdrop.py`), finetuned:
+    (policy, QuantParams, prepared model, summary dict) like `search_and_finetune`."""
+    from mqtool.search.maxdrop import smallest_within
+
+    engine = SearchEngine(model, data, config, workdir, progress, info=info, started=started)
+    engine.plan_run(3, True)  # a bisection probes about three budgets, each finetuned
+    engine.train_metaquantnet()
+    best = smallest_within(engine, max_drop)
+    res, policy = best.result, best.result.policy
+    note = "" if best.drop <= max_drop else f"no probed size kept the drop within {max_drop:g} points"
+    policy.meta["max_drop"] = {"limit": max_drop, "drop": best.drop, "measure": best.measure}
+    summary = {
+        "budget": f"max-drop-{max_drop:g}",
+        "avg_weight_bits": res.avg_bits,
+        "bitops_ratio": res.bitops_ratio,
+        "predicted_fitness": res.fitness,
+        "finetuned_fitness": best.finetuned_fitness,
+        "predicted_relative": res.relative,
+        "finetuned_relative": _finite(engine.scorer.anchors().relative(best.finetuned_fitness)),
+        "metric": engine.ctx.metric,
+        "note": "; ".join(x for x in (res.note, note, f"drop {best.drop:.2f} pt ({best.measure})") if x),
+        "plan": None if engine.plan is None else engine.plan.to_json(),
+    }
+    check = engine.ctx.check_set
+    summary |= {"check_feeds": check.inputs, "check_labels": check.y, "predicted_fidelity": best.predicted}
+    return policy, best.params, engine.ctx.model, summary
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if x == x and abs(x) != float("inf") else None
+
+
 def pareto_front(results: list[BudgetResult]) -> list[dict]:
     rows = sorted(
         (
@@ -183,19 +226,21 @@ def _plot_pareto(front: list[dict], metric: str, path: str) -> str:
 
 def searched_policy(
     data_path: str,
-    budget: Budget,
+    budget: Budget | float,
     config: SearchConfig,
     workdir: str,
     progress: Progress | None = None,
     summary: dict | None = None,
     started: float | None = None,
 ):
-    """A `mqtool.emit.PolicySource`: search `budget` on the prepared model, finetune, hand the finetuned
-    weights, scales and activation ranges to the emitter. `summary` (if given) is filled for the CLI."""
+    """A `mqtool.emit.PolicySource`: search `budget` on the prepared model (a float: the smallest policy within
+    that many points of drop, `search_within_drop`), finetune, hand the finetuned weights, scales and
+    activation ranges to the emitter. `summary` (if given) is filled for the CLI."""
 
     def source(prepared: onnx.ModelProto, info):
         ds = load_dataset(data_path, prepared)
-        policy, params, _, s = search_and_finetune(
+        search = search_within_drop if isinstance(budget, float) else search_and_finetune
+        policy, params, _, s = search(
             prepared, ds, budget, config, workdir, progress, info=info, started=started
         )
         if summary is not None:

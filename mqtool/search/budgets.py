@@ -1,7 +1,9 @@
-"""Compression budgets: average weight bits or BitOPs relative to uniform w8a8.
+"""Budgets: average weight bits or BitOPs relative to uniform w8a8 (linear in the per-layer bits), and what a
+deployment pays: bytes of the emitted file, ONNX Runtime latency (sums over layers of a per-layer cost of
+the (bits, format) chosen, plus what is not a layer).
 
-A budget is a linear constraint on the per-layer bits, sum_l c_l * b_l <= limit, which makes feasibility
-checks and the feasible range exact and cheap.
+Every budget is a sum of per-layer terms, which makes feasibility checks and the feasible range exact and
+cheap.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import numpy as np
 from mqtool.analysis import LayerInfo
 from mqtool.errors import InputError
 
-KINDS = ("bits", "bitops")
+KINDS = ("bits", "bitops", "size", "latency")
+# size and latency depend on each layer's storage format as well as its bits: the GA searches formats too
+TABLE_KINDS = ("size", "latency")
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,10 @@ class Budget:
     def describe(self) -> str:
         if self.kind == "bits":
             return f"average weight bits <= {self.value:g}"
+        if self.kind == "size":
+            return f"file size <= {self.value:,.0f} bytes"
+        if self.kind == "latency":
+            return f"ONNX Runtime latency <= {self.value:g} ms"
         return f"BitOPs <= {self.value:g} x uniform w8a8"
 
 
@@ -62,6 +70,27 @@ class BudgetCost:
         return (wbits * np.asarray(abits, dtype=np.float64)) @ self._w
 
 
+class TableCost:
+    """A budget that sums, per layer, the cost of the (bits, format) chosen, plus a constant `rest` (what is
+    not a quantizable layer: the graph, the other tensors, the float ops' time). `table[i][(bits, fmt)]`
+    with format codes as the GA uses them (`options`)."""
+
+    def __init__(self, kind: str, table: list[dict[tuple[int, int], float]], rest: float):
+        self.kind = kind
+        self.table = table
+        self.rest = float(rest)
+
+    def __call__(self, wbits: np.ndarray, abits: np.ndarray, fmts: np.ndarray | None = None) -> float:
+        fmts = np.zeros(len(wbits), int) if fmts is None else fmts
+        return self.rest + sum(t[(int(b), int(f))] for t, b, f in zip(self.table, wbits, fmts))
+
+    def range(self) -> tuple[float, float]:
+        """(cheapest, dearest) policy's cost."""
+        lo = self.rest + sum(min(t.values()) for t in self.table)
+        hi = self.rest + sum(max(t.values()) for t in self.table)
+        return lo, hi
+
+
 def feasible_range(
     cost: BudgetCost,
     widths: list[int],
@@ -78,13 +107,36 @@ def feasible_range(
     return float(cost(lo, abits_min)), float(cost(hi, abits_max))
 
 
+_SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 1000,
+    "KIB": 1024,
+    "MB": 1000**2,
+    "MIB": 1024**2,
+    "GB": 1000**3,
+    "GIB": 1024**3,
+}
+
+
+def parse_size(text: str) -> float:
+    """'1.2MB', '300KB', '512KiB', '123456' (bytes) -> bytes (MB = 10^6, MiB = 2^20)."""
+    t = text.strip().upper().replace(" ", "")
+    num = t.rstrip("BKMGI")
+    unit = t[len(num) :]
+    if unit not in _SIZE_UNITS:
+        raise ValueError(f"unknown unit '{text[len(num) :].strip()}' (B, KB, MB, GB, KiB, MiB, GiB)")
+    return float(num) * _SIZE_UNITS[unit]
+
+
 def parse_budgets(kind: str, text: str) -> list[Budget]:
-    """'2.5,3,4' -> budgets; bad numbers are an InputError naming the budget (`field` budget.<kind>)."""
+    """'2.5,3,4' -> budgets ('1.2MB,800KB' for size); bad numbers are an InputError naming the budget
+    (`field` budget.<kind>)."""
     out = []
     for part in text.split(","):
         part = part.strip()
         try:
-            v = float(part)
+            v = parse_size(part) if kind == "size" else float(part)
         except ValueError as e:
             raise InputError(f"budget.{kind}: '{part}' is not a number", field=f"budget.{kind}") from e
         if not np.isfinite(v) or v <= 0:

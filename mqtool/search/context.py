@@ -281,19 +281,25 @@ class SearchContext:
     # ---- activation quantization -------------------------------------------------------------------
     def _calibrate(self) -> dict[str, tuple[float, float]]:
         from calibration.calibrate import calibrate
-        from passes.qdq_plan import plan_quantizers
+        from passes.subgraph_qdq import plan_model
 
         # every tensor that carries a quantizer in the all-8-bit plan, carried ones too: one of them can need
         # its own quantizer under another policy, and a tensor without a range would stay float unnoticed
         all8 = Policy.uniform(self.names, 8, self.cfg.space.act_bits)
-        tensors = plan_quantizers(self.model, self.info, all8).all_bits()
+        tensors = plan_model(self.model, self.info, all8).merged().all_bits()
         path = os.path.join(self.workdir, "calibration.pt")
         cached = checkpoint.load_shared(path, self.fp, True)
         if cached is not None:
             return {k: (float(v[0]), float(v[1])) for k, v in cached["ranges"].items()}
         # Calibrated once, on rank 0: every rank must quantize activations with the same ranges.
         ranges = (
-            calibrate(self.model, tensors, self.train.inputs, method=self.cfg.data.calibration)
+            calibrate(
+                self.model,
+                tensors,
+                self.train.inputs,
+                method=self.cfg.data.calibration,
+                subgraph_reader=self.net.read_tensors,  # tensors inside If/Loop bodies (not on ORT)
+            )
             if distributed.is_main()
             else None
         )
@@ -306,24 +312,24 @@ class SearchContext:
     def _reduced_eight_bit_layers(self) -> list[bool]:
         """Per layer: does emission store its 8-bit weights at 7 bits (integer kernels, quantized input)?
         Asked of the emitter's own storage plan, so the simulation follows whatever it decides."""
-        from passes.qdq_plan import plan_quantizers, plan_storage
+        from passes.subgraph_qdq import plan_model, plan_model_storage
 
         act = self.cfg.space.act_bits
         if act == FLOAT:
             return [False] * self.n
         pol = Policy.uniform(self.names, 8, act)
-        layout = plan_storage(
-            self.model, self.info, pol, plan_quantizers(self.model, self.info, pol).all_bits()
+        layout = plan_model_storage(
+            self.model, self.info, pol, plan_model(self.model, self.info, pol).merged().all_bits()
         )
         return [name in layout and layout[name].bits == 7 for name in self.names]
 
     def act_plan(self, abits: tuple[int, ...]) -> dict[str, int]:
-        from passes.qdq_plan import plan_activations
+        from passes.subgraph_qdq import plan_model
 
         key = tuple(abits)
         if key not in self._act_plan_cache:
             pol = Policy({n: LayerBits(8, a) for n, a in zip(self.names, abits)})
-            self._act_plan_cache[key] = plan_activations(self.model, self.info, pol)
+            self._act_plan_cache[key] = plan_model(self.model, self.info, pol).merged().bits
         return self._act_plan_cache[key]
 
     def set_activation_quant(self, abits: tuple[int, ...] | None) -> None:

@@ -24,9 +24,10 @@ from mqtool.outputs import OutputKind
 from mqtool.policy import FLOAT, LayerBits, Policy, average_weight_bits, bitops_ratio
 from mqtool.search import checkpoint, distributed
 from mqtool.search import plan as planning
-from mqtool.search.budgets import Budget, BudgetCost, feasible_range
+from mqtool.search.budgets import TABLE_KINDS, Budget
 from mqtool.search.config import SearchConfig
 from mqtool.search.context import Samples, SearchContext
+from mqtool.search.costs import FORMATS, BudgetCosts
 from mqtool.search.finetune import finetune
 from mqtool.search.ga import GeneticSearch, Genome
 from mqtool.search.metaquantnet import MetaQuantNet
@@ -75,6 +76,7 @@ class SearchEngine:
         self.ctx = SearchContext(model, data, config, workdir, info=info)
         self.scorer = Scorer(self.ctx, self.progress)
         self.mqn: MetaQuantNet | None = None
+        self.costs = BudgetCosts(self.ctx)
         ctx = self.ctx
         self.progress(
             "objective",
@@ -147,40 +149,60 @@ class SearchEngine:
         return self.mqn
 
     # ---- budgets -----------------------------------------------------------------------------------
-    def _abits_bounds(self) -> tuple[np.ndarray, np.ndarray]:
-        space = self.cfg.space
-        a = np.full(self.ctx.n, space.act_bits, dtype=np.float64)
-        hi = np.full(self.ctx.n, FLOAT if space.search_act else space.act_bits, dtype=np.float64)
-        return a, hi
-
     def check_budget(self, budget: Budget) -> tuple[float, float]:
-        """(lowest, highest) value of this budget's measure reachable with the candidate widths."""
-        ctx = self.ctx
-        cost = BudgetCost(budget.kind, ctx.info.layers)
-        alo, ahi = self._abits_bounds()
-        lo, hi = feasible_range(cost, ctx.widths, ctx.pins, alo, ahi, ctx.n)
-        if budget.value < lo - 1e-9:
-            unit = "average weight bits" if budget.kind == "bits" else "x uniform w8a8 BitOPs"
-            raise InputError(
-                f"budget.{budget.kind}: {budget.value:g} is infeasible; with widths {ctx.widths} and the pins "
-                f"the feasible range is {lo:.3f}..{hi:.3f} {unit}",
-                field=f"budget.{budget.kind}",
-            )
-        return lo, hi
+        """(lowest, highest) value of this budget's measure reachable (`costs.BudgetCosts.check`)."""
+        return self.costs.check(budget)
 
     def search(self, budget: Budget) -> BudgetResult:
         """The best policy under `budget`: a genetic search scored with MetaQuantNet's weights, its best few
-        re-ranked on the whole search split. Resumes from the budget's checkpoint."""
+        re-ranked on the whole search split. Resumes from the budget's checkpoint.
+
+        A size budget is checked against the file the policy really emits: when the estimate was short (it
+        counts activation Q/DQ pairs approximately), the search runs again with the limit lowered by the
+        overshoot, so the file meets the budget."""
+        res = self._search(budget)
+        if budget.kind != "size":
+            return res
+        for attempt in range(1, 4):
+            actual = self.costs.emitted_bytes(res.policy)
+            res.policy.meta["emitted_bytes"] = actual
+            if actual <= budget.value:
+                return res
+            # the estimate was short for this kind of policy: raise the cost function's constant by the
+            # shortfall and search again (a fresh GA: its cached costs were made with the old estimate)
+            shortfall = actual - self.costs.estimate(budget, res.policy)
+            self.costs.correct_size(max(shortfall, actual - budget.value) + 64)
+            self.progress("size_retry", {"budget": budget.label, "emitted": actual, "attempt": attempt})
+            res = self._search(budget, tag=f"r{attempt}")
+        actual = self.costs.emitted_bytes(res.policy)
+        res.policy.meta["emitted_bytes"] = actual
+        if actual > budget.value:
+            raise InputError(
+                f"budget.size: {budget.value:,.0f} bytes could not be met (the emitted file stays at "
+                f"{actual:,} bytes); give a larger size",
+                field="budget.size",
+            )
+        return res
+
+    def _search(self, budget: Budget, tag: str = "") -> BudgetResult:
         assert self.mqn is not None, "train_metaquantnet first"
         ctx, cfg, scorer = self.ctx, self.cfg, self.scorer
         t0 = time.time()
         lo, hi = self.check_budget(budget)
-        cost = BudgetCost(budget.kind, ctx.info.layers)
-        if budget.value >= hi - 1e-9:
-            top = max(ctx.widths)
-            g = Genome(tuple(ctx.pins.get(i, top) for i in range(ctx.n)), tuple([cfg.space.act_bits] * ctx.n))
+        cost = self.costs.cost(budget)
+        options = self.costs.format_options() if budget.kind in TABLE_KINDS else None
+        top = max(ctx.widths)
+        wtop = tuple(ctx.pins.get(i, top) for i in range(ctx.n))
+        if options is not None:  # the highest widths in each layer's first (fastest) format
+            g = Genome(wtop, tuple(o[0][1] for o in options), tuple(o[0][0] for o in options))
+        else:
+            g = Genome(wtop, tuple([cfg.space.act_bits] * ctx.n))
+        used = float(cost(np.array(g.wbits), np.array(g.abits), *([np.array(g.fmts)] if g.fmts else [])))
+        if budget.value >= used - 1e-9:
             policy = self.policy(g, budget, scorer.rerank([g])[1], 1)
-            note = f"budget {budget.value:g} is above what is needed ({hi:.3f}): every layer gets {top} bits"
+            note = (
+                f"budget {budget.value:g} is above what is needed ({used:.3f}): every layer gets {top} bits"
+            )
             return self._result(budget, policy, time.time() - t0, 1, note)
         ga = GeneticSearch(
             ctx.n,
@@ -193,6 +215,7 @@ class SearchEngine:
             config=cfg.ga,
             seed=cfg.seed,
             racing=cfg.scoring.racing,
+            options=options,
         )
         self.progress("stage", {"name": "ga"})
         anchors = scorer.anchors()
@@ -208,8 +231,9 @@ class SearchEngine:
         )
         scorer.first_look = True
         sc = cfg.scoring
-        scorer.set_float_screening(not (sc.exact_screening or cfg.space.search_act or not sc.rerank))
-        path = os.path.join(ctx.workdir, f"ga-{budget.label}.pt")
+        varied_acts = cfg.space.search_act or options is not None
+        scorer.set_float_screening(not (sc.exact_screening or varied_acts or not sc.rerank))
+        path = os.path.join(ctx.workdir, f"ga-{budget.label}{tag}.pt")
         gfp = checkpoint.fingerprint(ctx.fp, budget.label, cfg.fingerprint_parts("ga"))
         state = None if cfg.restart else checkpoint.load_shared(path, gfp)
         if state is not None:
@@ -253,7 +277,7 @@ class SearchEngine:
         best, fitness = res.best, res.best_fitness
         if sc.rerank:
             self.progress("stage", {"name": "rerank"})
-            best, fitness = scorer.rerank(ga.population[: sc.rerank], cost)
+            best, fitness = scorer.rerank(ga.population[: sc.rerank], ga.cost_of)
         policy = self.policy(best, budget, fitness, res.evaluated)
         return self._result(budget, policy, time.time() - t0, res.evaluated, self._blindness(ga))
 
@@ -274,8 +298,10 @@ class SearchEngine:
 
     def policy(self, g: Genome, budget: Budget, fitness: float, evaluated: int) -> Policy:
         """The `Policy` of a genome, with what produced it (budget, fitness, the whole config) in `meta`."""
+        fmts = [FORMATS[c] for c in g.fmts] if g.fmts else [None] * len(g.wbits)
         layers = {
-            n: LayerBits(w, a if w != FLOAT else FLOAT) for n, w, a in zip(self.ctx.names, g.wbits, g.abits)
+            n: LayerBits(w, a if w != FLOAT else FLOAT, f if w != FLOAT else None)
+            for n, w, a, f in zip(self.ctx.names, g.wbits, g.abits, fmts)
         }
         return Policy(
             layers,

@@ -1,7 +1,8 @@
 """Evolutionary search over per-layer bit-widths (MetaPruning's scheme), under a linear budget.
 
 A candidate is a vector of indices into the candidate widths (one gene per searchable layer; with
-`search_act` a second gene per layer says whether its input activation is quantized). Each generation
+`search_act` a second gene per layer says whether its input activation is quantized; with `options` that
+second gene picks one of the layer's storage formats, each with the activation bits it implies). Each generation
 keeps the `parents` best, breeds `mutations` children by per-gene mutation and `crossovers` by uniform
 crossover, and fills the rest with random candidates. Infeasible candidates are rejected before they are
 scored and every score is cached, so a generation only pays for candidates never seen before.
@@ -22,13 +23,15 @@ from mqtool.search.config import GAConfig
 
 @dataclass
 class Genome:
-    """Searchable genes of a policy. `wbits`/`abits` are full per-layer vectors, pins applied."""
+    """Searchable genes of a policy. `wbits`/`abits` are full per-layer vectors, pins applied; `fmts` the
+    per-layer format codes when formats are searched (empty otherwise: the emitter decides)."""
 
     wbits: tuple[int, ...]
     abits: tuple[int, ...]
+    fmts: tuple[int, ...] = ()
 
     def key(self) -> tuple:
-        return self.wbits + self.abits
+        return self.wbits + self.abits + self.fmts
 
 
 @dataclass
@@ -55,7 +58,10 @@ class GeneticSearch:
         config: GAConfig | None = None,
         seed: int = 0,
         racing: bool = False,
+        options: list[list[tuple[int, int]]] | None = None,
     ):
+        """`options[i]`: layer i's (format code, activation bits) choices when formats are searched; `cost`
+        then takes (wbits, abits, fmts)."""
         self.n = n_layers
         self.widths = np.array(sorted(widths))
         self.cost = cost
@@ -63,6 +69,8 @@ class GeneticSearch:
         self.pins = dict(pins or {})
         self.search_act = search_act
         self.act_widths = np.array(act_widths)
+        self.options = options
+        self._k = None if options is None else np.array([len(o) for o in options])
         self.cfg = config or GAConfig()
         # With racing, `evaluate(new, reference)` also gets the worst parent: a candidate confidently
         # worse than it cannot become a parent, so the evaluator may stop scoring it early.
@@ -76,32 +84,52 @@ class GeneticSearch:
     # ---- candidates -------------------------------------------------------------------------------
     def _genome(self, wi: np.ndarray, ai: np.ndarray) -> Genome:
         w = self.widths[wi].copy()
-        a = self.act_widths[ai].copy() if self.search_act else np.full(self.n, self.act_widths[0])
         for i, b in self.pins.items():
             w[i] = b
+        if self.options is not None:
+            picks = [self.options[i][int(k)] for i, k in enumerate(ai)]
+            return Genome(
+                tuple(int(x) for x in w), tuple(int(a) for _, a in picks), tuple(int(f) for f, _ in picks)
+            )
+        a = self.act_widths[ai].copy() if self.search_act else np.full(self.n, self.act_widths[0])
         return Genome(tuple(int(x) for x in w), tuple(int(x) for x in a))
 
     def _indices(self, g: Genome) -> tuple[np.ndarray, np.ndarray]:
         wi = np.searchsorted(self.widths, np.array(g.wbits)).clip(0, len(self.widths) - 1)
+        if self.options is not None:
+            ai = np.array([[f for f, _ in o].index(c) for o, c in zip(self.options, g.fmts)])
+            return wi, ai
         ai = (np.array(g.abits) != self.act_widths[0]).astype(int)
         return wi, ai
 
+    def cost_of(self, g: Genome) -> float:
+        if self.options is not None:
+            return float(self.cost(np.array(g.wbits), np.array(g.abits), np.array(g.fmts)))
+        return float(self.cost(np.array(g.wbits), np.array(g.abits)))
+
     def feasible(self, g: Genome) -> bool:
-        return float(self.cost(np.array(g.wbits), np.array(g.abits))) <= self.limit + 1e-9
+        return self.cost_of(g) <= self.limit + 1e-9
 
     def _random(self) -> Genome:
         # Draw around a random "level" so tight budgets still produce feasible candidates quickly.
         level = self.rng.integers(0, len(self.widths))
         spread = self.rng.integers(0, len(self.widths))
         wi = np.clip(level + self.rng.integers(-spread, spread + 1, self.n), 0, len(self.widths) - 1)
-        ai = self.rng.integers(0, 2, self.n) if self.search_act else np.zeros(self.n, int)
+        if self.options is not None:
+            ai = self.rng.integers(0, self._k)
+        else:
+            ai = self.rng.integers(0, 2, self.n) if self.search_act else np.zeros(self.n, int)
         return self._genome(wi, ai)
 
     def _mutate(self, g: Genome) -> Genome:
         wi, ai = self._indices(g)
         mask = self.rng.random(self.n) < self.cfg.mutation_prob
         wi = np.where(mask, self.rng.integers(0, len(self.widths), self.n), wi)
-        if self.search_act:
+        if self.options is not None:
+            amask = self.rng.random(self.n) < self.cfg.mutation_prob
+            shift = self.rng.integers(1, np.maximum(self._k, 2))
+            ai = np.where(amask & (self._k > 1), (ai + shift) % self._k, ai)
+        elif self.search_act:
             amask = self.rng.random(self.n) < self.cfg.mutation_prob
             ai = np.where(amask, 1 - ai, ai)
         return self._genome(wi, ai)
@@ -125,12 +153,16 @@ class GeneticSearch:
         return out
 
     def seeds(self) -> list[Genome]:
-        """Uniform policies that fit, plus the greedy 'as high as fits' one: the GA starts from them."""
+        """Uniform policies that fit (with formats: each uniform width in each layer's first, second, ...
+        format): the GA starts from them."""
         out = []
-        for wi in range(len(self.widths)):
-            g = self._genome(np.full(self.n, wi), np.zeros(self.n, int))
-            if self.feasible(g):
-                out.append(g)
+        kinds = 1 if self._k is None else int(self._k.max())
+        for k in range(kinds):
+            ai = np.zeros(self.n, int) if self._k is None else np.minimum(k, self._k - 1)
+            for wi in range(len(self.widths)):
+                g = self._genome(np.full(self.n, wi), ai)
+                if self.feasible(g) and g not in out:
+                    out.append(g)
         return out
 
     # ---- the loop ---------------------------------------------------------------------------------
@@ -177,7 +209,7 @@ class GeneticSearch:
                 "evaluated": len(new),
                 "cached": len(self.cache),
                 "best_fitness": self.cache[best.key()] if best else None,
-                "best_cost": float(self.cost(np.array(best.wbits), np.array(best.abits))) if best else None,
+                "best_cost": self.cost_of(best) if best else None,
             }
         )
         self.generation += 1
@@ -208,7 +240,7 @@ class GeneticSearch:
     def state(self) -> dict:
         return {
             "generation": self.generation,
-            "population": [[list(g.wbits), list(g.abits)] for g in self.population],
+            "population": [[list(g.wbits), list(g.abits), list(g.fmts)] for g in self.population],
             # ~1000 entries by the last generation: as two flat byte strings, because pickling them as
             # nested lists (one object per gene) made the per-generation checkpoint cost ~1 s per budget.
             "cache": _pack_cache(self.cache),
@@ -218,7 +250,9 @@ class GeneticSearch:
 
     def load_state(self, state: dict) -> None:
         self.generation = int(state["generation"])
-        self.population = [Genome(tuple(w), tuple(a)) for w, a in state["population"]]
+        self.population = [
+            Genome(tuple(p[0]), tuple(p[1]), tuple(p[2]) if len(p) > 2 else ()) for p in state["population"]
+        ]
         self.cache = _unpack_cache(state["cache"])
         self.history = list(state["history"])
         self.rng.bit_generator.state = state["rng"]

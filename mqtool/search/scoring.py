@@ -17,7 +17,6 @@ import torch
 
 from mqtool import numerics
 from mqtool.search import distributed
-from mqtool.search.budgets import BudgetCost
 from mqtool.search.config import ScoringConfig
 from mqtool.search.context import SearchContext
 from mqtool.search.ga import Genome
@@ -257,12 +256,14 @@ class Scorer:
 
     # ---- finalists -----------------------------------------------------------------------------------
     @torch.no_grad()
-    def rerank(self, finalists: list[Genome], cost: BudgetCost | None = None) -> tuple[Genome, float]:
+    def rerank(
+        self, finalists: list[Genome], cost: Callable[[Genome], float] | None = None
+    ) -> tuple[Genome, float]:
         """The finalist with the lowest fitness on the whole search split. Picking the best of ~800
         candidates on a small sample favours whoever got lucky on it (the winner's curse); a second,
         larger look at the few best removes most of that luck for a few seconds.
 
-        With `cost`, finalists the whole split cannot tell from the best (paired per-sample difference
+        With `cost` (a finalist's cost under the budget), finalists the whole split cannot tell from the best (paired per-sample difference
         within one standard error) count as tied, and the tied one that uses the most of the budget wins:
         at generous budgets the loss saturates, and a winner picked on noise alone can leave bits unused
         (measured: 3.84 of a 4-bit budget)."""
@@ -282,7 +283,7 @@ class Scorer:
         fits = [self.aggregate(float(t.sum()), n) for t in terms]
         used = None
         if cost is not None:
-            used = [float(cost(np.array(g.wbits), np.array(g.abits))) for g in finalists]
+            used = [float(cost(g)) for g in finalists]
         i = choose_finalist(terms, fits, [g.key() for g in finalists], used)
         if len(finalists) > 1:
             self.progress(

@@ -1,0 +1,142 @@
+"""What a budget costs a policy: average weight bits and BitOPs (linear in the bits), and bytes of the emitted
+file and ONNX Runtime latency (per layer, the (bits, format) chosen, plus what is not a layer).
+
+Size and latency depend on each layer's storage format as much as on its bits (a 4-bit weight in an INT8
+container costs what an 8-bit one does), so under those budgets the GA also chooses each layer's format
+among what the layer can be emitted as (`passes.qdq_plan.allowed_formats`), each with the activation bits
+it implies: `int8` runs integer kernels on a quantized input, `packed` and `nbits` are weight-only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mqtool.errors import InputError
+from mqtool.policy import FLOAT, Format
+from mqtool.search.budgets import TABLE_KINDS, Budget, BudgetCost, TableCost, feasible_range
+from mqtool.search.context import SearchContext
+from mqtool.weight_layers import WEIGHT_ONLY_OPS
+
+# Format codes of the GA's format genes (0: none chosen, the emitter's storage mode decides).
+FORMATS = {1: Format.INT8, 2: Format.PACKED, 3: Format.NBITS}
+FORMAT_CODES = {f: c for c, f in FORMATS.items()}
+_UNITS = {"bits": "average weight bits", "bitops": "x uniform w8a8 BitOPs", "size": "bytes", "latency": "ms"}
+
+
+class BudgetCosts:
+    """The cost functions of one model's budgets (built once per kind)."""
+
+    def __init__(self, ctx: SearchContext):
+        self.ctx = ctx
+        self._tables: dict[str, TableCost] = {}
+        self.latency_table = None  # set by the caller for latency budgets (mqtool.latency)
+
+    def _abits_bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        space = self.ctx.cfg.space
+        a = np.full(self.ctx.n, space.act_bits, dtype=np.float64)
+        hi = np.full(self.ctx.n, FLOAT if space.search_act else space.act_bits, dtype=np.float64)
+        return a, hi
+
+    def check(self, budget: Budget) -> tuple[float, float]:
+        """(lowest, highest) value of this budget's measure reachable with the candidate widths (and, for
+        size and latency, the formats each layer can take)."""
+        ctx = self.ctx
+        if budget.kind in TABLE_KINDS:
+            lo, hi = self.cost(budget).range()
+        else:
+            cost = BudgetCost(budget.kind, ctx.info.layers)
+            alo, ahi = self._abits_bounds()
+            lo, hi = feasible_range(cost, ctx.widths, ctx.pins, alo, ahi, ctx.n)
+        if budget.value < lo - 1e-9:
+            unit = _UNITS[budget.kind]
+            raise InputError(
+                f"budget.{budget.kind}: {budget.value:g} is infeasible; with widths {ctx.widths} and the pins "
+                f"the feasible range is {lo:.3f}..{hi:.3f} {unit}",
+                field=f"budget.{budget.kind}",
+            )
+        return lo, hi
+
+    # ---- what a budget costs --------------------------------------------------------------------------
+    def cost(self, budget: Budget):
+        """The budget's cost function of a genome's (wbits, abits[, fmts])."""
+        if budget.kind not in TABLE_KINDS:
+            return BudgetCost(budget.kind, self.ctx.info.layers)
+        key = budget.kind
+        if key not in self._tables:
+            self._tables[key] = self._size_cost() if key == "size" else self._latency_cost()
+        return self._tables[key]
+
+    def format_options(self) -> list[list[tuple[int, int]]]:
+        """Per layer, the (format code, activation bits) the GA may choose under a size or latency budget:
+        `int8` (integer kernels, input quantized) first, then the weight-only formats (`packed`, `nbits`:
+        input float), as `passes.qdq_plan.allowed_formats` allows them."""
+        from passes.qdq_plan import allowed_formats
+
+        ctx = self.ctx
+        nodes = {n.name: n for n in ctx.model.graph.node}
+        out = []
+        for layer in ctx.info.layers:
+            allowed = allowed_formats(layer, nodes.get(layer.name), ctx.model.graph)
+            opts = []
+            for f in (Format.INT8, Format.PACKED, Format.NBITS):
+                if f in allowed:
+                    weight_only = f is not Format.INT8 or layer.op_type in WEIGHT_ONLY_OPS
+                    opts.append((FORMAT_CODES[f], FLOAT if weight_only else self.ctx.cfg.space.act_bits))
+            out.append(opts)
+        return out
+
+    def _layer_bits(self, i: int) -> list[int]:
+        return [self.ctx.pins[i]] if i in self.ctx.pins else list(self.ctx.widths)
+
+    def _size_cost(self) -> TableCost:
+        """Bytes of the emitted file: each layer's weight in its format (`passes.qdq_plan.format_bytes`,
+        plus an activation Q/DQ pair for an int8 layer's input), and everything else as in the float model."""
+        from passes.qdq_plan import ACT_QDQ_BYTES, format_bytes
+
+        ctx = self.ctx
+        table = []
+        float_total = 0
+        for i, (layer, opts) in enumerate(zip(ctx.info.layers, self.format_options())):
+            float_total += format_bytes(layer, FLOAT, Format.FLOAT)
+            row = {}
+            for b in self._layer_bits(i):
+                for code, act in opts:
+                    fmt = FORMATS[code]
+                    qdq = ACT_QDQ_BYTES if act != FLOAT and fmt is Format.INT8 else 0
+                    row[(b, code)] = float(format_bytes(layer, b, fmt if b != FLOAT else Format.FLOAT) + qdq)
+            table.append(row)
+        return TableCost("size", table, float(ctx.model.ByteSize() - float_total))
+
+    def _latency_cost(self) -> TableCost:
+        raise InputError("budget.latency: the latency table is not available yet", field="budget.latency")
+
+    def emitted_bytes(self, policy) -> int:
+        """Bytes of the file `policy` emits (the finetuned weights change values, never sizes): the policy is
+        emitted in memory with the calibrated activation ranges."""
+        from mqtool.emit import quantize_model
+        from passes.qparams import ActParams, QuantParams
+
+        ctx = self.ctx
+        acts = {t: ActParams(range=r) for t, r in ctx.act_ranges.items()}
+        sample = {k: v[:32] for k, v in ctx.train.inputs.items()}
+        q = quantize_model(ctx.model, policy, qparams=QuantParams(activations=acts), data=sample)
+        return q.ByteSize()
+
+    def estimate(self, budget: Budget, policy) -> float:
+        """The budget's estimate of `policy`'s cost (its layers' (bits, format) through the cost table)."""
+        from mqtool.search.ga import Genome
+
+        ctx = self.ctx
+        lb = [policy.get(n) for n in ctx.names]
+        g = Genome(
+            tuple(b.weight_bits for b in lb),
+            tuple(b.act_bits for b in lb),
+            tuple(FORMAT_CODES.get(b.format, 0) for b in lb) if budget.kind in TABLE_KINDS else (),
+        )
+        cost = self.cost(budget)
+        args = [np.array(g.wbits), np.array(g.abits)] + ([np.array(g.fmts)] if g.fmts else [])
+        return float(cost(*args))
+
+    def correct_size(self, extra: float) -> None:
+        """Add `extra` bytes to the size estimate of every policy (what emission adds that the table misses)."""
+        self.cost(Budget("size", 1.0)).rest += float(extra)
