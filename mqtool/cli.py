@@ -258,6 +258,7 @@ _FLAG_OF_FIELD = {
     "budgets": "--target-bits/--target-bitops/--target-size",
     "data": "--data",
     "output": "-o",
+    "plot": "--plot",
 }
 
 
