@@ -11,6 +11,10 @@ DequantizeLinear whose QuantizeLinear has a uint8 zero point (8 bits) and, below
 
 Layer names, params and MACs come from `mqtool.analysis.analyze` on a dequantized view of the model (the
 weight DequantizeLinear nodes evaluated with `mqtool.numerics`), so they match `inspect` on the original.
+
+Why each layer got its width: when the recorded policy carries the search's per-layer sensitivity
+(`meta["sensitivity"]`, `mqtool.sensitivity`), each row shows how much the search's fitness rises when that
+layer alone is quantized to its width and to the next lower candidate width.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from mqtool.weight_layers import RECURRENT_OPS
 log = logging.getLogger(__name__)
 
 META_POLICY = "mqtool.policy"  # the key mqtool.emit writes the policy JSON under
+SENSITIVITY_VERSION = 1  # of a policy's meta["sensitivity"] (mqtool.sensitivity.SensitivityReport.to_meta)
 
 _CONTAINERS = {
     TensorProto.INT8: ("int8", 8),
@@ -70,6 +75,10 @@ class LayerReport:
     scale_bytes: int
     bits_source: str
     format: str = "float"
+    # the recorded sensitivity (fitness increase, this layer alone quantized) at its width and at the next
+    # lower candidate width; None without a record (a float layer: at its width, None; lower: the widest)
+    sensitivity: float | None = None
+    sensitivity_lower: float | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -82,12 +91,14 @@ class QuantReport:
     model: str | None
     layers: list[LayerReport]
     totals: dict
+    sensitivity: dict | None = None  # what the recorded sensitivity measured: metric, activations, widths
 
     def to_json(self) -> dict:
         return {
             "model": self.model,
             "layers": [layer.to_json() for layer in self.layers],
             "totals": self.totals,
+            "sensitivity": self.sensitivity,
         }
 
     def table(self) -> str:
@@ -109,14 +120,29 @@ class QuantReport:
         ]
         t = self.totals
         head = ["layer", "op", "params", "MACs", "w bits", "a bits", "format", "storage", "bytes"]
+        why = ""
+        if self.sensitivity is not None:
+            head += ["sens@w", "sens@lower"]
+            for row, r in zip(rows, self.layers):
+                row += [_sens_cell(r.sensitivity), _sens_cell(r.sensitivity_lower)]
+            sens = self.sensitivity
+            why = (
+                f"\nsens@w / sens@lower: how much the search's fitness ({sens['metric']}, activations "
+                f"{sens['activations']}) rises when this layer alone is quantized to its width / to the next "
+                f"lower of the widths {sens['widths']} (the others float; see mqtool sensitivity)"
+            )
         return (
             format_table(head, rows)
             + f"\n\n{len(self.layers)} layers ({t['float_layers']} float), {t['params']:,} weight params, "
             f"avg {t['avg_weight_bits']:.3f} weight bits; weights {t['weight_bytes']:,} B + scales "
             f"{t['scale_bytes']:,} B vs fp32 {t['fp32_weight_bytes']:,} B; BitOPs {t['bitops_ratio']:.3f} x w8a8"
             f"\nfile {t['file_bytes']:,} B = {t['file_vs_container_ideal']:.3f} x the ideal in these containers, "
-            f"{t['file_vs_true_bits']:.3f} x the true sum of bits*params/8 (+ the float parts)"
+            f"{t['file_vs_true_bits']:.3f} x the true sum of bits*params/8 (+ the float parts)" + why
         )
+
+
+def _sens_cell(v: float | None) -> float | str:
+    return "-" if v is None else v
 
 
 def report(model: onnx.ModelProto | str | os.PathLike) -> QuantReport:
@@ -128,7 +154,9 @@ def report(model: onnx.ModelProto | str | os.PathLike) -> QuantReport:
     g = model.graph
     inits = {i.name: i for i in g.initializer}
     prod = {o: n for n in g.node for o in n.output if o}
-    meta = _metadata_layers(model)
+    recorded = _recorded_policy(model)
+    meta = _policy_layers(recorded)
+    sens = recorded_sensitivity(recorded.get("meta"))
     info = analyze(_dequantized_view(model), allow_quantized=True)
     weight_tensors: set[str] = set()
     rows = []
@@ -181,6 +209,7 @@ def report(model: onnx.ModelProto | str | os.PathLike) -> QuantReport:
         # shared by layers asking for different widths gets the widest, see passes/qdq_plan.py).
         act = _act_bits(layer.input, prod, inits)
         fmt = _format(layer, bits, storage, act, dq, m.get("format"))
+        at, lower = _sensitivity_at(sens, layer.name, bits)
         rows.append(
             LayerReport(
                 layer.name,
@@ -194,9 +223,46 @@ def report(model: onnx.ModelProto | str | os.PathLike) -> QuantReport:
                 scale_bytes,
                 source,
                 fmt,
+                at,
+                lower,
             )
         )
-    return QuantReport(path, rows, _totals(model, path, info.layers, rows, inits, weight_tensors))
+    summary = None if sens is None else {k: sens[k] for k in ("metric", "activations", "widths")}
+    return QuantReport(path, rows, _totals(model, path, info.layers, rows, inits, weight_tensors), summary)
+
+
+def recorded_sensitivity(meta: object) -> dict | None:
+    """A policy meta's recorded sensitivity as {"metric", "activations", "widths", "layers": {name: {width:
+    increase}}}; None when there is none, or it is malformed (with a warning)."""
+    doc = meta.get("sensitivity") if isinstance(meta, dict) else None
+    if doc is None:
+        return None
+    try:
+        if doc["version"] != SENSITIVITY_VERSION:
+            raise ValueError(f"version {doc['version']}")
+        layers = {
+            str(name): {int(b): None if v is None else float(v) for b, v in row.items()}
+            for name, row in doc["layers"].items()
+        }
+        widths = sorted(int(b) for b in doc["widths"])
+        return {
+            "metric": str(doc["metric"]),
+            "activations": str(doc["activations"]),
+            "widths": widths,
+            "layers": layers,
+        }
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        log.warning("the recorded policy's sensitivity is unreadable (%s); not shown", e)
+        return None
+
+
+def _sensitivity_at(sens: dict | None, name: str, bits: int) -> tuple[float | None, float | None]:
+    """(increase at `bits`, increase at the next lower recorded width) of layer `name`."""
+    if sens is None or name not in sens["layers"]:
+        return None, None
+    row = sens["layers"][name]
+    lower = [b for b in sens["widths"] if b < bits]
+    return row.get(bits), (row.get(lower[-1]) if lower else None)
 
 
 _FORMATS = ("float", "int8", "packed", "nbits")
@@ -418,8 +484,8 @@ def _attr(node: onnx.NodeProto, name: str, default):
     return default
 
 
-def _metadata_layers(model: onnx.ModelProto) -> dict:
-    """The recorded policy's layers ({} when there is none or it is unreadable)."""
+def _recorded_policy(model: onnx.ModelProto) -> dict:
+    """The policy document mqtool recorded in the metadata ({} when there is none or it is unreadable)."""
     for p in model.metadata_props:
         if p.key == META_POLICY:
             try:
@@ -427,9 +493,14 @@ def _metadata_layers(model: onnx.ModelProto) -> dict:
             except json.JSONDecodeError:
                 log.warning("metadata '%s' is not valid JSON; bits come from the graph alone", META_POLICY)
                 return {}
-            layers = doc.get("layers") if isinstance(doc, dict) else None
-            return layers if isinstance(layers, dict) else {}
+            return doc if isinstance(doc, dict) else {}
     return {}
+
+
+def _policy_layers(doc: dict) -> dict:
+    """The recorded policy's layers ({} when it has none)."""
+    layers = doc.get("layers")
+    return layers if isinstance(layers, dict) else {}
 
 
 def _file_bytes(path: str) -> int:
