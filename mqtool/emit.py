@@ -1,8 +1,12 @@
 """Emission: a float ONNX model + a `Policy` (+ optional finetuned `QuantParams`) -> a QDQ ONNX model.
 
-    prepare -> plan_quantizers -> calibrate -> plan_storage ->
-    upgrade_opset -> insert_qdq -> gemm_to_matmul -> pack_weights -> cleanup -> dedupe_initializers ->
-    set_metadata (-> compact_names, for packed storage)
+    prepare -> plan_model (plan_quantizers per graph) -> calibrate -> plan_model_storage ->
+    upgrade_opset -> insert_qdq -> insert_subgraph_qdq -> gemm_to_matmul -> pack_weights -> cleanup ->
+    dedupe_initializers -> set_metadata (-> compact_names, for packed storage)
+
+Layers inside If/Loop bodies are planned and emitted by `passes.subgraph_qdq`; their activations are
+calibrated through the PyTorch backend (ONNX Runtime cannot output body tensors), and a tensor of a branch
+the calibration data never takes stays float.
 
 `quantize_model` is the library function (model in, model out); `convert` is the file-level function behind
 `mqtool convert` (load, take a policy from a pluggable `PolicySource`, emit, save atomically). The caller's
@@ -18,7 +22,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import onnx
@@ -42,16 +46,16 @@ from passes.insert_qdq import insert_qdq
 from passes.pack_weights import pack_weights
 from passes.pipeline import prepare
 from passes.qdq_plan import (
+    ActivationPlan,
     ActQuant,
     Storage,
     WeightStorage,
     check_policy_names,
-    plan_quantizers,
-    plan_storage,
     required_opset,
 )
 from passes.qparams import QuantParams
 from passes.set_metadata import set_metadata
+from passes.subgraph_qdq import ModelPlan, insert_subgraph_qdq, plan_model, plan_model_storage
 from passes.upgrade_opset import upgrade_opset
 
 log = logging.getLogger(__name__)
@@ -119,11 +123,17 @@ def _emit(
         calibration if isinstance(calibration, CalibrationOptions) else CalibrationOptions(method=calibration)
     )
     qparams = qparams or QuantParams()
-    quantizers = plan_quantizers(prepared, info, policy)
-    plan = quantizers.bits
+    model_plan = plan_model(prepared, info, policy)
+    plan = model_plan.merged().bits
     qparams.check(info.layers, plan)
-    acts = _activation_params(prepared, plan, qparams, data, options)
-    layout = plan_storage(prepared, info, policy, quantizers.all_bits(), storage)
+    acts = _activation_params(prepared, info, model_plan, qparams, data, options)
+    if len(acts) < len(plan):  # tensors of branches no calibration sample reaches: left float
+        model_plan = model_plan.without(set(plan) - set(acts))
+    quantizers = model_plan.merged()
+    layout = plan_model_storage(prepared, info, policy, quantizers.all_bits(), storage)
+    main = model_plan.scopes.get((), ActivationPlan({}))
+    main_info = replace(info, layers=[x for x in info.layers if not x.subgraph])
+    main_layout = {x.name: layout[x.name] for x in main_info.layers if x.name in layout}
     opset = required_opset(layout, default_opset(prepared))
     meta = _metadata(storage, _realised(policy, layout), options if acts else None)
     passes = [
@@ -131,16 +141,26 @@ def _emit(
         partial(
             insert_qdq,
             policy=policy,
+            activations={t: acts[t] for t in main.bits},
+            qparams=qparams,
+            info=main_info,
+            carried=main.carried,
+            constants=main.constants,
+            layout=main_layout,
+        ),
+        partial(
+            insert_subgraph_qdq,
+            policy=policy,
+            plan=model_plan,
             activations=acts,
             qparams=qparams,
             info=info,
-            carried=quantizers.carried,
-            constants=quantizers.constants,
             layout=layout,
         ),
-        partial(gemm_to_matmul, layers=[k for k, w in layout.items() if w.as_matmul]),
+        partial(gemm_to_matmul, layers=[k for k, w in main_layout.items() if w.as_matmul]),
         partial(
-            pack_weights, containers={k: w.container for k, w in layout.items() if not _gathers(k, w, info)}
+            pack_weights,
+            containers={k: w.container for k, w in main_layout.items() if not _gathers(k, w, info)},
         ),
         partial(cleanup, keep_value_info=False),
         dedupe_initializers,
@@ -161,7 +181,7 @@ def _realised(policy: Policy, layout: dict[str, WeightStorage]) -> Policy:
     """The policy with each quantized layer's format (and block size) as emitted: what the file records."""
     layers = dict(policy.layers)
     for name, b in policy.layers.items():
-        if b.weight_bits != FLOAT and name not in layout:  # not emitted (a layer inside a subgraph)
+        if b.weight_bits != FLOAT and name not in layout:  # not emitted
             layers[name] = LayerBits(FLOAT, FLOAT, Format.FLOAT)
     for name, ws in layout.items():
         b = policy.get(name)
@@ -180,11 +200,15 @@ def _storage(storage: Storage | str) -> Storage:
 
 def _activation_params(
     model: onnx.ModelProto,
-    plan: dict[str, int],
+    info: ModelInfo,
+    model_plan: ModelPlan,
     qparams: QuantParams,
     data: DataSource | None,
     options: CalibrationOptions,
 ) -> dict[str, ActQuant]:
+    """Tensor -> quantizer parameters for every planned tensor that has them (overrides, else calibrated);
+    a tensor inside a body that no calibration sample reaches is left out."""
+    plan = model_plan.merged().bits
     overrides = qparams.activations
     todo = {t: b for t, b in plan.items() if t not in overrides}
     ranges: dict[str, tuple[float, float]] = {}
@@ -192,13 +216,22 @@ def _activation_params(
         if data is None:
             widths = sorted(set(todo.values()))
             raise InputError(
-                f"the policy quantizes activations ({len(todo)} tensors at {'/'.join(map(str, widths))} bits): "
-                "calibration data is needed (--data FILE), or use --act-bits 32 for weight-only quantization"
+                f"data: the policy quantizes activations ({len(todo)} tensors at {'/'.join(map(str, widths))} "
+                "bits), so calibration data is needed; or quantize weights only (activation bits 32)",
+                field="data",
             )
-        ranges = calibrate(model, todo, data, options)
+        inside = {t for scope, p in model_plan.scopes.items() if scope for t in p.bits}
+        reader = None
+        if inside & set(todo):  # ONNX Runtime cannot output tensors inside If/Loop bodies
+            from mqtool.backend import to_torch
+
+            reader = to_torch(model, info).read_tensors
+        ranges = calibrate(model, todo, data, options, subgraph_reader=reader)
     acts = {}
     for t, bits in plan.items():
         a = overrides.get(t)
+        if a is None and t not in ranges:
+            continue
         if a is not None and a.range is None:
             acts[t] = ActQuant(bits, float(a.scale), int(a.zero_point))
             continue

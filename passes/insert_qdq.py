@@ -36,7 +36,7 @@ name (the DequantizeLinear writes it and the producer's tensor becomes `<name>_f
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -45,6 +45,7 @@ from onnx import helper, numpy_helper
 
 from mqtool.analysis import ModelInfo, analyze
 from mqtool.errors import InputError
+from mqtool.model import nested_graphs
 from mqtool.numerics import (
     activation_qparams,
     int_range,
@@ -72,6 +73,7 @@ def insert_qdq(
     carried: Mapping[str, str] | None = None,
     constants: Sequence[tuple[str, int]] = (),
     layout: Mapping[str, WeightStorage] | None = None,
+    taken: Iterable[str] = (),
 ) -> PassResult:
     """Quantize the weights of the policy's layers and insert the planned activation Q/DQ (in place).
 
@@ -79,7 +81,10 @@ def insert_qdq(
     planned tensor whose quantizer it repeats and `constants` lists the (node, input) constants stored as
     uint8 (`qdq_plan.ActivationPlan`); `layout` (`qdq_plan.plan_storage`) gives each layer's stored bits
     and block size (default: the policy's bits, per-channel scales); `info` is `analyze(model)` when the
-    caller already has it (tensor and node names must be those of `model`).
+    caller already has it (tensor and node names must be those of `model`); `taken` lists names used
+    elsewhere (other graphs of the model, when `model` holds one If/Loop body: `passes.subgraph_qdq`) that
+    new tensors and nodes must not take. Readers inside subgraphs (If/Loop bodies at any depth) of a
+    quantized tensor read its DequantizeLinear output too.
     """
     info = analyze(model) if info is None else info
     qparams = qparams or QuantParams()
@@ -92,6 +97,7 @@ def insert_qdq(
         all_acts[tensor] = activations[source]
     g = model.graph
     namer = Namer(g)
+    namer.taken.update(taken)
     nodes = {n.name: n for n in g.node}
     inits = initializers(g)
     modified = False
@@ -100,9 +106,10 @@ def insert_qdq(
         if bits == FLOAT:
             continue
         if getattr(layer, "subgraph", None):
-            # Layers inside If/Loop/Scan bodies: the same steps on the body graph (its own namer, nodes and
-            # initializers; the weight DequantizeLinear inside the body) would extend this pass.
-            log.warning("layer '%s' lives in a subgraph: left float (not emitted yet)", layer.name)
+            # Layers inside If/Loop/Scan bodies are emitted by passes.subgraph_qdq (this pass on each body).
+            log.warning(
+                "layer '%s' lives in a subgraph: left float by insert_qdq (see subgraph_qdq)", layer.name
+            )
             continue
         node = nodes.get(layer.name)
         if node is None:
@@ -126,6 +133,8 @@ def insert_qdq(
             for k, name in enumerate(n.input):
                 if name in rewire:
                     n.input[k] = rewire[name]
+            for sub in nested_graphs(n):
+                _rewire_outer_reads(sub, rewire)
     if any(n.domain == MS_DOMAIN for n in g.node) and not any(
         o.domain == MS_DOMAIN for o in model.opset_import
     ):
@@ -133,6 +142,21 @@ def insert_qdq(
     if modified:
         toposort(g)
     return PassResult(model, modified)
+
+
+def _rewire_outer_reads(sub: onnx.GraphProto, rewire: dict[str, str]) -> None:
+    """Make `sub` (a body nested in the graph being rewritten) read the dequantized tensors: its node
+    inputs and outputs that name an outer quantized tensor, unless `sub` defines that name itself."""
+    own = {i.name for i in sub.input} | {i.name for i in sub.initializer}
+    own |= {o for n in sub.node for o in n.output}
+    mapping = {k: v for k, v in rewire.items() if k not in own}
+    for n in sub.node:
+        for k, name in enumerate(n.input):
+            if name in mapping:
+                n.input[k] = mapping[name]
+    for o in sub.output:
+        if o.name in mapping:  # a branch that returns the outer tensor as it is
+            o.name = mapping[o.name]
 
 
 def _constant_qdq(g, namer: Namer, nodes, inits, name: str, k: int, tag: str) -> None:

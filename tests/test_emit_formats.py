@@ -229,7 +229,7 @@ def test_an_8_bit_scale_override_keeps_its_range_at_7_stored_bits():
         )
 
 
-def test_layers_inside_a_subgraph_stay_float_and_the_record_says_so():
+def test_layers_inside_a_subgraph_are_quantized_and_recorded():
     from onnx import TensorProto, helper
 
     def branch(name: str, scale: float) -> onnx.GraphProto:
@@ -263,7 +263,9 @@ def test_layers_inside_a_subgraph_stay_float_and_the_record_says_so():
     q = quantize_model(m, Policy.uniform(info.names, 4, 32))
     onnx.checker.check_model(q, full_check=True)
     recorded = json.loads(next(p.value for p in q.metadata_props if p.key == "mqtool.policy"))["layers"]
-    assert recorded["top"]["weight_bits"] == 4 and all(recorded[n]["format"] == "float" for n in inner)
+    # passes.subgraph_qdq quantizes the branch layers too (weight-only here: nbits MatMuls like the top one)
+    assert recorded["top"]["weight_bits"] == 4 and all(recorded[n]["weight_bits"] == 4 for n in inner)
+    assert {recorded[n]["format"] for n in inner} == {recorded["top"]["format"]} != {"float"}
     x = np.random.default_rng(0).normal(size=(2, 3)).astype(np.float32)
     out = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"]).run(
         None, {"x": x, "c": np.array(True)}

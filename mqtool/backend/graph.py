@@ -134,7 +134,41 @@ class OnnxModule(nn.Module):
         got = self._execute(inputs, capture)
         return {n: got.get(n) for n in names}
 
-    def _execute(self, inputs: Sequence[Tensor], capture: dict[int, str] | None) -> Any:
+    def read_tensors(
+        self, feeds: Mapping[str, np.ndarray], names: Sequence[str]
+    ) -> dict[str, np.ndarray | None]:
+        """`run` for NumPy callers (calibration of tensors inside If/Loop bodies, which ONNX Runtime cannot
+        output): float32 NumPy values of `names`, None for those of a branch not taken; no autograd, the
+        inputs moved to the module's device."""
+        device = next((b.device for b in self.buffers()), None) or next(
+            (p.device for p in self.parameters()), torch.device("cpu")
+        )
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            raise KeyError(f"missing inputs: {', '.join(missing)}")
+        unknown = [n for n in names if n not in self._slot]
+        if unknown:
+            raise KeyError(f"unknown tensors: {', '.join(unknown)}")
+        inputs = [torch.tensor(np.asarray(feeds[n])).to(device) for n in self.input_names]
+        trace: dict[str, list[Tensor]] = {}
+        with torch.no_grad():
+            self._execute(inputs, {self._slot[n]: n for n in names}, trace)
+        out: dict[str, np.ndarray | None] = {}
+        for n in names:
+            values = [v.detach().cpu().numpy() for v in trace.get(n, []) if v is not None]
+            # A Loop body's tensor takes a value per iteration: all of them count (flattened).
+            out[n] = (
+                None
+                if not values
+                else values[0]
+                if len(values) == 1
+                else np.concatenate([v.reshape(-1) for v in values])
+            )
+        return out
+
+    def _execute(
+        self, inputs: Sequence[Tensor], capture: dict[int, str] | None, trace: dict | None = None
+    ) -> Any:
         if self._plan_stale:
             self._rebuild_plan()
         env: list[Any] = [None] * self._n_slots
@@ -153,9 +187,11 @@ class OnnxModule(nn.Module):
             for slot, name in capture.items():
                 if slot not in self._producer:
                     got[name] = env[slot]
+                    if trace is not None:
+                        trace.setdefault(name, []).append(env[slot])
         if self._ctx_slot is not None:
-            env[self._ctx_slot] = _RunContext(env, post, capture, got)
-        _run_plan(self._plan, env, post, capture, got)
+            env[self._ctx_slot] = _RunContext(env, post, capture, got, trace)
+        _run_plan(self._plan, env, post, capture, got, trace)
         return got if capture is not None else env
 
     # --------------------------------------------------------------------------------- quantization
@@ -240,8 +276,15 @@ def _plan_of(steps: list, post: dict[int, nn.Module]) -> list:
 
 
 def _run_plan(
-    plan: list, env: list[Any], post: dict, capture: dict[int, str] | None, got: dict[str, Tensor]
+    plan: list,
+    env: list[Any],
+    post: dict,
+    capture: dict[int, str] | None,
+    got: dict[str, Tensor],
+    trace: dict[str, list[Tensor]] | None = None,
 ) -> None:
+    """Run `plan` over `env`; captured slots go into `got` (the last value) and, with `trace`, every value
+    they take (a Loop body's tensors, once per iteration)."""
     for fn, ins, outs, single, free, quant in plan:
         r = fn(*[env[i] for i in ins])
         if single:
@@ -256,6 +299,8 @@ def _run_plan(
             for slot in outs:
                 if slot in capture:
                     got[capture[slot]] = env[slot]
+                    if trace is not None:
+                        trace.setdefault(capture[slot], []).append(env[slot])
         for slot in free:
             env[slot] = None
 
@@ -263,10 +308,17 @@ def _run_plan(
 class _RunContext:
     """What a control-flow step needs of the forward pass it runs in (held in a slot of the tensor list)."""
 
-    __slots__ = ("env", "post", "capture", "got")
+    __slots__ = ("env", "post", "capture", "got", "trace")
 
-    def __init__(self, env: list[Any], post: dict, capture: dict[int, str] | None, got: dict[str, Tensor]):
-        self.env, self.post, self.capture, self.got = env, post, capture, got
+    def __init__(
+        self,
+        env: list[Any],
+        post: dict,
+        capture: dict[int, str] | None,
+        got: dict[str, Tensor],
+        trace: dict[str, list[Tensor]] | None = None,
+    ):
+        self.env, self.post, self.capture, self.got, self.trace = env, post, capture, got, trace
 
 
 class _ControlFlow:
@@ -283,7 +335,7 @@ class _ControlFlow:
 
     def _run_body(self, ctx: _RunContext, k: int) -> list[Any]:
         env = ctx.env
-        _run_plan(self.plans[k], env, ctx.post, ctx.capture, ctx.got)
+        _run_plan(self.plans[k], env, ctx.post, ctx.capture, ctx.got, ctx.trace)
         out = [env[s] for s in self.body_outputs[k]]
         for s in self.body_own[k]:
             env[s] = None
@@ -329,6 +381,16 @@ class _Loop(_ControlFlow):
             env[self.body_inputs[1]] = torch.tensor(keep_going)
             for slot, v in zip(self.body_inputs[2:], carried):
                 env[slot] = v
+            for slot in self.body_inputs[2:]:
+                if slot in ctx.post:  # a body input the emitter quantizes inside the body: every iteration
+                    env[slot] = ctx.post[slot](env[slot])
+            if ctx.capture:
+                for slot in self.body_inputs:
+                    name = ctx.capture.get(slot)
+                    if name is not None:
+                        ctx.got[name] = env[slot]
+                        if ctx.trace is not None:
+                            ctx.trace.setdefault(name, []).append(env[slot])
             out = self._run_body(ctx, 0)
             if cond is not None:  # without a cond input the body's cond output is ignored (ONNX)
                 keep_going = bool(out[0].reshape(()))
