@@ -22,7 +22,12 @@ realisation it can take, so a search can price a policy without emitting it:
    Softmax, attention MatMuls, reshapes, ...). In a quantized model the unclaimed nodes cost a little more
    or less (layout Transposes around NHWC integer convs, integer Adds between quantized layers): that
    difference is shared equally by the layers realised in that key, so a uniform policy predicts its own
-   model's measured median and `predict(policy) = rest_ms + sum of each layer's chosen entry`.
+   model's measured median and `predict(policy) = rest_ms + sum of each layer's chosen entry`. An entry
+   can be negative when quantizing the layer saves more around it than the layer costs.
+5. `predict` follows the plan's rules where they make a layer run differently from its own choice: an
+   `int8` layer whose input (or, for a Conv, output) tensor is also read by a float or weight-only layer
+   gets no activation Q/DQ there and runs as DequantizeLinear + the float op (`realised_key`), which the
+   table measures as 'packed/int8' for every layer that can take `int8`.
 
 The table is cached as JSON in `cache_dir`, keyed by the CPU model (/proc/cpuinfo), the ONNX Runtime
 version, the thread count, the batch, the activation bits of `int8` layers and the model's digest; a cached
@@ -99,8 +104,16 @@ def choice_key(layer: LayerInfo, bits: int, fmt: Format | str | None = None, act
     return f"{fmt.value}/{container.value}"
 
 
-def _key_format(key: str) -> Format:
-    return Format(key.split("/", 1)[0])
+_PACKED_INT8 = "packed/int8"
+
+
+def _act_request(b: LayerBits, facts: Mapping[str, Any]) -> int:
+    """The input width a layer asks for (`passes.qdq_plan.layer_act_request`, from the table's facts)."""
+    from mqtool.weight_layers import WEIGHT_ONLY_OPS
+
+    if b.weight_bits == FLOAT or facts.get("op_type") in WEIGHT_ONLY_OPS:
+        return FLOAT
+    return b.act_bits
 
 
 def cpu_model() -> str:
@@ -206,13 +219,40 @@ class LatencyTable:
             )
         return row[key]
 
+    def realised_key(self, name: str, policy: Policy) -> str:
+        """The key layer `name` runs as under `policy`: its own (`choice_key`), except that an `int8` layer
+        whose integer kernel the plan prevents runs as DequantizeLinear + the float op, measured as
+        'packed/int8' (ORT fuses that into MatMulNBits for a MatMul): its input stays float when a layer
+        reading the same tensor asks for a float input (float, weight-only formats), and a Conv's output
+        stays float when a layer reading it does (`passes.qdq_plan`, rules 1 and 2)."""
+        b = policy.get(name)
+        if b.weight_bits == FLOAT:
+            return FLOAT_KEY
+        key = choice_key(self.layer(name), b.weight_bits, b.format, b.act_bits)
+        if key != INT8_KEY or _PACKED_INT8 not in self.layers[name]:
+            return key
+        f = self.facts[name]
+        peers = [name, *f.get("input_peers", [])]
+        if any(_act_request(policy.get(p), self.facts.get(p, {})) == FLOAT for p in peers):
+            return _PACKED_INT8
+        if any(
+            _act_request(policy.get(p), self.facts.get(p, {})) == FLOAT for p in f.get("output_peers", [])
+        ):
+            return _PACKED_INT8
+        return key
+
     def predict(self, policy: Policy) -> float:
-        """Predicted median ms of the model emitted under `policy`: `rest_ms` + each layer's entry for its
-        bits and format (layers the policy does not name are float)."""
+        """Predicted median ms of the model emitted under `policy`: `rest_ms` + each layer's entry for the
+        key it runs as (`realised_key`; layers the policy does not name are float)."""
         total = self.rest_ms
-        for name in self.layers:
-            b = policy.get(name)
-            total += self.entry(name, b.weight_bits, b.format, b.act_bits)
+        for name, row in self.layers.items():
+            key = self.realised_key(name, policy)
+            if key not in row:
+                raise InputError(
+                    f"latency table: layer '{name}' was not measured as '{key}' "
+                    f"(measured: {', '.join(sorted(row))})"
+                )
+            total += row[key]
         return total
 
     def keys(self) -> list[str]:
@@ -477,7 +517,9 @@ def layer_claims(model: onnx.ModelProto, layers: Iterable[str]) -> dict[str, lis
 def event_node(event: str, nodes: Mapping[str, Any], producers: Mapping[str, str]) -> str | None:
     """The emitted node an ORT profile event name comes from: itself; '<tensor>_nchwc' (an NCHWc node named
     after the output it computes); or the longest emitted node name it starts with, followed by '_' or
-    '/' ('<layer>_token_7', '<layer>/MatMulAddFusion'). None for nodes ORT added (layout Transposes)."""
+    '/' ('<layer>_token_7', '<layer>/MatMulAddFusion', after a 'fused ' prefix). None for nodes ORT added
+    (layout Transposes)."""
+    event = event.removeprefix("fused ")  # ORT's activation fusions: "fused <Gemm name>"
     if event in nodes:
         return event
     if event.endswith("_nchwc") and event[: -len("_nchwc")] in producers:
@@ -576,8 +618,40 @@ def _check_choices(
                 )
             key = choice_key(layer, bits, fmt, act_bits if fmt is Format.INT8 else FLOAT)
             row.setdefault(key, (bits, fmt))
+            if key == INT8_KEY:  # how it runs when the plan prevents its integer kernel (realised_key)
+                row.setdefault(_PACKED_INT8, (8, Format.PACKED))
         out[name] = row
     return out
+
+
+def _layer_facts(
+    model: onnx.ModelProto, info: ModelInfo, rows: Mapping[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """What `LatencyTable` keeps of each layer: what `choice_key` needs, the layers reading the same input
+    tensor (`input_peers`) and, where ORT fuses only with a quantized output (`fusion_output`), the layers
+    reading that output (`output_peers`)."""
+    from mqtool.model import infer_shapes
+    from passes.pipeline import prepare
+    from passes.qdq_plan import fusion_output, main_graph_layers
+
+    layers = [layer for layer in main_graph_layers(info) if layer.name in rows]
+    readers: dict[str, list[str]] = defaultdict(list)
+    for layer in layers:
+        readers[layer.input].append(layer.name)
+    prepared = prepare(model)
+    shapes = infer_shapes(prepared) if any(layer.op_type == "MatMul" for layer in layers) else {}
+    facts = {}
+    for layer in layers:
+        out = fusion_output(prepared, layer, shapes=shapes)
+        facts[layer.name] = {
+            "op_type": layer.op_type,
+            "weight_shape": list(layer.weight_shape),
+            "channel_axis": layer.channel_axis,
+            "weight_input": layer.weight_input,
+            "input_peers": [n for n in readers[layer.input] if n != layer.name],
+            "output_peers": list(readers.get(out, [])) if out else [],
+        }
+    return facts
 
 
 def _config_policy(rows: Mapping[str, Mapping[str, tuple[int, Format]]], key: str, act_bits: int) -> Policy:
@@ -657,25 +731,21 @@ def measure_latency_table(
     rest_ms = other[FLOAT_KEY]
     table_rows: dict[str, dict[str, float]] = {n: {} for n in names}
     measured = {}
+    for n in names:
+        table_rows[n][FLOAT_KEY] = own[FLOAT_KEY][n]
     for k in keys:
         realised = [n for n in names if k in rows[n] and k != FLOAT_KEY]
-        share = (other[k] - rest_ms) / len(realised) if realised else 0.0
-        for n in names:
-            if k == FLOAT_KEY:
-                table_rows[n][k] = own[k][n]
-            elif n in realised:
-                table_rows[n][k] = own[k][n] + share
-        measured[k] = {"ms": timed[k][0], "p90_ms": timed[k][1], "layers": len(realised) or len(names)}
-    facts = {
-        layer.name: {
-            "op_type": layer.op_type,
-            "weight_shape": list(layer.weight_shape),
-            "channel_axis": layer.channel_axis,
-            "weight_input": layer.weight_input,
-        }
-        for layer in info.layers
-        if layer.name in rows
-    }
+        measured[k] = {"ms": timed[k][0], "p90_ms": timed[k][1], "layers": len(realised)}
+        if not realised:
+            continue
+        # What this model's median holds beyond the rest and its realised layers' own nodes (the unclaimed
+        # nodes' change, and the float layers' run-to-run difference) is shared by its realised layers, so
+        # that the uniform policy predicts exactly the median it was measured at.
+        others = sum(table_rows[n][FLOAT_KEY] for n in names if n not in realised)
+        share = (timed[k][0] - rest_ms - others - sum(own[k][n] for n in realised)) / len(realised)
+        for n in realised:
+            table_rows[n][k] = own[k][n] + share
+    facts = _layer_facts(model, info, rows)
     table = LatencyTable(key, rest_ms, table_rows, facts, measured, cpu_flags())
     if path:
         os.makedirs(os.fspath(cache_dir), exist_ok=True)

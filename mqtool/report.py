@@ -79,6 +79,8 @@ class LayerReport:
     # lower candidate width; None without a record (a float layer: at its width, None; lower: the widest)
     sensitivity: float | None = None
     sensitivity_lower: float | None = None
+    # measured ms of this layer as ONNX Runtime runs the model (`measure_layer_ms`), None when not measured
+    ms: float | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -120,6 +122,10 @@ class QuantReport:
         ]
         t = self.totals
         head = ["layer", "op", "params", "MACs", "w bits", "a bits", "format", "storage", "bytes"]
+        if any(r.ms is not None for r in self.layers):
+            head.append("ms")
+            for row, r in zip(rows, self.layers):
+                row.append("-" if r.ms is None else round(r.ms, 4))
         why = ""
         if self.sensitivity is not None:
             head += ["sens@w", "sens@lower"]
@@ -553,3 +559,173 @@ def plot_report(rep: QuantReport, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# --------------------------------------------------------------------- latency, ORT int8 comparison
+
+
+def measure_layer_ms(
+    rep: QuantReport,
+    model: onnx.ModelProto | str | os.PathLike,
+    data: object = None,
+    *,
+    batch: int = 1,
+    threads: int = 2,
+) -> dict:
+    """Fill each row's `ms` with the layer's time on ONNX Runtime's CPU provider (`mqtool.latency.layer_latency`:
+    the profile of `model` at `batch` samples per run, scaled to its measured median) and record
+    {"batch", "threads", "median_ms", "p90_ms", "rest_ms"} (rest: everything that is no layer) as
+    `rep.totals["latency"]`, which is returned. Feeds come from `data` (any calibration data source) or are
+    synthesised from the input specs."""
+    from mqtool.latency import latency_feed, layer_latency
+
+    if isinstance(model, str | os.PathLike):
+        model = load_model(os.fspath(model), allow_quantized=True)
+    feed = latency_feed(model, data, batch)
+    per, rest, (median, p90) = layer_latency(model, [r.name for r in rep.layers], feed, batch, threads)
+    for r in rep.layers:
+        r.ms = per.get(r.name)
+    record = {"batch": batch, "threads": threads, "median_ms": median, "p90_ms": p90, "rest_ms": rest}
+    rep.totals["latency"] = record
+    return record
+
+
+def ort_int8(model: onnx.ModelProto, data: object = None, *, samples: int = 64) -> onnx.ModelProto:
+    """ONNX Runtime's own int8 model of the float `model`: `quantize_static` in QDQ format with per-channel
+    int8 weights and uint8 activations (MinMax), after `quant_pre_process` (skipped when its shape inference
+    gives up), calibrated one sample per run on the first `samples` samples of `data` (any calibration data
+    source) or, without data, on 8 synthesised inputs (`mqtool.latency.synthesize_feed`: right for sizes and
+    timings, not for accuracy). A model below opset 13 is converted to 13 first: ORT writes per-axis
+    DequantizeLinear, which opset 11/12 cannot hold. `model` is not modified."""
+    import tempfile
+
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from mqtool.data import model_inputs
+    from mqtool.latency import synthesize_feed
+    from mqtool.runtime import concat_feeds, feed_samples, fixed_batch, resize_feed, slice_feed, split_feed
+
+    specs = model_inputs(model)
+    if data is None:
+        feed = resize_feed(synthesize_feed(specs, 1), specs, 8)
+    else:
+        from calibration.readers import iter_feeds
+
+        feed = concat_feeds(list(iter_feeds(data, model, batch_size=samples, limit=samples)), specs)
+    if fixed_batch(specs):
+        runs = split_feed(feed, specs)
+    else:
+        runs = [slice_feed(feed, specs, slice(i, i + 1)) for i in range(feed_samples(feed, specs))]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter(runs)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    src_model = model if opset >= 13 else onnx.version_converter.convert_version(model, 13)
+    with tempfile.TemporaryDirectory(prefix="mqtool-ort-int8-") as tmp:
+        src, pre, out = (os.path.join(tmp, f) for f in ("float.onnx", "pre.onnx", "int8.onnx"))
+        onnx.save_model(src_model, src)
+        try:
+            quant_pre_process(src, pre, skip_symbolic_shape=True)  # it dumps files into the cwd on failure
+        except Exception as e:  # symbolic shape inference gives up on some real models: quantize without it
+            log.info("quant_pre_process failed (%s); quantizing without it", e)
+            pre = src
+        try:
+            quantize_static(
+                pre,
+                out,
+                Reader(),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+            )
+        except Exception as e:
+            raise InputError(f"ONNX Runtime's quantize_static failed on the reference model: {e}") from e
+        return onnx.load(out)
+
+
+@dataclass
+class Int8Comparison:
+    """Totals of the float reference, ONNX Runtime's `quantize_static` int8 of it and the reported model:
+    file bytes and, when timed, median / p90 ms of a run of `batch` samples (timed interleaved)."""
+
+    rows: list[dict]
+    batch: int | None = None
+    threads: int | None = None
+
+    def to_json(self) -> dict:
+        return {"batch": self.batch, "threads": self.threads, "rows": self.rows}
+
+    def table(self) -> str:
+        from mqtool.tables import format_table
+
+        fp32 = self.rows[0]
+        ort = self.rows[1]
+        head = ["model", "bytes", "x fp32"]
+        timed = all(r.get("ms") is not None for r in self.rows)
+        if timed:
+            head += [f"ms (batch {self.batch})", "p90 ms", "x fp32", "x ORT int8"]
+        out = []
+        for r in self.rows:
+            row = [r["model"], r["bytes"], round(r["bytes"] / fp32["bytes"], 3)]
+            if timed:
+                row += [round(r["ms"], 3), round(r["p90_ms"], 3), round(r["ms"] / fp32["ms"], 3),
+                        round(r["ms"] / ort["ms"], 3)]  # fmt: skip
+            out.append(row)
+        note = f"\nms: ONNX Runtime CPU, {self.threads} threads, median of interleaved runs" if timed else ""
+        return format_table(head, out) + note
+
+
+def compare_int8(
+    rep: QuantReport,
+    reference: str | os.PathLike,
+    data: object = None,
+    *,
+    model: onnx.ModelProto | str | os.PathLike | None = None,
+    latency: bool = False,
+    batch: int = 1,
+    threads: int = 2,
+) -> Int8Comparison:
+    """The reported model (`model`, default the file `rep` was read from) next to the float `reference` and
+    ONNX Runtime's `quantize_static` int8 of it (`ort_int8`, calibrated on `data` or synthesised inputs):
+    bytes, and with `latency` the median and p90 ms of the three timed interleaved at `batch`."""
+    from mqtool.data import model_inputs
+    from mqtool.latency import latency_feed, measure_models_latency
+
+    ref_path = os.fspath(reference)
+    ref = load_model(ref_path)
+    model = rep.model if model is None else model
+    if model is None:
+        raise InputError("compare_int8: the report was built from a model in memory; pass `model`")
+    if isinstance(model, str | os.PathLike):
+        qmodel = load_model(os.fspath(model), allow_quantized=True)
+    else:
+        qmodel = model
+    want, got = (
+        sorted((s.name, str(s.dtype), len(s.shape or ())) for s in model_inputs(m)) for m in (ref, qmodel)
+    )
+    if want != got:
+        raise InputError(
+            f"{ref_path}: the reference's inputs (name, type, rank) {want} differ from the quantized model's "
+            f"{got}: not its float model"
+        )
+    int8 = ort_int8(ref, data)
+    q_bytes = _file_bytes(os.fspath(model)) if isinstance(model, str | os.PathLike) else qmodel.ByteSize()
+    rows = [
+        {"model": "fp32 (reference)", "bytes": _file_bytes(ref_path)},
+        {"model": "ORT quantize_static int8", "bytes": int8.ByteSize()},
+        {"model": "this model", "bytes": q_bytes},
+    ]
+    if not latency:
+        return Int8Comparison(rows)
+    feed = latency_feed(ref, data, batch)
+    timed = measure_models_latency({"fp32": ref, "ort": int8, "this": qmodel}, feed, batch, threads)
+    for r, k in zip(rows, ("fp32", "ort", "this")):
+        r["ms"], r["p90_ms"] = timed[k]
+    return Int8Comparison(rows, batch, threads)
