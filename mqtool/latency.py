@@ -27,7 +27,13 @@ realisation it can take, so a search can price a policy without emitting it:
 5. `predict` follows the plan's rules where they make a layer run differently from its own choice: an
    `int8` layer whose input (or, for a Conv, output) tensor is also read by a float or weight-only layer
    gets no activation Q/DQ there and runs as DequantizeLinear + the float op (`realised_key`), which the
-   table measures as 'packed/int8' for every layer that can take `int8`.
+   table measures as 'packed/int8' for every layer that can take `int8` (+ `qdq_ms`, its input Q/DQ pair
+   left unfused, when only its output is to blame).
+6. Convolutions change layout: ORT runs integer convs in NHWC and float ones in blocked NCHWc, with a
+   Transpose / Reorder wherever such a region meets another layout. A mixed policy has more such borders
+   than the uniform ones the entries were measured in, so `predict` adds `border_ms[kind]` (the median
+   of those nodes in the profiles) per border side (`LatencyTable.border_sides`, from each conv's
+   nearest layers up- and downstream through layout-agnostic ops).
 
 The table is cached as JSON in `cache_dir`, keyed by the CPU model (/proc/cpuinfo), the ONNX Runtime
 version, the thread count, the batch, the activation bits of `int8` layers and the model's digest; a cached
@@ -107,6 +113,64 @@ def choice_key(layer: LayerInfo, bits: int, fmt: Format | str | None = None, act
 _PACKED_INT8 = "packed/int8"
 
 
+# Ops ORT's layout transformation carries an NHWC / NCHWc region through (elementwise, pooling, concat,
+# resize, Q/DQ); any other op, a graph input or output ends the region: a border.
+_LAYOUT_AGNOSTIC = frozenset(
+    {
+        "Add", "Sub", "Mul", "Div", "Relu", "Clip", "Sigmoid", "HardSigmoid", "LeakyRelu", "Tanh", "Identity",
+        "MaxPool", "AveragePool", "GlobalAveragePool", "Concat", "Resize", "Pad", "Split", "Slice",
+        "QuantizeLinear", "DequantizeLinear", "HardSwish", "Softplus", "Neg", "Abs", "Exp", "Max", "Min",
+    }
+)  # fmt: skip
+
+
+def _region_kind(op_type: str | None, key: str) -> str:
+    """The layout ORT runs a layer in: 'nhwc' (an integer Conv), 'nchwc' (a float Conv with a constant
+    weight) or 'nchw' (anything else: MatMul, Gemm, a Conv with a DequantizeLinear weight)."""
+    if op_type != "Conv":
+        return "nchw"
+    return {INT8_KEY: "nhwc", FLOAT_KEY: "nchwc"}.get(key, "nchw")
+
+
+def _neighbours(model: onnx.ModelProto, layer_nodes: Mapping[str, str]) -> dict[str, dict[str, list[str]]]:
+    """Per layer node, the nearest layers upstream ('up') and downstream ('down') through layout-agnostic
+    ops; '' stands for a border (a graph input or output, or another op)."""
+    g = model.graph
+    prod = {o: n for n in g.node for o in n.output if o}
+    cons: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for n in g.node:
+        for i in n.input:
+            cons[i].append(n)
+    consts = {i.name for i in g.initializer} | {n.output[0] for n in g.node if n.op_type == "Constant"}
+    graph_outputs = {o.name for o in g.output}
+    by_node = {v: k for k, v in layer_nodes.items()}
+    out = {}
+    for name, node_name in layer_nodes.items():
+        node = next((n for n in g.node if n.name == node_name), None)
+        if node is None:
+            continue
+        ends: dict[str, set[str]] = {"up": set(), "down": set()}
+        seen: set[str] = set()
+        stack = [("up", t) for t in node.input[:1]] + [("down", t) for t in node.output[:1]]
+        while stack:
+            side, t = stack.pop()
+            if (side, t) in seen or t in consts:
+                continue
+            seen.add((side, t))
+            nexts = [prod[t]] if side == "up" and t in prod else [] if side == "up" else cons.get(t, [])
+            if not nexts or (side == "down" and t in graph_outputs):
+                ends[side].add("")
+            for n in nexts:
+                if n.name in by_node:
+                    ends[side].add(by_node[n.name])
+                elif n.op_type in _LAYOUT_AGNOSTIC and n.domain in ("", "ai.onnx"):
+                    stack += [(side, i) for i in (n.input if side == "up" else n.output) if i]
+                else:
+                    ends[side].add("")
+        out[name] = {k: sorted(v) for k, v in ends.items()}
+    return out
+
+
 def _act_request(b: LayerBits, facts: Mapping[str, Any]) -> int:
     """The input width a layer asks for (`passes.qdq_plan.layer_act_request`, from the table's facts)."""
     from mqtool.weight_layers import WEIGHT_ONLY_OPS
@@ -184,6 +248,11 @@ class LatencyTable:
     facts: dict[str, dict[str, Any]] = field(default_factory=dict)
     measured: dict[str, dict[str, Any]] = field(default_factory=dict)
     cpu_flags: list[str] = field(default_factory=list)
+    # ms per border side of a convolution layout region ("nhwc": integer convs, "nchwc": float convs), see
+    # `border_sides`; empty for a model without Conv layers
+    border_ms: dict[str, float] = field(default_factory=dict)
+    # ms of one activation QuantizeLinear + DequantizeLinear pair ORT leaves unfused (`predict`)
+    qdq_ms: float = 0.0
 
     def layer(self, name: str) -> LayerInfo:
         """A `LayerInfo` with the facts the table kept of layer `name` (enough for `choice_key`)."""
@@ -225,26 +294,56 @@ class LatencyTable:
         'packed/int8' (ORT fuses that into MatMulNBits for a MatMul): its input stays float when a layer
         reading the same tensor asks for a float input (float, weight-only formats), and a Conv's output
         stays float when a layer reading it does (`passes.qdq_plan`, rules 1 and 2)."""
+        return self._realise(name, policy)[0]
+
+    def _realise(self, name: str, policy: Policy) -> tuple[str, str | None]:
+        """(`realised_key`, what prevents the integer kernel: 'input', 'output' or None)."""
         b = policy.get(name)
         if b.weight_bits == FLOAT:
-            return FLOAT_KEY
+            return FLOAT_KEY, None
         key = choice_key(self.layer(name), b.weight_bits, b.format, b.act_bits)
         if key != INT8_KEY or _PACKED_INT8 not in self.layers[name]:
-            return key
+            return key, None
         f = self.facts[name]
-        peers = [name, *f.get("input_peers", [])]
-        if any(_act_request(policy.get(p), self.facts.get(p, {})) == FLOAT for p in peers):
-            return _PACKED_INT8
-        if any(
-            _act_request(policy.get(p), self.facts.get(p, {})) == FLOAT for p in f.get("output_peers", [])
-        ):
-            return _PACKED_INT8
-        return key
+
+        def floats(peers) -> bool:
+            return any(_act_request(policy.get(p), self.facts.get(p, {})) == FLOAT for p in peers)
+
+        if floats([name, *f.get("input_peers", [])]):
+            return _PACKED_INT8, "input"
+        if floats(f.get("output_peers", [])):
+            return _PACKED_INT8, "output"
+        return key, None
+
+    def border_sides(self, policy: Policy) -> dict[str, int]:
+        """How many layout borders the convolutions of `policy` make: ORT runs integer convs in NHWC and
+        float ones in blocked NCHWc, and puts a Transpose / Reorder wherever such a region meets anything
+        else (`_region_kind`). Per kind, the number of (conv, side) pairs whose neighbour on that side is of
+        another kind."""
+        kinds = {
+            n: _region_kind(self.facts[n].get("op_type"), self.realised_key(n, policy)) for n in self.layers
+        }
+        out: dict[str, int] = defaultdict(int)
+        for n, kind in kinds.items():
+            if kind == "nchw":
+                continue
+            for side in ("up", "down"):
+                ends = self.facts[n].get(side, [])
+                if any(kinds.get(e, "nchw") != kind for e in ends):
+                    out[kind] += 1
+        return dict(out)
 
     def predict(self, policy: Policy) -> float:
         """Predicted median ms of the model emitted under `policy`: `rest_ms` + each layer's entry for the
-        key it runs as (`realised_key`; layers the policy does not name are float)."""
+        key it runs as (`realised_key`; layers the policy does not name are float) + `border_ms` per layout
+        border of its convolutions (`border_sides`; none in a model without Conv layers) + `qdq_ms` per
+        layer kept off its integer kernel by a float reader of its output."""
         total = self.rest_ms
+        for kind, count in self.border_sides(policy).items():
+            total += self.border_ms.get(kind, 0.0) * count
+        # a layer whose input is quantized but whose integer kernel its float output prevents keeps its input
+        # Q/DQ pair unfused, which 'packed/int8' (a float input) did not have
+        total += self.qdq_ms * sum(1 for n in self.layers if self._realise(n, policy)[1] == "output")
         for name, row in self.layers.items():
             key = self.realised_key(name, policy)
             if key not in row:
@@ -275,6 +374,8 @@ class LatencyTable:
             "layers": self.layers,
             "facts": self.facts,
             "measured": self.measured,
+            "border_ms": self.border_ms,
+            "qdq_ms": self.qdq_ms,
         }
 
     @classmethod
@@ -291,6 +392,8 @@ class LatencyTable:
                 {str(n): dict(f) for n, f in doc["facts"].items()},
                 dict(doc.get("measured", {})),
                 list(doc.get("cpu_flags", [])),
+                {str(k): float(v) for k, v in doc.get("border_ms", {}).items()},
+                float(doc.get("qdq_ms", 0.0)),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise InputError(f"{source}: not a latency table ({e})") from e
@@ -439,10 +542,15 @@ def measure_model_latency(
 
 
 def profile_nodes(
-    model: onnx.ModelProto, feed: Mapping[str, np.ndarray], threads: int = THREADS, calls: int = 10
+    model: onnx.ModelProto,
+    feed: Mapping[str, np.ndarray],
+    threads: int = THREADS,
+    calls: int = 10,
+    ops: dict[str, str] | None = None,
 ) -> dict[str, float]:
     """Per node ORT ran (profile event name without '_kernel_time'), its median duration in ms times the
-    times it runs per call, over `calls` profiled calls after two unprofiled-looking warm-ups (dropped)."""
+    times it runs per call, over `calls` profiled calls after two warm-up calls (dropped). `ops`, when
+    given, receives each node's op type."""
     specs = model_inputs(model)
     runs = _runs(specs, feed)
     with tempfile.TemporaryDirectory(prefix="mqtool-prof-") as tmp:
@@ -458,6 +566,8 @@ def profile_nodes(
         name = e.get("name", "")
         if e.get("cat") == "Node" and name.endswith("_kernel_time"):
             per[name[: -len("_kernel_time")]].append(float(e.get("dur", 0)) / 1e3)
+            if ops is not None:
+                ops[name[: -len("_kernel_time")]] = str(e.get("args", {}).get("op_name", ""))
     total_calls = 2 + calls
     out = {}
     for name, d in per.items():
@@ -567,6 +677,40 @@ def attribute(
     return per, other
 
 
+def ort_added_ms(model: onnx.ModelProto, node_ms: Mapping[str, float]) -> float:
+    """ms of the profiled nodes that ORT added (no emitted node of `model` is their origin: the layout
+    Transposes and Reorders of `event_node`'s None)."""
+    nodes = {n.name: n for n in model.graph.node if n.name}
+    producers = {o: n.name for n in model.graph.node for o in n.output if o and n.name}
+    return sum(ms for event, ms in node_ms.items() if event_node(event, nodes, producers) is None)
+
+
+def _border_samples(
+    model: onnx.ModelProto, node_ms: Mapping[str, float], ops: Mapping[str, str]
+) -> dict[str, list[float]]:
+    """The times of single border nodes in one profile: ORT's layout Transposes ('nhwc') and NCHWc
+    Reorders ('nchwc'), and the activation QuantizeLinear / DequantizeLinear left unfused ('q', 'dq')."""
+    nodes = {n.name: n for n in model.graph.node if n.name}
+    producers = {o: n.name for n in model.graph.node for o in n.output if o and n.name}
+    inits = {i.name for i in model.graph.initializer}
+    out: dict[str, list[float]] = defaultdict(list)
+    for event, ms in node_ms.items():
+        op = ops.get(event, "")
+        node = event_node(event, nodes, producers)
+        if node is None:
+            if op == "Transpose":
+                out["nhwc"].append(ms)
+            elif op.startswith("Reorder"):
+                out["nchwc"].append(ms)
+        elif (
+            event == node
+            and op in ("QuantizeLinear", "DequantizeLinear")
+            and nodes[node].input[0] not in inits
+        ):
+            out["q" if op == "QuantizeLinear" else "dq"].append(ms)
+    return out
+
+
 def layer_latency(
     model: onnx.ModelProto,
     layers: Sequence[str],
@@ -640,6 +784,8 @@ def _layer_facts(
         readers[layer.input].append(layer.name)
     prepared = prepare(model)
     shapes = infer_shapes(prepared) if any(layer.op_type == "MatMul" for layer in layers) else {}
+    convs = {layer.name: layer.name for layer in layers if layer.op_type == "Conv"}
+    near = _neighbours(prepared, {layer.name: layer.name for layer in layers}) if convs else {}
     facts = {}
     for layer in layers:
         out = fusion_output(prepared, layer, shapes=shapes)
@@ -651,6 +797,8 @@ def _layer_facts(
             "input_peers": [n for n in readers[layer.input] if n != layer.name],
             "output_peers": list(readers.get(out, [])) if out else [],
         }
+        if layer.name in convs:
+            facts[layer.name].update(near.get(layer.name, {}))
     return facts
 
 
@@ -721,32 +869,43 @@ def measure_latency_table(
     names = list(rows)
     own: dict[str, dict[str, float]] = {}
     other: dict[str, float] = {}
+    samples: dict[str, list[float]] = defaultdict(list)
     for i, k in enumerate(keys):
         notify("latency_profile", {"key": k, "done": i, "total": len(keys)})
-        node_ms = profile_nodes(emitted[k], feed, threads)
+        ops: dict[str, str] = {}
+        node_ms = profile_nodes(emitted[k], feed, threads, ops=ops)
         per, rest = attribute(emitted[k], names, node_ms)
         scale = timed[k][0] / max(sum(node_ms.values()), 1e-9)
         own[k] = {n: v * scale for n, v in per.items()}
         other[k] = rest * scale
-    rest_ms = other[FLOAT_KEY]
-    table_rows: dict[str, dict[str, float]] = {n: {} for n in names}
+        for kind, values in _border_samples(emitted[k], node_ms, ops).items():
+            samples[kind] += [v * scale for v in values]
+    facts = _layer_facts(model, info, rows)
+    # What one layout border costs (`LatencyTable.border_sides`): the median of ORT's own Transposes /
+    # Reorders in these models; and one unfused activation Q/DQ pair (for `qdq_ms`).
+    probe = LatencyTable(key, 0.0, {n: dict.fromkeys(rows[n], 0.0) for n in names}, facts)
+    sides = {k: probe.border_sides(_config_policy(rows, k, act_bits)) for k in keys}
+    border_ms = {kind: statistics.median(samples[kind]) for kind in ("nhwc", "nchwc") if samples.get(kind)}
+    if any(k.startswith("nchw") for v in sides.values() for k in v) or border_ms:
+        border_ms.setdefault("nhwc", border_ms.get("nchwc", 0.0))
+        border_ms.setdefault("nchwc", border_ms.get("nhwc", 0.0))
+    qdq = sum(statistics.median(samples[k]) for k in ("q", "dq") if samples.get(k))
+
+    def borders(k: str) -> float:
+        return sum(border_ms.get(kind, 0.0) * count for kind, count in sides[k].items())
+
+    rest_ms = other[FLOAT_KEY] - borders(FLOAT_KEY)
+    table_rows: dict[str, dict[str, float]] = {n: {FLOAT_KEY: own[FLOAT_KEY][n]} for n in names}
     measured = {}
-    for n in names:
-        table_rows[n][FLOAT_KEY] = own[FLOAT_KEY][n]
     for k in keys:
         realised = [n for n in names if k in rows[n] and k != FLOAT_KEY]
         measured[k] = {"ms": timed[k][0], "p90_ms": timed[k][1], "layers": len(realised)}
-        if not realised:
-            continue
-        # What this model's median holds beyond the rest and its realised layers' own nodes (the unclaimed
-        # nodes' change, and the float layers' run-to-run difference) is shared by its realised layers, so
-        # that the uniform policy predicts exactly the median it was measured at.
-        others = sum(table_rows[n][FLOAT_KEY] for n in names if n not in realised)
-        share = (timed[k][0] - rest_ms - others - sum(own[k][n] for n in realised)) / len(realised)
+        # What the nodes no layer claims cost more or less than in the float model, beyond the layout
+        # borders, is shared by the realised layers: a uniform policy predicts its measured median.
+        share = (other[k] - borders(k) - rest_ms) / len(realised) if realised else 0.0
         for n in realised:
             table_rows[n][k] = own[k][n] + share
-    facts = _layer_facts(model, info, rows)
-    table = LatencyTable(key, rest_ms, table_rows, facts, measured, cpu_flags())
+    table = LatencyTable(key, rest_ms, table_rows, facts, measured, cpu_flags(), border_ms, qdq)
     if path:
         os.makedirs(os.fspath(cache_dir), exist_ok=True)
         table.save(path)

@@ -167,8 +167,6 @@ def test_table_is_measured_cached_and_reused(tmp_path, monkeypatch):
     uniform = Policy({"fc1": LayerBits(8, 8, Format.INT8), "fc2": LayerBits(6, 8, Format.INT8)})
     assert t.predict(uniform) == pytest.approx(t.measured["int8"]["ms"])
     assert t.predict(Policy({})) == pytest.approx(t.measured["float"]["ms"])
-    nbits = Policy({"fc1": LayerBits(4, FLOAT, Format.NBITS)})  # fc2 float: not a layer of that model
-    assert t.predict(nbits) == pytest.approx(t.measured["nbits/int4"]["ms"])
     assert t.facts["fc1"]["output_peers"] == ["fc2"]  # 2-D MatMul + bias: fused only with its output Q/DQ
     files = os.listdir(tmp_path)
     assert files == [os.path.basename(cache_path(tmp_path, t.key))]
@@ -307,3 +305,29 @@ def test_report_compare_int8_needs_the_reference(tmp_path):
     onnx.save(_conv(), other)
     r = CliRunner().invoke(cli, ["report", q, "--compare-int8", "--reference", other])
     assert r.exit_code == 2 and "not its float model" in r.output
+
+
+def test_predict_adds_the_layout_borders_of_convolutions():
+    """Integer convs run in NHWC and float ones in NCHWc: each side of a conv whose neighbour runs in another
+    layout pays a Transpose / Reorder (`border_ms`); a conv kept off its integer kernel by a float reader of
+    its output keeps its input Q/DQ unfused (`qdq_ms`)."""
+
+    def conv(up, down, output_peers=()):
+        return {"op_type": "Conv", "weight_shape": [4, 4, 3, 3], "channel_axis": 0, "weight_input": 1,
+                "input_peers": [], "output_peers": list(output_peers), "up": up, "down": down}  # fmt: skip
+
+    row = {"float": 1.0, "int8": 0.5, "packed/int8": 2.0}
+    facts = {"a": conv([""], ["b"]), "b": conv(["a"], ["c"]), "c": conv(["b"], [""])}
+    t = LatencyTable({"act_bits": 8}, 0.1, {n: dict(row) for n in facts}, facts, border_ms={"nhwc": 0.01,
+                     "nchwc": 0.02}, qdq_ms=0.005)  # fmt: skip
+    int8 = LayerBits(8, 8, Format.INT8)
+    assert t.border_sides(Policy({n: int8 for n in facts})) == {"nhwc": 2}
+    assert t.border_sides(Policy({})) == {"nchwc": 2}
+    mixed = Policy({"a": int8, "c": int8})
+    assert t.border_sides(mixed) == {"nhwc": 4, "nchwc": 2}
+    assert t.predict(mixed) == pytest.approx(0.1 + 0.5 + 1.0 + 0.5 + 4 * 0.01 + 2 * 0.02)
+    # b float reads a's output: a cannot fuse (runs as DQ + float Conv, its input Q/DQ left unfused)
+    facts["a"]["output_peers"] = ["b"]
+    assert t.realised_key("a", mixed) == "packed/int8"
+    assert t.border_sides(mixed) == {"nchwc": 2, "nhwc": 2}
+    assert t.predict(mixed) == pytest.approx(0.1 + 2.0 + 1.0 + 0.5 + 2 * 0.01 + 2 * 0.02 + 0.005)
