@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 
 import ml_dtypes
 import numpy as np
@@ -56,6 +57,14 @@ from mqtool.numerics import (
 )
 from mqtool.policy import FLOAT, Policy
 from mqtool.weight_layers import RECURRENT_OPS
+from mqtool.weight_layout import (
+    emitted_scales,
+    emitted_weights,
+    is_simulated_layout,
+    simulated_channels,
+    simulated_weight,
+    table_block,
+)
 from passes.base import PassResult
 from passes.graph import Namer, initializers, producers, toposort
 from passes.qdq_plan import MS_DOMAIN, ActQuant, Format, WeightStorage, int32_bias, quantize_bias
@@ -198,8 +207,22 @@ def _quantize_layer(g, namer, inits, node, layer, tag, btag, bits, ws, qparams, 
     w = _weight(inits, layer, over.weight)
     stored = ws.bits if ws is not None else bits
     block = ws.block_size if ws is not None else 0
+    if layer.op_type in RECURRENT_OPS:
+        _quantize_recurrent(g, namer, inits, node, layer, tag, bits, stored, ws, over, w)
+        return
+    block_scale = None
+    if layer.op_type == "Gather" and is_simulated_layout(layer, w.shape):
+        # A finetuned table laid out in the blocks the simulation quantizes (mqtool.weight_layout): its
+        # block scales hold for GatherBlockQuantized with those blocks; per-row formats take MSE scales.
+        w = emitted_weights(layer, w)[0]
+        nbits = ws is not None and ws.format is Format.NBITS and (block or GATHER_BLOCK) == table_block(layer)
+        if over.scale is not None and np.size(over.scale) == simulated_channels(layer):
+            if nbits:
+                block_scale = emitted_scales(layer, _rescaled(over, bits, stored).reshape(-1))[0]
+            over = replace(over, scale=None)
     if layer.op_type == "Gather" and ws is not None and ws.format is Format.NBITS:
-        _gather_block_quantized(g, namer, node, w, stored, block or GATHER_BLOCK, ws.container, tag)
+        block = block or GATHER_BLOCK
+        _gather_block_quantized(g, namer, node, w, stored, block, ws.container, tag, block_scale)
         return
     if block:
         if over.scale is not None:
@@ -212,33 +235,57 @@ def _quantize_layer(g, namer, inits, node, layer, tag, btag, bits, ws, qparams, 
         return
     axis = layer.channel_axis
     if over.scale is not None:
-        # A scale made for other bits (an 8-bit one for a layer stored at 7) keeps its clipping range.
-        made_for = over.scale_bits or bits
-        scale = np.asarray(over.scale, np.float32) * np.float32(2.0 ** (made_for - stored))
+        scale = _rescaled(over, bits, stored)
     else:
         scale = weight_scale(w, stored, axis, method="mse")
     q, scale = quantize_weight(w, stored, axis, scale=np.asarray(scale, dtype=np.float32))
-    if layer.op_type == "LSTM" and ws is not None and ws.format is Format.INT8 and dynamic_lstm_ok(node):
-        r = _weight(inits, layer, None, name=node.input[2])
-        _dynamic_quantize_lstm(g, namer, node, q, scale, *quantize_weight(r, stored, axis), tag)
-        return
     # An explicit zero point 0 (ORT's convention): ORT fuses a Gemm - also one it makes from a 2-D
     # MatMul + bias Add - into QGemm only when the weight DQ has one. Identical all-zero zero points
     # of layers with the same channel count are merged by dedupe_initializers.
     zero = np.zeros(len(scale), np.int8)
     node.input[layer.weight_input] = _add_dq(g, namer, tag, q.astype(np.int8), scale, axis, zero)
-    if layer.op_type in RECURRENT_OPS:
-        # R [directions, gates * hidden, hidden] at the same bits, its own per-row scales (axis 1).
-        r = _weight(inits, layer, None, name=node.input[2])
-        qr, sr = quantize_weight(r, stored, axis)
-        node.input[2] = _add_dq(g, namer, f"{tag}r", qr.astype(np.int8), sr, axis, np.zeros(len(sr), np.int8))
-        if over.bias is not None:
-            log.warning(
-                "layer '%s': bias override ignored (recurrent layer: B stays as in the model)", layer.name
-            )
-        return
     act = acts.get(layer.input) if int32_bias(layer, acts) else None
     _bias(g, namer, inits, node, btag, layer.bias, over.bias, act, scale)
+
+
+def _rescaled(over, bits: int, stored: int) -> np.ndarray:
+    """The override scale for the stored bits: a scale made for other bits (an 8-bit one for a layer stored
+    at 7) keeps its clipping range."""
+    made_for = over.scale_bits or bits
+    return np.asarray(over.scale, np.float32) * np.float32(2.0 ** (made_for - stored))
+
+
+def _quantize_recurrent(g, namer, inits, node, layer, tag, bits, stored, ws, over, w) -> None:
+    """W and R of an LSTM/GRU/RNN at the same bits, every row its own scale, computed on their joint layout
+    (`mqtool.weight_layout`: what the simulation quantizes); a finetuned weight and scale come in that
+    layout (a per-channel scale of W alone is still taken, R's rows then get their MSE scales)."""
+    axis = layer.channel_axis
+    if is_simulated_layout(layer, w.shape):
+        v = w
+    else:
+        v = simulated_weight(layer, w, _weight(inits, layer, None, name=node.input[2]))
+    scale = weight_scale(v, stored, axis, method="mse")
+    if over.scale is not None:
+        given = _rescaled(over, bits, stored).reshape(-1)
+        if given.size == scale.size:
+            scale = given
+        elif given.size == layer.channels:
+            scale[: given.size] = given
+        else:
+            log.warning("layer '%s': scale override of %d values ignored", layer.name, given.size)
+    q, scale = quantize_weight(v, stored, axis, scale=np.asarray(scale, dtype=np.float32))
+    (qw, qr), (sw, sr) = emitted_weights(layer, q), emitted_scales(layer, scale)
+    qw, qr = (np.ascontiguousarray(x).astype(np.int8) for x in (qw, qr))
+    if over.bias is not None:
+        log.warning(
+            "layer '%s': bias override ignored (recurrent layer: B stays as in the model)", layer.name
+        )
+    if layer.op_type == "LSTM" and ws is not None and ws.format is Format.INT8 and dynamic_lstm_ok(node):
+        _dynamic_quantize_lstm(g, namer, node, qw, sw, qr, sr, tag)
+        return
+    # R [directions, gates * hidden, hidden]: its own DequantizeLinear, per-row scales on axis 1 as W's.
+    node.input[1] = _add_dq(g, namer, tag, qw, sw, axis, np.zeros(len(sw), np.int8))
+    node.input[2] = _add_dq(g, namer, f"{tag}r", qr, sr, axis, np.zeros(len(sr), np.int8))
 
 
 def _weight(inits, layer, override, name: str | None = None) -> np.ndarray:
@@ -301,14 +348,16 @@ def _dynamic_quantize_lstm(g, namer, node, qw, sw, qr, sr, tag: str) -> None:
 GATHER_BLOCK = 32
 
 
-def _gather_block_quantized(g, namer, node, table, bits: int, block: int, container, tag: str) -> None:
+def _gather_block_quantized(
+    g, namer, node, table, bits: int, block: int, container, tag: str, scale: np.ndarray | None = None
+) -> None:
     """Gather(table, ids) -> com.microsoft.GatherBlockQuantized(q, ids, scales[, zero points]): ORT
     gathers the quantized rows and dequantizes only those (a DequantizeLinear in front of a Gather would
     dequantize the whole table every run: 87-160 ms for a 30000 x 256 table, docs/passes.md). Block-wise
     scales along the last axis; INT4 values (zero point 0) up to 4 bits, uint8 q + 128 (zero point 128)
     above."""
     axis = table.ndim - 1
-    q, scale = quantize_weight_blockwise(table, bits, axis, block)
+    q, scale = quantize_weight_blockwise(table, bits, axis, block, scale=scale)
     q_name, s_name = namer(f"{tag}.q"), namer(f"{tag}.s")
     inputs = [q_name, node.input[1], s_name]
     if container.bits == 4:

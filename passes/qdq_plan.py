@@ -53,6 +53,7 @@ from mqtool.model import infer_shapes
 from mqtool.numerics import MIN_SCALE, quantize
 from mqtool.policy import FLOAT, Format, Policy
 from mqtool.weight_layers import RECURRENT_OPS, WEIGHT_ONLY_OPS
+from mqtool.weight_layout import gather_block  # noqa: F401  (re-exported: the passes' name for it)
 from passes.graph import attr, consumers, initializers
 from passes.upgrade_opset import INT2_OPSET, QDQ_OPSET
 
@@ -430,15 +431,6 @@ def stored_weight_bits(bits: int, container: Container, act_quantized: bool) -> 
     these bits too.
     """
     return 7 if bits == 8 and container is Container.INT8 and act_quantized else bits
-
-
-def gather_block(layer: LayerInfo, block: int = 32) -> int:
-    """The block size of an embedding table's GatherBlockQuantized: `block`, halved until it divides the
-    last axis (ORT needs a power of two >= 16 that does); 0 when none does."""
-    last = layer.weight_shape[-1] if layer.weight_shape else 0
-    while block >= 16 and last % block:
-        block //= 2
-    return block if block >= 16 else 0
 
 
 def format_container(layer: LayerInfo, bits: int, fmt: Format, act_quantized: bool) -> Container:

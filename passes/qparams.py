@@ -18,12 +18,15 @@ from mqtool.analysis import LayerInfo
 from mqtool.errors import InputError
 from mqtool.numerics import int_range
 from mqtool.weight_layers import RECURRENT_OPS
+from mqtool.weight_layout import is_simulated_layout, simulated_channels
 
 
 @dataclass
 class LayerParams:
     """Per-layer overrides. `weight` has the model's weight layout; `scale` and `bias` one value per output
-    channel (the weight's `LayerInfo.channel_axis`)."""
+    channel (the weight's `LayerInfo.channel_axis`). LSTM/GRU/RNN layers and blocked embedding tables may
+    give `weight` and `scale` in the layout the simulation quantizes (`mqtool.weight_layout`: W and R
+    together, one scale per row of each; one scale per block of a table)."""
 
     weight: np.ndarray | None = None
     scale: np.ndarray | None = None
@@ -62,7 +65,8 @@ class QuantParams:
             info = by_name[name]
             if p.weight is not None:
                 w = np.asarray(p.weight)
-                if list(w.shape) != list(info.weight_shape):
+                # LSTM/GRU/RNN and blocked tables may come laid out as the simulation quantizes them
+                if list(w.shape) != list(info.weight_shape) and not is_simulated_layout(info, w.shape):
                     raise InputError(
                         f"quant params: layer '{name}' weight shape {list(w.shape)}, model has {info.weight_shape}"
                     )
@@ -72,7 +76,7 @@ class QuantParams:
                 if v is None or (what == "bias" and info.op_type in RECURRENT_OPS):
                     continue  # an LSTM/GRU/RNN bias override is ignored by emission (B stays as it is)
                 v = np.asarray(v)
-                if v.shape != (info.channels,):
+                if v.shape != (info.channels,) and (what == "bias" or v.shape != (simulated_channels(info),)):
                     raise InputError(
                         f"quant params: layer '{name}' {what} shape {list(v.shape)}, expected [{info.channels}]"
                     )

@@ -32,6 +32,7 @@ CORE = frozenset(
         "mqtool.dataspec",
         "mqtool.runtime",
         "mqtool.tables",
+        "mqtool.weight_layout",
         "mqtool.weight_layers",
     }
 )

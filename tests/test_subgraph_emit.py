@@ -296,3 +296,31 @@ def test_a_body_op_the_backend_cannot_run_is_named():
     assert body_ops(q, [["scan", "body"]])["DequantizeLinear"] == 1
     got = plain_ort(q).run(None, data)[1]
     assert got.shape == (5, 1, 3) and not np.allclose(got, plain_ort(m).run(None, data)[1], atol=1e-7)
+
+
+def test_training_through_a_quantized_zero_before_sqrt_stays_finite():
+    """silero's STFT magnitude sqrt(re^2 + im^2): an 8-bit activation rounds small sums to exactly 0, where
+    torch's sqrt gradient is inf (and NaN further back); the backend's is 0 there, its values unchanged."""
+    w = R.normal(size=(4, 3)).astype(np.float32)
+    g = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "W"], ["m"], name="fc"),
+            helper.make_node("Mul", ["m", "m"], ["sq"]),
+            helper.make_node("Sqrt", ["sq"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", FLOAT, ["N", 3])],
+        [numpy_helper.from_array(w, "W")],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    net = to_torch(m)
+    net.set_act_quant("sq", ActFakeQuant(8, 0.1, 0))  # values below 0.05 become exactly 0
+    x = torch.from_numpy(np.array([[1e-3, 0, 0, 0], [1.0, -2.0, 0.5, 0.3]], np.float32))
+    y = net(x)
+    y.sum().backward()
+    grad = net.layers["fc"].weight.grad
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    np.testing.assert_allclose(
+        y.detach().numpy(), np.sqrt(np.round((x.numpy() @ w) ** 2 / 0.1).clip(0, 255) * 0.1)
+    )

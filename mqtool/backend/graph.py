@@ -33,6 +33,8 @@ from mqtool.data import model_inputs
 from mqtool.errors import InputError
 from mqtool.model import scoped_constants, scoped_graphs
 from mqtool.runtime import fixed_batch
+from mqtool.weight_layers import RECURRENT_OPS
+from mqtool.weight_layout import simulated_weight
 
 # Slot 0 of the tensor list is always None: omitted optional inputs ("") read it.
 _NONE = 0
@@ -533,6 +535,11 @@ class _Scope:
         return self.define(name)
 
 
+def _float_const(consts: Mapping[str, np.ndarray], inputs: list[str], k: int) -> np.ndarray | None:
+    v = consts.get(inputs[k]) if k < len(inputs) and inputs[k] else None
+    return v if v is not None and v.dtype.kind == "f" else None
+
+
 class _Builder:
     """Turns graphs (the main one and control-flow bodies) into step lists over one tensor list."""
 
@@ -590,19 +597,27 @@ class _Builder:
                 fn = _channels_last_input(fn)
             inputs = list(node.input)
             layer = self.layer_by_name.get(name)
+            recurrent = node.op_type in RECURRENT_OPS
             if (
                 layer is not None
                 and consts.get(layer.weight) is not None
                 and consts[layer.weight].dtype.kind == "f"
+                and (not recurrent or _float_const(consts, inputs, 2) is not None)
             ):
                 wpos = layer.weight_input
-                bpos = 2 if node.op_type != "MatMul" and len(inputs) > 2 and inputs[2] in consts else None
-                module = QuantLayer(
-                    layer, fn, consts[inputs[wpos]], consts[inputs[bpos]] if bpos else None, wpos, bpos
-                )
+                if recurrent:
+                    # W and R as one laid-out weight (mqtool.weight_layout): quantized together, like
+                    # emission does; B stays a constant input.
+                    bpos, skip = None, (1, 2)
+                    weight = simulated_weight(layer, consts[inputs[1]], consts[inputs[2]])
+                else:
+                    bpos = 2 if node.op_type != "MatMul" and len(inputs) > 2 and inputs[2] in consts else None
+                    skip = (wpos, bpos)
+                    weight = simulated_weight(layer, consts[inputs[wpos]])
+                module = QuantLayer(layer, fn, weight, consts[inputs[bpos]] if bpos else None, wpos, bpos)
                 self.module.qlayers[_safe_key(name, self.module.qlayers)] = module
                 self.module.layers[name] = module
-                runtime = [t for i, t in enumerate(inputs) if i not in (wpos, bpos)]
+                runtime = [t for i, t in enumerate(inputs) if i not in skip]
                 fn = module
             else:
                 runtime = inputs

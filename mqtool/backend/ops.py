@@ -174,13 +174,34 @@ def _unary(fn: Callable[[Tensor], Tensor]) -> Factory:
     return lambda node: fn
 
 
+class _Sqrt(torch.autograd.Function):
+    """torch.sqrt with gradient 0 where the output is 0 (torch's is inf there, and inf x 0 is NaN further
+    back). A quantized activation can be exactly 0 in front of a Sqrt (silero's STFT magnitude
+    sqrt(re^2 + im^2)): training through it made MetaQuantNet's weights NaN."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        y = torch.sqrt(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (y,) = ctx.saved_tensors
+        return torch.where(y > 0, grad / (2 * y), torch.zeros_like(grad))
+
+
+def _sqrt(x: Tensor) -> Tensor:
+    return _Sqrt.apply(x) if torch.is_grad_enabled() and x.requires_grad else torch.sqrt(x)
+
+
 for _op, _fn in {
     "Relu": F.relu,
     "Sigmoid": torch.sigmoid,
     "Tanh": torch.tanh,
     "Exp": torch.exp,
     "Log": torch.log,
-    "Sqrt": torch.sqrt,
+    "Sqrt": _sqrt,
     "Neg": torch.neg,
     "Abs": torch.abs,
     "Erf": torch.erf,
