@@ -110,12 +110,19 @@ def calibrate(
     if seen == 0:
         raise InputError("calibration data is empty")
     unreached = [t for t in body if t not in reached]
+    by_body: dict[str, list[str]] = {}
     for t in unreached:
+        by_body.setdefault(body[t], []).append(t)
+    for where, ts in by_body.items():
         log.warning(
-            "tensor '%s' inside %s: no calibration sample reaches it (its branch never runs on the data); "
-            "it keeps no activation quantization",
-            t,
-            body[t],
+            "%d tensor%s inside %s (%s): no calibration sample reaches %s (the branch never runs on the "
+            "data); %s no activation quantization",
+            len(ts),
+            "s" if len(ts) > 1 else "",
+            where,
+            ", ".join(f"'{t}'" for t in ts[:3]) + (", ..." if len(ts) > 3 else ""),
+            "them" if len(ts) > 1 else "it",
+            "they keep" if len(ts) > 1 else "it keeps",
         )
     log.info("calibrated %d tensors on %d samples (%s)", len(names) - len(unreached), seen, opts.method)
     return {t: observers[t].range(opts.method, bits[t], opts.percentile) for t in names if t in reached}
