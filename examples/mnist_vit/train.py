@@ -136,13 +136,14 @@ def no_decay(name: str, p) -> bool:
     return p.ndim <= 1 or name in ("cls_token", "pos_embed")
 
 
-def main() -> None:
+def main(folder: str = HERE, name: str = "mnist_vit", dim: int = DIM) -> None:
+    """Train and export to `folder`/model.onnx; `examples/mnist_vit_compact/train.py` calls it with dim 24."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--epochs", type=int, default=EPOCHS, help="for quick smoke tests only")
     args = ap.parse_args()
     common.setup(SEED)
-    xtr, ytr, xte, yte = common.load_data(HERE)
-    model = TinyViT()
+    xtr, ytr, xte, yte = common.load_data(folder)
+    model = TinyViT(dim=dim)
     n_params = sum(p.numel() for p in model.parameters())
     biggest = max(model.named_parameters(), key=lambda kv: kv[1].numel())
     print(
@@ -169,8 +170,8 @@ def main() -> None:
     )
     print(f"training time: {secs:.1f}s")
 
-    path = os.path.join(HERE, "model.onnx")
-    common.export_onnx(model, path, "mnist_vit", "Tiny ViT, MNIST (examples/mnist_vit/train.py)")
+    path = os.path.join(folder, "model.onnx")
+    common.export_onnx(model, path, name, f"Tiny ViT, MNIST (examples/{name}/train.py)")
     torch_acc, ort_acc = common.check_onnx(path, model, xte, yte)
     rows = common.param_table(path)
     assert len(rows) >= 8
