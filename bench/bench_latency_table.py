@@ -14,12 +14,13 @@ bench_int_path.py). Per model and batch:
    again from the cache.
 2. Policies, each emitted with `quantize_model`: every key uniformly (layers that cannot take it float),
    `--mixed` random policies (each layer a random key of its own, seeded) and a greedy policy for a
-   target of 80% of the fp32 model's measured latency (the layers with the largest predicted saving
-   first, each at its fastest key, until the prediction meets the target), as `--target-latency` will.
+   target of 80% of the fp32 model's measured latency (every layer at its fastest key, then back to float
+   one by one, smallest saving first, while the prediction stays within the target), as a search under
+   `--target-latency` will.
 3. All of them timed in one interleaved session (`measure_models_latency`: median wall ms of a call of
    `batch` samples, 2 intra-op threads without spinning). predicted / measured per policy, and the same
-   ratio corrected for the drift between the table's session and this one (the float model is timed in
-   both: `drift` = its median here / in the table).
+   ratio corrected for the drift between the table's session and this one (`drift`: the median over the
+   uniform models, timed in both, of their median here / in the table).
 
 The transformer is also timed against ONNX Runtime's `quantize_static` int8 (`mqtool.report.ort_int8`)
 next to our uniform 8-bit and 4-bit (`int8` format) models at batch 1 and 32, with the cosine of their
@@ -112,21 +113,15 @@ def policy_of(table, choices, keys: dict[str, str]):
     return Policy(layers)
 
 
-def greedy_keys(table, target_ms: float) -> dict[str, str]:
-    """Each layer float, then the layers with the largest predicted saving first at their fastest key,
-    until the prediction meets `target_ms`."""
-    keys = {n: "float" for n in table.layers}
-    best = {n: min(row, key=row.get) for n, row in table.layers.items()}
-    gain = sorted(table.layers, key=lambda n: table.layers[n][best[n]] - table.layers[n]["float"])
-    pred = table.rest_ms + sum(row["float"] for row in table.layers.values())
-    for n in gain:
-        if pred <= target_ms:
-            break
-        saving = table.layers[n]["float"] - table.layers[n][best[n]]
-        if saving <= 0:
-            break
-        keys[n] = best[n]
-        pred -= saving
+def greedy_keys(table, choices, target_ms: float) -> dict[str, str]:
+    """Every layer at its fastest key, then, the smallest predicted saving first, each layer back to float
+    while `LatencyTable.predict` stays within `target_ms` (as few quantized layers as the target allows)."""
+    keys = {n: min(row, key=row.get) for n, row in table.layers.items()}
+    order = sorted(table.layers, key=lambda n: table.layers[n]["float"] - table.layers[n][keys[n]])
+    for n in order:
+        trial = {**keys, n: "float"}
+        if table.predict(policy_of(table, choices, trial)) <= target_ms:
+            keys = trial
     return keys
 
 
@@ -158,7 +153,7 @@ def run_model(key: str, src: dict, batch: int, args, tmp: str) -> dict:
         policies[f"mixed {i}"] = {n: rng.choice(sorted(table.layers[n])) for n in names}
     fp32_ms = table.measured["float"]["ms"]
     target = TARGET * fp32_ms
-    policies["greedy 80% fp32"] = greedy_keys(table, target)
+    policies["greedy 80% fp32"] = greedy_keys(table, choices, target)
     emitted, predicted = {}, {}
     for label, keys in policies.items():
         policy = policy_of(table, choices, keys)
@@ -166,7 +161,9 @@ def run_model(key: str, src: dict, batch: int, args, tmp: str) -> dict:
         emitted[label] = quantize_model(m, policy, data=src["data"])
         print(f"{key} b{batch}: emitted {label}", flush=True)
     measured = measure_models_latency(emitted, src["data"], batch, common.THREADS, budget_s=2 * args.budget)
-    drift = measured["uniform float"][0] / fp32_ms
+    # The machine's load moves between the table's session and this one: the uniform models were timed in
+    # both (the table predicts each exactly its own median), so their median ratio measures the drift.
+    drift = float(np.median([measured[f"uniform {k}"][0] / table.measured[k]["ms"] for k in table.keys()]))
     rows = {}
     for label in policies:
         med, p90 = measured[label]
@@ -247,9 +244,10 @@ def render(result: dict) -> str:
         f"CPU: {m['cpu']}, {m['cores']} cores, flags {' '.join(result['cpu_flags']) or 'none'}; ONNX Runtime "
         f"{m['versions'].get('onnxruntime')} CPU provider, 2 intra-op threads without spinning, median wall ms "
         "of a call of `batch` samples, the policies' models interleaved in one session. predicted = "
-        "`LatencyTable.predict` (rest + the layers' entries); `drift` = the float model's median in this "
-        "session / in the table's own session (the machine's load moves between the two); \"corrected\" "
-        "multiplies the prediction by it. Goal: within 15%.\n\n"
+        "`LatencyTable.predict` (rest + the layers' entries + layout borders); `drift` = the median over the "
+        "uniform models (timed in both sessions) of their median in this session / in the table's own (the "
+        'machine\'s load moves between the two); "corrected" multiplies the prediction by it. Goal: within '
+        "15%.\n\n"
         + common.table(
             [
                 "model",
@@ -338,6 +336,7 @@ def main() -> None:
                 if (args.quick and b != 1) or (only and b not in only):
                     continue
                 results.append(run_model(key, src, b, args, tmp))
+                common.write_json(args.out_dir, "latency_table.partial", {"runs": results})
             if key == "minilm" and not args.no_ort and "random" not in src["label"]:
                 ort_cmp = transformer_vs_ort(src, args, tmp)
     extra = f" --models {args.models}" if args.models != ap.get_default("models") and not args.quick else ""
