@@ -285,7 +285,8 @@ def _find_metaquantnet(ctx: SearchContext, workdir: str | None) -> tuple[MetaQua
     mqn.to(ctx.device).eval()
     return (
         mqn,
-        f"the MetaQuantNet of {workdir} ({int(state['epoch'])} epochs), its weights for the layer alone",
+        f"the MetaQuantNet of {workdir} ({_count(int(state['epoch']), 'epoch')}), its weights for the layer "
+        "alone",
     )
 
 
@@ -323,6 +324,10 @@ def plot_sensitivity(rep: SensitivityReport, path: str) -> None:
 
 def _noop(event: str, info: dict) -> None:
     pass
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _finite(v: float | None) -> bool:

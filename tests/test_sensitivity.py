@@ -223,3 +223,20 @@ def test_bundled_cnn_with_a_searched_workdir(tmp_path):
     r = CliRunner().invoke(cli, ["sensitivity", model, "--data", data, *tiny, "--widths", "2,8"])
     assert r.exit_code == 0, r.output
     assert "MetaQuantNet's view: not available (the MetaQuantNet in" in r.stdout
+
+
+@pytest.mark.parametrize("name", ["mnist_vit", "mnist_vit_compact"])
+def test_bundled_vits_table_json_plot(tmp_path, name):
+    """Both ViT examples with tiny settings; the compact one reads mnist_vit's data through its links."""
+    model, data = example_path(name), example_path(name, "train.npz")
+    assert os.path.samefile(data, example_path("mnist_vit", "train.npz"))
+    tiny = ["--max-samples", "200", "--widths", "2,8", "--samples", "24"]
+    args = ["sensitivity", model, "--data", data, *tiny]
+    r = CliRunner().invoke(cli, [*args, "--json", "--plot", str(tmp_path / "s.png")])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["samples"] == 24 and len(doc["layers"]) == 26 and len(doc["rows"]) == 26 * 2
+    assert doc["layers"][0]["name"] == "/patch_embed/Conv" and doc["metric"] == "ce"
+    at = {w: sum(row["ptq_increase"] for row in doc["rows"] if row["width"] == w) for w in (2, 8)}
+    assert at[2] > 10 * abs(at[8])
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
