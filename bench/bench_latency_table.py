@@ -15,8 +15,8 @@ bench_int_path.py). Per model and batch:
 2. Policies, each emitted with `quantize_model`: every key uniformly (layers that cannot take it float),
    `--mixed` random policies (each layer a random key of its own, seeded) and a greedy policy for a
    target of 80% of the fp32 model's measured latency (every layer at its fastest key, then back to float
-   one by one, smallest saving first, while the prediction stays within the target), as a search under
-   `--target-latency` will.
+   one by one, smallest saving first, while the prediction stays within 95% of the target: the margin a
+   search under `--target-latency` needs for predictions that scatter by +-5%).
 3. All of them timed in one interleaved session (`measure_models_latency`: median wall ms of a call of
    `batch` samples, 2 intra-op threads without spinning). predicted / measured per policy, and the same
    ratio corrected for the drift between the table's session and this one (`drift`: the median over the
@@ -43,6 +43,8 @@ import numpy as np  # noqa: E402
 
 ZOO_DIR = os.environ.get("ZOO_DIR", "/tmp/zoo_wheels")
 TARGET = 0.8
+# The greedy policy aims this far below the target: the predictions scatter by about +-5% on a quiet machine
+MARGIN = 0.95
 
 
 def model_sources(keys: list[str]) -> dict[str, dict]:
@@ -153,7 +155,7 @@ def run_model(key: str, src: dict, batch: int, args, tmp: str) -> dict:
         policies[f"mixed {i}"] = {n: rng.choice(sorted(table.layers[n])) for n in names}
     fp32_ms = table.measured["float"]["ms"]
     target = TARGET * fp32_ms
-    policies["greedy 80% fp32"] = greedy_keys(table, choices, target)
+    policies["greedy 80% fp32"] = greedy_keys(table, choices, MARGIN * target)
     emitted, predicted = {}, {}
     for label, keys in policies.items():
         policy = policy_of(table, choices, keys)

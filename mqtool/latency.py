@@ -31,9 +31,10 @@ realisation it can take, so a search can price a policy without emitting it:
    left unfused, when only its output is to blame).
 6. Convolutions change layout: ORT runs integer convs in NHWC and float ones in blocked NCHWc, with a
    Transpose / Reorder wherever such a region meets another layout. A mixed policy has more such borders
-   than the uniform ones the entries were measured in, so `predict` adds `border_ms[kind]` (the median
-   of those nodes in the profiles) per border side (`LatencyTable.border_sides`, from each conv's
-   nearest layers up- and downstream through layout-agnostic ops).
+   than the uniform ones the entries were measured in, so `predict` adds, per border side
+   (`LatencyTable.border_sides`, from each conv's nearest layers up- and downstream through
+   layout-agnostic ops), a + b * the elements of the tensor at that side, with [a, b] = `border_ms[kind]`
+   a line through those nodes' (time, elements) in the profiles (`qdq_ms` likewise).
 
 The table is cached as JSON in `cache_dir`, keyed by the CPU model (/proc/cpuinfo), the ONNX Runtime
 version, the thread count, the batch, the activation bits of `int8` layers and the model's digest; a cached
@@ -248,11 +249,11 @@ class LatencyTable:
     facts: dict[str, dict[str, Any]] = field(default_factory=dict)
     measured: dict[str, dict[str, Any]] = field(default_factory=dict)
     cpu_flags: list[str] = field(default_factory=list)
-    # ms per border side of a convolution layout region ("nhwc": integer convs, "nchwc": float convs), see
-    # `border_sides`; empty for a model without Conv layers
-    border_ms: dict[str, float] = field(default_factory=dict)
-    # ms of one activation QuantizeLinear + DequantizeLinear pair ORT leaves unfused (`predict`)
-    qdq_ms: float = 0.0
+    # [ms, ms per element] of one border side of a convolution layout region ("nhwc": integer convs,
+    # "nchwc": float convs; `border_cost`); empty for a model without Conv layers
+    border_ms: dict[str, list[float]] = field(default_factory=dict)
+    # [ms, ms per element] of an activation QuantizeLinear + DequantizeLinear pair ORT leaves unfused
+    qdq_ms: list[float] = field(default_factory=lambda: [0.0, 0.0])
 
     def layer(self, name: str) -> LayerInfo:
         """A `LayerInfo` with the facts the table kept of layer `name` (enough for `choice_key`)."""
@@ -315,35 +316,59 @@ class LatencyTable:
             return _PACKED_INT8, "output"
         return key, None
 
+    def _borders(self, policy: Policy) -> list[tuple[str, str, int]]:
+        """(layer, kind, elements) of each border side (`border_sides`)."""
+        kinds = {
+            n: _region_kind(self.facts[n].get("op_type"), self.realised_key(n, policy)) for n in self.layers
+        }
+        out = []
+        for n, kind in kinds.items():
+            if kind == "nchw":
+                continue
+            elements = self.facts[n].get("elements", [0, 0])
+            for side, count in zip(("up", "down"), elements):
+                ends = self.facts[n].get(side, [])
+                if any(kinds.get(e, "nchw") != kind for e in ends):
+                    out.append((n, kind, count))
+        return out
+
     def border_sides(self, policy: Policy) -> dict[str, int]:
         """How many layout borders the convolutions of `policy` make: ORT runs integer convs in NHWC and
         float ones in blocked NCHWc, and puts a Transpose / Reorder wherever such a region meets anything
         else (`_region_kind`). Per kind, the number of (conv, side) pairs whose neighbour on that side is of
         another kind."""
-        kinds = {
-            n: _region_kind(self.facts[n].get("op_type"), self.realised_key(n, policy)) for n in self.layers
-        }
         out: dict[str, int] = defaultdict(int)
-        for n, kind in kinds.items():
-            if kind == "nchw":
-                continue
-            for side in ("up", "down"):
-                ends = self.facts[n].get(side, [])
-                if any(kinds.get(e, "nchw") != kind for e in ends):
-                    out[kind] += 1
+        for _, kind, _ in self._borders(policy):
+            out[kind] += 1
         return dict(out)
+
+    def border_cost(self, policy: Policy) -> float:
+        """ms of the layout borders of `policy`: per border side, `border_ms[kind]` = [a, b] gives
+        a + b * the elements of the conv's input (up) or output (down) tensor."""
+        total = 0.0
+        for _, kind, elements in self._borders(policy):
+            a, b = self.border_ms.get(kind, (0.0, 0.0))
+            total += a + b * elements
+        return total
+
+    def extras_ms(self, policy: Policy) -> float:
+        """What `policy` costs beyond its layers' entries: its layout borders (`border_cost`), and the input
+        Q/DQ pair a layer keeps unfused when its quantized input feeds a kernel that its float output
+        reader prevents ('packed/int8' was measured with a float input): `qdq_ms` = [a, b], a + b * the
+        elements of that input."""
+        total = self.border_cost(policy)
+        a, b = self.qdq_ms
+        for n in self.layers:
+            if self._realise(n, policy)[1] == "output":
+                total += a + b * self.facts[n].get("elements", [0, 0])[0]
+        return total
 
     def predict(self, policy: Policy) -> float:
         """Predicted median ms of the model emitted under `policy`: `rest_ms` + each layer's entry for the
         key it runs as (`realised_key`; layers the policy does not name are float) + `border_ms` per layout
         border of its convolutions (`border_sides`; none in a model without Conv layers) + `qdq_ms` per
         layer kept off its integer kernel by a float reader of its output."""
-        total = self.rest_ms
-        for kind, count in self.border_sides(policy).items():
-            total += self.border_ms.get(kind, 0.0) * count
-        # a layer whose input is quantized but whose integer kernel its float output prevents keeps its input
-        # Q/DQ pair unfused, which 'packed/int8' (a float input) did not have
-        total += self.qdq_ms * sum(1 for n in self.layers if self._realise(n, policy)[1] == "output")
+        total = self.rest_ms + self.extras_ms(policy)
         for name, row in self.layers.items():
             key = self.realised_key(name, policy)
             if key not in row:
@@ -392,8 +417,8 @@ class LatencyTable:
                 {str(n): dict(f) for n, f in doc["facts"].items()},
                 dict(doc.get("measured", {})),
                 list(doc.get("cpu_flags", [])),
-                {str(k): float(v) for k, v in doc.get("border_ms", {}).items()},
-                float(doc.get("qdq_ms", 0.0)),
+                {str(k): [float(x) for x in v] for k, v in doc.get("border_ms", {}).items()},
+                [float(x) for x in doc.get("qdq_ms", [0.0, 0.0])],
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise InputError(f"{source}: not a latency table ({e})") from e
@@ -547,10 +572,12 @@ def profile_nodes(
     threads: int = THREADS,
     calls: int = 10,
     ops: dict[str, str] | None = None,
+    sizes: dict[str, tuple[int, int]] | None = None,
 ) -> dict[str, float]:
     """Per node ORT ran (profile event name without '_kernel_time'), its median duration in ms times the
     times it runs per call, over `calls` profiled calls after two warm-up calls (dropped). `ops`, when
-    given, receives each node's op type."""
+    given, receives each node's op type; `sizes` the elements of its first input and first output per
+    call."""
     specs = model_inputs(model)
     runs = _runs(specs, feed)
     with tempfile.TemporaryDirectory(prefix="mqtool-prof-") as tmp:
@@ -562,19 +589,37 @@ def profile_nodes(
         with open(path, encoding="utf-8") as f:
             events = json.load(f)
     per: dict[str, list[float]] = defaultdict(list)
+    shapes: dict[str, tuple[int, int]] = {}
     for e in events:
         name = e.get("name", "")
         if e.get("cat") == "Node" and name.endswith("_kernel_time"):
             per[name[: -len("_kernel_time")]].append(float(e.get("dur", 0)) / 1e3)
+            args = e.get("args", {})
             if ops is not None:
-                ops[name[: -len("_kernel_time")]] = str(e.get("args", {}).get("op_name", ""))
+                ops[name[: -len("_kernel_time")]] = str(args.get("op_name", ""))
+            if sizes is not None:
+                shapes[name[: -len("_kernel_time")]] = (
+                    _elements(args.get("input_type_shape")),
+                    _elements(args.get("output_type_shape")),
+                )
     total_calls = 2 + calls
     out = {}
     for name, d in per.items():
         per_call = len(d) / total_calls
         kept = d[int(round(2 * per_call)) :] or d
         out[name] = statistics.median(kept) * per_call
+        if sizes is not None and name in shapes:
+            sizes[name] = (round(shapes[name][0] * per_call), round(shapes[name][1] * per_call))
     return out
+
+
+def _elements(type_shapes: object) -> int:
+    """Elements of the first tensor of a profile event's `input_type_shape` / `output_type_shape`."""
+    try:
+        dims = next(iter(type_shapes[0].values()))
+        return int(math.prod(int(d) for d in dims))
+    except (TypeError, IndexError, KeyError, StopIteration, ValueError):
+        return 0
 
 
 # ---------------------------------------------------------------------------------------- attribution
@@ -677,6 +722,34 @@ def attribute(
     return per, other
 
 
+_COMPUTE_OPS = frozenset(
+    {
+        "Conv", "FusedConv", "QLinearConv", "ConvInteger", "MatMul", "FusedMatMul", "Gemm", "FusedGemm",
+        "QGemm", "MatMulIntegerToFloat", "MatMulNBits", "Gather", "GatherBlockQuantized", "LSTM", "GRU", "RNN",
+        "DynamicQuantizeLSTM", "ConvTranspose",
+    }
+)  # fmt: skip
+
+
+def _layer_sizes(
+    model: onnx.ModelProto,
+    layers: Sequence[str],
+    sizes: Mapping[str, tuple[int, int]],
+    ops: Mapping[str, str],
+) -> dict[str, tuple[int, int]]:
+    """(input, output) elements per call of each layer's compute node (the one ORT ran: an NCHWc Conv named
+    after a Relu's output included), from a profile's `sizes` and `ops`."""
+    claims = layer_claims(model, layers)
+    nodes = {n.name: n for n in model.graph.node if n.name}
+    producers = {o: n.name for n in model.graph.node for o in n.output if o and n.name}
+    out: dict[str, tuple[int, int]] = {}
+    for event, size in sizes.items():
+        owners = claims.get(event_node(event, nodes, producers) or "", [])
+        if len(owners) == 1 and ops.get(event) in _COMPUTE_OPS and owners[0] not in out:
+            out[owners[0]] = size
+    return out
+
+
 def ort_added_ms(model: onnx.ModelProto, node_ms: Mapping[str, float]) -> float:
     """ms of the profiled nodes that ORT added (no emitted node of `model` is their origin: the layout
     Transposes and Reorders of `event_node`'s None)."""
@@ -686,29 +759,49 @@ def ort_added_ms(model: onnx.ModelProto, node_ms: Mapping[str, float]) -> float:
 
 
 def _border_samples(
-    model: onnx.ModelProto, node_ms: Mapping[str, float], ops: Mapping[str, str]
-) -> dict[str, list[float]]:
-    """The times of single border nodes in one profile: ORT's layout Transposes ('nhwc') and NCHWc
+    model: onnx.ModelProto,
+    node_ms: Mapping[str, float],
+    ops: Mapping[str, str],
+    sizes: Mapping[str, tuple[int, int]],
+) -> dict[str, list[tuple[float, int]]]:
+    """(ms, elements) of single border nodes in one profile: ORT's layout Transposes ('nhwc') and NCHWc
     Reorders ('nchwc'), and the activation QuantizeLinear / DequantizeLinear left unfused ('q', 'dq')."""
     nodes = {n.name: n for n in model.graph.node if n.name}
     producers = {o: n.name for n in model.graph.node for o in n.output if o and n.name}
     inits = {i.name for i in model.graph.initializer}
-    out: dict[str, list[float]] = defaultdict(list)
+    out: dict[str, list[tuple[float, int]]] = defaultdict(list)
     for event, ms in node_ms.items():
         op = ops.get(event, "")
         node = event_node(event, nodes, producers)
+        sample = (ms, sizes.get(event, (0, 0))[1])
         if node is None:
             if op == "Transpose":
-                out["nhwc"].append(ms)
+                out["nhwc"].append(sample)
             elif op.startswith("Reorder"):
-                out["nchwc"].append(ms)
+                out["nchwc"].append(sample)
         elif (
             event == node
             and op in ("QuantizeLinear", "DequantizeLinear")
             and nodes[node].input[0] not in inits
         ):
-            out["q" if op == "QuantizeLinear" else "dq"].append(ms)
+            out["q" if op == "QuantizeLinear" else "dq"].append(sample)
     return out
+
+
+def _cost_line(samples: Sequence[tuple[float, int]]) -> list[float]:
+    """[ms per node, ms per element] through the (ms, elements) samples: least squares, not negative."""
+    if not samples:
+        return [0.0, 0.0]
+    t = np.array([s[0] for s in samples], dtype=np.float64)
+    e = np.array([s[1] for s in samples], dtype=np.float64)
+    if len(samples) == 1 or np.ptp(e) == 0:
+        return [0.0, float(t.mean() / e.mean())] if e.mean() > 0 else [float(t.mean()), 0.0]
+    a, b = np.linalg.lstsq(np.stack([np.ones_like(e), e], 1), t, rcond=None)[0]
+    if b < 0:
+        return [float(t.mean()), 0.0]
+    if a < 0:
+        return [0.0, float(t.sum() / e.sum())]
+    return [float(a), float(b)]
 
 
 def layer_latency(
@@ -802,6 +895,30 @@ def _layer_facts(
     return facts
 
 
+_BORDER_PROBE = "~borders"
+
+
+def _border_probe_policy(
+    info: ModelInfo, rows: Mapping[str, Mapping[str, tuple[int, Format]]], act_bits: int
+) -> Policy | None:
+    """For a model with Conv layers that can take `int8`: in graph order, two such convs int8 and one float,
+    over and over (the others float), so that NHWC and NCHWc regions meet at many tensor sizes and some
+    int8 convs have a float reader; None when there are fewer than three."""
+    convs = [
+        layer.name
+        for layer in info.layers
+        if layer.op_type == "Conv" and INT8_KEY in rows.get(layer.name, {})
+    ]
+    if len(convs) < 3:
+        return None
+    layers = {n: LayerBits(FLOAT, FLOAT, Format.FLOAT) for n in rows}
+    for i, n in enumerate(convs):
+        if i % 3 != 2:
+            bits, fmt = rows[n][INT8_KEY]
+            layers[n] = LayerBits(bits, act_bits, fmt)
+    return Policy(layers, {"source": "latency table, border probe"})
+
+
 def _config_policy(rows: Mapping[str, Mapping[str, tuple[int, Format]]], key: str, act_bits: int) -> Policy:
     layers = {}
     for name, row in rows.items():
@@ -863,36 +980,48 @@ def measure_latency_table(
         q = quantize_model(model, policy, data=calibration if k == INT8_KEY else None)
         _name_all_nodes(q)
         emitted[k] = q
+    probe_policy = _border_probe_policy(info, rows, act_bits)
+    if probe_policy is not None:
+        # Not a key: its profile shows layout borders and unfused Q/DQ of many sizes (`border_ms`, `qdq_ms`)
+        emitted[_BORDER_PROBE] = quantize_model(model, probe_policy, data=calibration)
+        _name_all_nodes(emitted[_BORDER_PROBE])
     feed = latency_feed(model, data, batch)
     notify("latency_time", {"keys": keys})
     timed = measure_models_latency(emitted, feed, batch, threads, budget_s=budget_s)
     names = list(rows)
     own: dict[str, dict[str, float]] = {}
     other: dict[str, float] = {}
-    samples: dict[str, list[float]] = defaultdict(list)
-    for i, k in enumerate(keys):
-        notify("latency_profile", {"key": k, "done": i, "total": len(keys)})
+    samples: dict[str, list[tuple[float, int]]] = defaultdict(list)
+    layer_sizes: dict[str, tuple[int, int]] = {}
+    for i, k in enumerate([*keys, *([_BORDER_PROBE] if probe_policy is not None else [])]):
+        notify("latency_profile", {"key": k, "done": i, "total": len(emitted)})
         ops: dict[str, str] = {}
-        node_ms = profile_nodes(emitted[k], feed, threads, ops=ops)
+        sizes: dict[str, tuple[int, int]] = {}
+        node_ms = profile_nodes(emitted[k], feed, threads, ops=ops, sizes=sizes)
         per, rest = attribute(emitted[k], names, node_ms)
         scale = timed[k][0] / max(sum(node_ms.values()), 1e-9)
         own[k] = {n: v * scale for n, v in per.items()}
         other[k] = rest * scale
-        for kind, values in _border_samples(emitted[k], node_ms, ops).items():
-            samples[kind] += [v * scale for v in values]
+        for kind, values in _border_samples(emitted[k], node_ms, ops, sizes).items():
+            samples[kind] += [(v * scale, e) for v, e in values]
+        if k == FLOAT_KEY:
+            layer_sizes = _layer_sizes(emitted[k], names, sizes, ops)
     facts = _layer_facts(model, info, rows)
-    # What one layout border costs (`LatencyTable.border_sides`): the median of ORT's own Transposes /
-    # Reorders in these models; and one unfused activation Q/DQ pair (for `qdq_ms`).
-    probe = LatencyTable(key, 0.0, {n: dict.fromkeys(rows[n], 0.0) for n in names}, facts)
-    sides = {k: probe.border_sides(_config_policy(rows, k, act_bits)) for k in keys}
-    border_ms = {kind: statistics.median(samples[kind]) for kind in ("nhwc", "nchwc") if samples.get(kind)}
-    if any(k.startswith("nchw") for v in sides.values() for k in v) or border_ms:
-        border_ms.setdefault("nhwc", border_ms.get("nchwc", 0.0))
-        border_ms.setdefault("nchwc", border_ms.get("nhwc", 0.0))
-    qdq = sum(statistics.median(samples[k]) for k in ("q", "dq") if samples.get(k))
+    for n, (e_in, e_out) in layer_sizes.items():
+        facts[n]["elements"] = [e_in, e_out]
+    # What a layout border costs (`LatencyTable.border_cost`): a line through ORT's own Transposes /
+    # Reorders in these models, ms against elements moved; likewise an unfused activation Q/DQ pair.
+    border_ms = {kind: _cost_line(samples[kind]) for kind in ("nhwc", "nchwc") if samples.get(kind)}
+    for a, b in (("nhwc", "nchwc"), ("nchwc", "nhwc")):
+        if a not in border_ms and b in border_ms:
+            border_ms[a] = border_ms[b]
+    q, dq = _cost_line(samples.get("q", [])), _cost_line(samples.get("dq", []))
+    qdq = [q[0] + dq[0], q[1] + dq[1]]
+    zero = {n: dict.fromkeys(rows[n], 0.0) for n in names}
+    probe = LatencyTable(key, 0.0, zero, facts, border_ms=border_ms, qdq_ms=qdq)
 
     def borders(k: str) -> float:
-        return sum(border_ms.get(kind, 0.0) * count for kind, count in sides[k].items())
+        return probe.extras_ms(_config_policy(rows, k, act_bits))
 
     rest_ms = other[FLOAT_KEY] - borders(FLOAT_KEY)
     table_rows: dict[str, dict[str, float]] = {n: {FLOAT_KEY: own[FLOAT_KEY][n]} for n in names}

@@ -314,20 +314,22 @@ def test_predict_adds_the_layout_borders_of_convolutions():
 
     def conv(up, down, output_peers=()):
         return {"op_type": "Conv", "weight_shape": [4, 4, 3, 3], "channel_axis": 0, "weight_input": 1,
-                "input_peers": [], "output_peers": list(output_peers), "up": up, "down": down}  # fmt: skip
+                "input_peers": [], "output_peers": list(output_peers), "up": up, "down": down,
+                "elements": [100, 100]}  # fmt: skip
 
     row = {"float": 1.0, "int8": 0.5, "packed/int8": 2.0}
     facts = {"a": conv([""], ["b"]), "b": conv(["a"], ["c"]), "c": conv(["b"], [""])}
-    t = LatencyTable({"act_bits": 8}, 0.1, {n: dict(row) for n in facts}, facts, border_ms={"nhwc": 0.01,
-                     "nchwc": 0.02}, qdq_ms=0.005)  # fmt: skip
+    border = {"nhwc": [0.01, 0.001], "nchwc": [0.02, 0.0]}  # a border side: a + b * elements
+    t = LatencyTable({"act_bits": 8}, 0.1, {n: dict(row) for n in facts}, facts, border_ms=border,
+                     qdq_ms=[0.005, 0.0001])  # fmt: skip
     int8 = LayerBits(8, 8, Format.INT8)
     assert t.border_sides(Policy({n: int8 for n in facts})) == {"nhwc": 2}
     assert t.border_sides(Policy({})) == {"nchwc": 2}
     mixed = Policy({"a": int8, "c": int8})
     assert t.border_sides(mixed) == {"nhwc": 4, "nchwc": 2}
-    assert t.predict(mixed) == pytest.approx(0.1 + 0.5 + 1.0 + 0.5 + 4 * 0.01 + 2 * 0.02)
+    assert t.predict(mixed) == pytest.approx(0.1 + 0.5 + 1.0 + 0.5 + 4 * (0.01 + 0.1) + 2 * 0.02)
     # b float reads a's output: a cannot fuse (runs as DQ + float Conv, its input Q/DQ left unfused)
     facts["a"]["output_peers"] = ["b"]
     assert t.realised_key("a", mixed) == "packed/int8"
     assert t.border_sides(mixed) == {"nchwc": 2, "nhwc": 2}
-    assert t.predict(mixed) == pytest.approx(0.1 + 2.0 + 1.0 + 0.5 + 2 * 0.01 + 2 * 0.02 + 0.005)
+    assert t.predict(mixed) == pytest.approx(0.1 + 2.0 + 1.0 + 0.5 + 2 * 0.11 + 2 * 0.02 + 0.005 + 0.01)
