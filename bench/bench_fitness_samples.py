@@ -84,7 +84,7 @@ def main() -> None:
     n = args.policies
     if args.quick:
         sizes, screen, n = [80, 32], 32, 12
-    rows = [r for name in common.EXAMPLES for r in run_example(name, n, sizes, screen, args.quick)]
+    rows = [r for name in common.LOOPED_EXAMPLES for r in run_example(name, n, sizes, screen, args.quick)]
     for r in rows:
         print(r, flush=True)
     body = (

@@ -71,7 +71,7 @@ def main() -> None:
     common.setup_torch()
     budgets = [2.5, 3.0] if args.quick else [2.5, 3.0, 3.5, 4.0, 5.0]
     rows, mqn = [], {}
-    for name in common.EXAMPLES:
+    for name in common.LOOPED_EXAMPLES:
         mqn[name], part = run_example(name, budgets, args.quick)
         rows += part
     body = (

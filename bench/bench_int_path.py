@@ -265,7 +265,8 @@ def main() -> None:
 
     rounds = args.rounds or (1 if args.quick else 3)
     models: dict[str, tuple[str, tuple, np.ndarray]] = {}
-    for ex, d in common.EXAMPLES.items():
+    for ex in common.LOOPED_EXAMPLES:
+        d = common.EXAMPLES[ex]
         x = common.load_npz(os.path.join(d, "train.npz"), 4)[0]
         models[ex] = (os.path.join(d, "model.onnx"), x.shape, x)
     if not args.quick:
