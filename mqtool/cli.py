@@ -259,6 +259,7 @@ _FLAG_OF_FIELD = {
     "data": "--data",
     "output": "-o",
     "plot": "--plot",
+    "workdir": "--workdir",
 }
 
 
