@@ -240,3 +240,12 @@ def test_bundled_vits_table_json_plot(tmp_path, name):
     at = {w: sum(row["ptq_increase"] for row in doc["rows"] if row["width"] == w) for w in (2, 8)}
     assert at[2] > 10 * abs(at[8])
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_missing_workdir_exit_2(tmp_path):
+    model = tmp_path / "m.onnx"
+    onnx.save(MODEL, str(model))
+    np.savez(tmp_path / "d.npz", x=DATA)
+    args = ["sensitivity", str(model), "--data", str(tmp_path / "d.npz"), "--workdir", str(tmp_path / "no")]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 2 and r.stderr == f"mqtool: error: --workdir: {tmp_path / 'no'} is not a folder\n"
