@@ -67,7 +67,11 @@ def smallest_within(engine: SearchEngine, max_drop: float) -> Probe:
     def probe(i: int) -> Probe:
         if i not in probes:
             budget = Budget("size", float(np.floor(sizes[i])))
-            res = engine.search(budget)
+            try:
+                res = engine.search(budget)
+            except InputError:  # below what the (corrected) size estimate can reach: counts as failing
+                probes[i] = Probe(budget, None, None, float("inf"), "infeasible", 0)
+                return probes[i]
             params, fitness, predicted = engine.finetune_and_predict(res.policy)
             drop, measure = drop_points(engine, res.policy, params)
             size = int(res.policy.meta.get("emitted_bytes", 0))
@@ -79,7 +83,7 @@ def smallest_within(engine: SearchEngine, max_drop: float) -> Probe:
 
     a, b = 0, len(sizes) - 1
     if probe(b).drop > max_drop:
-        return probes[b]
+        return probes[b]  # the largest probe is always feasible: it is the all-8-bit policy
     while a < b:  # invariant: sizes[b] passes
         mid = (a + b) // 2
         if probe(mid).drop <= max_drop:
