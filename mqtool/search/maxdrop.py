@@ -20,7 +20,7 @@ from mqtool.search.budgets import Budget
 from mqtool.search.driver import BudgetResult, SearchEngine
 
 # Where the front's budgets sit between the smallest file and the uniform 8-bit one.
-_FRACTIONS = (0.05, 0.15, 0.25, 0.35, 0.5, 0.65, 0.8, 0.95)
+_FRACTIONS = (0.05, 0.15, 0.25, 0.35, 0.5, 0.65, 0.8)
 
 
 @dataclass
@@ -61,12 +61,13 @@ def drop_points(engine: SearchEngine, policy, params) -> tuple[float, str]:
 def smallest_within(engine: SearchEngine, max_drop: float) -> Probe:
     """The bisection of the module docstring (MetaQuantNet must be trained)."""
     lo, hi = engine.costs.check(Budget("size", float("inf")))
-    sizes = [lo + f * (hi - lo) for f in _FRACTIONS]
+    # the last probe is the all-highest-width policy (no size limit): the reference the others shrink from
+    sizes = [lo + f * (hi - lo) for f in _FRACTIONS] + [float("inf")]
     probes: dict[int, Probe] = {}
 
     def probe(i: int) -> Probe:
         if i not in probes:
-            budget = Budget("size", float(np.floor(sizes[i])))
+            budget = Budget("size", float(np.floor(sizes[i])) if np.isfinite(sizes[i]) else sizes[i])
             try:
                 res = engine.search(budget)
             except InputError:  # below what the (corrected) size estimate can reach: counts as failing
