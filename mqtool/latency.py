@@ -19,11 +19,12 @@ realisation it can take, so a search can price a policy without emitting it:
    Add / Relu / Clip / output Q/DQ. The per-node profile times are scaled so that they add up to the
    model's measured median (the profiler's own overhead and ORT's per-run cost spread in proportion).
 4. `rest_ms` is the scaled time of every node no layer claims in the float model (LayerNormalization,
-   Softmax, attention MatMuls, reshapes, ...). In a quantized model the unclaimed nodes cost a little more
-   or less (layout Transposes around NHWC integer convs, integer Adds between quantized layers): that
-   difference is shared equally by the layers realised in that key, so a uniform policy predicts its own
-   model's measured median and `predict(policy) = rest_ms + sum of each layer's chosen entry`. An entry
-   can be negative when quantizing the layer saves more around it than the layer costs.
+   Softmax, attention MatMuls, reshapes, ...), less its layout borders (step 6). In a quantized model the
+   unclaimed nodes cost a little more or less (integer Adds between quantized layers, other borders): what
+   the borders do not explain is shared equally by the layers realised in that key, so a uniform policy
+   predicts its own model's measured median, and `predict(policy)` = `rest_ms` + the sum of each layer's
+   chosen entry (+ `extras_ms`, steps 5-6, zero for a model without these interactions). An entry can be
+   negative when quantizing the layer saves more around it than the layer costs.
 5. `predict` follows the plan's rules where they make a layer run differently from its own choice: an
    `int8` layer whose input (or, for a Conv, output) tensor is also read by a float or weight-only layer
    gets no activation Q/DQ there and runs as DequantizeLinear + the float op (`realised_key`), which the
@@ -34,7 +35,9 @@ realisation it can take, so a search can price a policy without emitting it:
    than the uniform ones the entries were measured in, so `predict` adds, per border side
    (`LatencyTable.border_sides`, from each conv's nearest layers up- and downstream through
    layout-agnostic ops), a + b * the elements of the tensor at that side, with [a, b] = `border_ms[kind]`
-   a line through those nodes' (time, elements) in the profiles (`qdq_ms` likewise).
+   a line through those nodes' (time, elements) in the profiles (`qdq_ms` likewise). For a model with
+   three or more Conv layers that can take `int8`, one more model is profiled for these lines (two int8
+   convs, one float, repeated: borders and unfused Q/DQ at many tensor sizes).
 
 The table is cached as JSON in `cache_dir`, keyed by the CPU model (/proc/cpuinfo), the ONNX Runtime
 version, the thread count, the batch, the activation bits of `int8` layers and the model's digest; a cached
