@@ -38,6 +38,11 @@ log = logging.getLogger(__name__)
 
 # Samples per forward pass when the teacher's outputs are computed (memory: one chunk's activations).
 _CHUNK = 256
+# At most this many input elements per forward pass without gradients: a detector's 800 x 608 images run a
+# few at a time (a 128-sample chunk of them took 8 GB), MNIST digits in whole chunks. Training keeps every
+# activation for the backward pass: its mini-batch holds at most _TRAIN_ELEMENTS (at least 4 samples).
+_MAX_ELEMENTS = 2**22
+_TRAIN_ELEMENTS = 2**21
 # The check split (held out from training and search, for the self-check on ONNX Runtime): this fraction
 # of the data, at most this many samples, and none below this many samples in all.
 _CHECK_FRACTION, _CHECK_MAX, _CHECK_MIN_DATA = 0.1, 256, 200
@@ -103,6 +108,18 @@ class SearchContext:
         if not data.axes:
             data = Samples(data.inputs, data.y, {s.name: s.sample_axis for s in model_inputs(model)})
         self.data = data
+        self.sample_elements = max(1, sum(int(np.prod(v.shape[1:])) for v in data.inputs.values()))
+        self.max_batch = max(1, _MAX_ELEMENTS // self.sample_elements)
+        self._chunk = max(1, min(_CHUNK, 4 * self.max_batch))  # samples materialised at once
+        cap = max(4, _TRAIN_ELEMENTS // self.sample_elements)
+        if cap < config.training.batch_size and "batch_size" not in config.plan.fixed:
+            log.info(
+                "training mini-batch %d -> %d samples (memory of %d-element inputs)",
+                config.training.batch_size,
+                cap,
+                self.sample_elements,
+            )
+            self.cfg = config = config.replace(batch_size=cap)
         self.train, self.search_set, self.check_set = self._split(data)
         self.net = to_torch(self.model, self.info, channels_last=True).to(self.device)
         self.net.eval()
@@ -204,6 +221,13 @@ class SearchContext:
     def forward_feeds(self, feeds: list[torch.Tensor]) -> list[torch.Tensor]:
         keep = self._scored
         if self.batched:
+            n = len(feeds[0])
+            if n > self.max_batch and not torch.is_grad_enabled():  # bounded memory (see _MAX_ELEMENTS)
+                parts = [
+                    self.forward_feeds([f[i : i + self.max_batch] for f in feeds])
+                    for i in range(0, n, self.max_batch)
+                ]
+                return [torch.cat(p) for p in zip(*parts)]
             outs = self._raw(feeds)
             return [torch.movedim(outs[i], self._out_axes[i], 0).float() for i in keep]
         runs = [self._raw(one) for one in self._one_by_one(feeds)]
@@ -227,8 +251,9 @@ class SearchContext:
         return None if ds.y is None else torch.from_numpy(ds.y).to(self.device)
 
     @torch.no_grad()
-    def forward_all(self, ds: Samples, bs: int = _CHUNK) -> list[torch.Tensor]:
+    def forward_all(self, ds: Samples, bs: int | None = None) -> list[torch.Tensor]:
         """Sample-major outputs of every sample of `ds` (scored outputs only)."""
+        bs = bs or self._chunk
         parts = [self.forward(ds, slice(i, i + bs)) for i in range(0, len(ds), bs)]
         return [torch.cat(p) for p in zip(*parts)]
 
@@ -268,8 +293,8 @@ class SearchContext:
         output's error is normalised by `energy` (default: the variance in the first chunk of `ds`)."""
         parts = []
         with torch.no_grad():
-            for i in range(0, len(ds), _CHUNK):
-                parts.append(self.objective.teacher(self.forward(ds, slice(i, i + _CHUNK))))
+            for i in range(0, len(ds), self._chunk):
+                parts.append(self.objective.teacher(self.forward(ds, slice(i, i + self._chunk))))
         merged = [
             tuple(torch.cat([p.parts[k][j] for p in parts]) for j in range(len(parts[0].parts[k])))
             if isinstance(parts[0].parts[k], tuple)

@@ -74,6 +74,7 @@ class SearchEngine:
         self.progress = progress or _noop
         self.plan: planning.Plan | None = None
         self.ctx = SearchContext(model, data, config, workdir, info=info)
+        self.cfg = self.ctx.cfg  # the context may cap the mini-batch for large inputs
         self.scorer = Scorer(self.ctx, self.progress)
         self.mqn: MetaQuantNet | None = None
         self.costs = BudgetCosts(self.ctx)

@@ -44,6 +44,7 @@ class Costs:
     search_samples: int  # the whole search split (re-ranking)
     check_samples: int  # held out for the self-check
     elapsed: float  # spent before planning (load, prepare, teacher outputs, calibration, measuring)
+    sample_elements: int = 0  # input elements per sample (memory)
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,7 @@ def measure(engine, elapsed: float) -> Costs:
         search_samples=len(ctx.search_set),
         check_samples=len(ctx.check_set),
         elapsed=elapsed + time.perf_counter() - t_start,
+        sample_elements=ctx.sample_elements,
     )
 
 
