@@ -20,3 +20,14 @@ def example_path(name: str, file: str = "model.onnx") -> str:
 @pytest.fixture(scope="session")
 def root() -> str:
     return ROOT
+
+
+@pytest.fixture(autouse=True)
+def _subnormals_back_on():
+    """Tests that build a search context directly (not through `mqtool.search.api`, which restores it) leave
+    the process-wide flush-denormal flag on; later tests (hypothesis among them) expect torch's default."""
+    yield
+    import sys
+
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_flush_denormal(False)

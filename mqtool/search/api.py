@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -16,6 +17,18 @@ from mqtool.search.budgets import Budget
 from mqtool.search.config import SearchConfig
 from mqtool.search.context import Samples
 from mqtool.search.driver import BudgetResult, Progress, SearchEngine
+
+
+@contextlib.contextmanager
+def _denormals_restored():
+    """The search sets the CPU's flush-denormal flag (SearchContext); a library call leaves it as torch's
+    default (off) for the caller's own code, which may rely on subnormal floats."""
+    try:
+        yield
+    finally:
+        import torch
+
+        torch.set_flush_denormal(False)
 
 
 def default_workdir(model_path: str, data_path: str) -> str:
@@ -62,12 +75,13 @@ def search_policies(
     finetuning and emission included when `finetune`."""
     if not budgets:
         raise InputError("budgets: no budget given", field="budgets")
-    engine = SearchEngine(model, data, config, workdir, progress, info=info, started=started)
-    for b in budgets:  # fail fast on an infeasible budget, before the long training
-        engine.check_budget(b)
-    engine.plan_run(len(budgets), finetune)
-    engine.train_metaquantnet()
-    results = [engine.search(b) for b in budgets]
+    with _denormals_restored():
+        engine = SearchEngine(model, data, config, workdir, progress, info=info, started=started)
+        for b in budgets:  # fail fast on an infeasible budget, before the long training
+            engine.check_budget(b)
+        engine.plan_run(len(budgets), finetune)
+        engine.train_metaquantnet()
+        results = [engine.search(b) for b in budgets]
     return SearchOutcome(results, engine)
 
 
@@ -88,7 +102,8 @@ def search_and_finetune(
     )
     res = outcome.results[0]
     engine = outcome.engine
-    params, final_fitness, predicted = engine.finetune_and_predict(res.policy)
+    with _denormals_restored():
+        params, final_fitness, predicted = engine.finetune_and_predict(res.policy)
     res.policy.meta["finetuned_fitness"] = final_fitness
     relative = engine.scorer.anchors().relative(final_fitness)
     res.policy.meta["finetuned_relative"] = float(relative) if relative == relative else None
@@ -125,10 +140,11 @@ def search_within_drop(
     (policy, QuantParams, prepared model, summary dict) like `search_and_finetune`."""
     from mqtool.search.maxdrop import smallest_within
 
-    engine = SearchEngine(model, data, config, workdir, progress, info=info, started=started)
-    engine.plan_run(3, True)  # a bisection probes about three budgets, each finetuned
-    engine.train_metaquantnet()
-    best = smallest_within(engine, max_drop)
+    with _denormals_restored():
+        engine = SearchEngine(model, data, config, workdir, progress, info=info, started=started)
+        engine.plan_run(3, True)  # a bisection probes about three budgets, each finetuned
+        engine.train_metaquantnet()
+        best = smallest_within(engine, max_drop)
     res, policy = best.result, best.result.policy
     note = "" if best.drop <= max_drop else f"no probed size kept the drop within {max_drop:g} points"
     policy.meta["max_drop"] = {"limit": max_drop, "drop": best.drop, "measure": best.measure}
@@ -266,8 +282,9 @@ def finetuned_policy(
     def source(prepared: onnx.ModelProto, info):
         policy, _ = base(prepared, info)
         ds = load_dataset(data_path, prepared)
-        engine = SearchEngine(prepared, ds, config, workdir, progress, info=info)
-        params, fitness = engine.finetune(policy, epochs=epochs, start="ptq")
+        with _denormals_restored():
+            engine = SearchEngine(prepared, ds, config, workdir, progress, info=info)
+            params, fitness = engine.finetune(policy, epochs=epochs, start="ptq")
         policy.meta = dict(policy.meta, finetune_epochs=epochs, finetuned_fitness=fitness)
         return policy, params
 
