@@ -78,6 +78,7 @@ class SearchEngine:
         self.scorer = Scorer(self.ctx, self.progress)
         self.mqn: MetaQuantNet | None = None
         self.costs = BudgetCosts(self.ctx)
+        self._sensitivity: dict | None = None
         ctx = self.ctx
         self.progress(
             "objective",
@@ -304,20 +305,37 @@ class SearchEngine:
             n: LayerBits(w, a if w != FLOAT else FLOAT, f if w != FLOAT else None)
             for n, w, a, f in zip(self.ctx.names, g.wbits, g.abits, fmts)
         }
-        return Policy(
-            layers,
-            meta={
-                "budget": {"kind": budget.kind, "value": budget.value},
-                "fitness": {
-                    "metric": self.ctx.metric,
-                    "value": fitness,
-                    "relative": _finite_or_none(self.scorer.anchors().relative(fitness)),
-                },
-                "seed": self.cfg.seed,
-                "evaluated": evaluated,
-                "search_config": self.cfg.to_json(),
+        meta = {
+            "budget": {"kind": budget.kind, "value": budget.value},
+            "fitness": {
+                "metric": self.ctx.metric,
+                "value": fitness,
+                "relative": _finite_or_none(self.scorer.anchors().relative(fitness)),
             },
-        )
+            "seed": self.cfg.seed,
+            "evaluated": evaluated,
+            "search_config": self.cfg.to_json(),
+        }
+        sens = self.sensitivity()
+        if "skipped" in sens:
+            meta["sensitivity_skipped"] = sens["skipped"]
+        else:
+            meta["sensitivity"] = sens
+        return Policy(layers, meta=meta)
+
+    def sensitivity(self) -> dict:
+        """Each layer's fitness increase alone at each candidate width (`mqtool.sensitivity`), computed once
+        per run on the first 64 search samples, for `report` to show why a layer got its width. Skipped (and
+        said so) on models where it would cost more than a few hundred forward passes."""
+        if self._sensitivity is None:
+            cost = self.ctx.n * len(self.ctx.widths)
+            if cost > _SENSITIVITY_PASSES:
+                self._sensitivity = {"skipped": f"{self.ctx.n} layers x {len(self.ctx.widths)} widths"}
+            else:
+                from mqtool.sensitivity import context_sensitivity
+
+                self._sensitivity = context_sensitivity(self.ctx, samples=64).to_meta()
+        return self._sensitivity
 
     def _result(
         self, budget: Budget, policy: Policy, seconds: float, evaluated: int, note: str
@@ -393,6 +411,10 @@ class SearchEngine:
         params, fitness = self.finetune(policy, on_finished=lambda: simulated.update(self.check_values()))
         predicted = model_fidelity(ctx.outputs, reference, simulated, ctx.check_set.y)
         return params, fitness, predicted
+
+
+# Layers x widths above which the per-layer sensitivity in a policy's meta is skipped.
+_SENSITIVITY_PASSES = 240
 
 
 def _finite_or_none(x: float) -> float | None:
