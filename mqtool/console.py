@@ -175,7 +175,7 @@ class Console:
 
     def _on_mqn_epoch(self, d: dict) -> None:
         self.enter("metaquantnet")
-        self._bar("MetaQuantNet epoch", d["epoch"], d["epochs"], f"loss {d['loss']:.4f}")
+        self._bar("MetaQuantNet epoch", d["epoch"], d["epochs"], f"loss {d['loss']:.4f}  {d['seconds']:.1f}s")
 
     def _on_ga_resume(self, d: dict) -> None:
         self.line(f"search {d['budget']}: resuming after generation {d['generation']}")
