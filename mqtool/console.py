@@ -145,6 +145,13 @@ class Console:
         )
         for text in d["outputs"]:
             self.line(f"  output {text}")
+        if d.get("unreached"):
+            names = d["unreached"]
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            self.line(
+                f"  {len(names)} layers inside control flow run on no training sample (a branch the data never "
+                f"takes): kept at {d['unreached_bits']} bits ({', '.join(names[:3])}{more})"
+            )
 
     def _on_plan(self, d: dict) -> None:
         self.plan = dict(d["stages"])

@@ -179,6 +179,9 @@ def test_layers_inside_an_if_are_searched(tmp_path):
     m = _model(nodes, [_vi("x", ["n", D])], [_vi("logits", ["n", 10])], inits)
     eng = _engine(m, _x(200, D), tmp_path)
     assert len(eng.ctx.names) == 3 and any("then" in n for n in eng.ctx.names)
+    # the else branch never runs on this data: pinned at the highest width, not left to the GA's whim
+    (dead,) = eng.ctx.unreached
+    assert "else" in dead and eng.ctx.pins[eng.ctx.names.index(dead)] == 8
     assert _kinds(eng) == {"logits": OutputKind.LOGITS}
     _assert_broken_is_clearly_worse(eng)
 

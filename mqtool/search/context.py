@@ -136,6 +136,7 @@ class SearchContext:
         self.plans = plan_outputs(self.model)
         self._sources = [p.source for p in self.plans]
         self._probe_feeding()
+        self.unreached = self._pin_unreached_layers()
         self.outputs, self.objective = self._choose_objective()
         self.teacher_train = self.teacher(self.train)
         self.teacher_search = self.teacher(self.search_set, self.teacher_train.energy)
@@ -235,6 +236,27 @@ class SearchContext:
             return [torch.movedim(outs[i], self._out_axes[i], 0).float() for i in keep]
         runs = [self._raw(one) for one in self._one_by_one(feeds)]
         return [torch.stack([r[i] for r in runs]).float() for i in keep]
+
+    @torch.no_grad()
+    def _pin_unreached_layers(self) -> list[str]:
+        """Layers inside a control-flow body that no training sample runs (an If branch the data never takes,
+        e.g. silero-vad's 8 kHz branch with 16 kHz audio) cost nothing in fitness, so the GA would give them
+        the lowest width and the file would be poor on the inputs that do take them. They are pinned to the
+        highest width (unless pinned by the user) and named in the progress."""
+        inside = [i for i, layer in enumerate(self.info.layers) if layer.subgraph and i not in self.pins]
+        if not inside:
+            return []
+        seen: set[str] = set()
+        wanted = [self.info.layers[i].output for i in inside]
+        feeds = self.feeds(self.train, slice(0, min(len(self.train), 64 if self.batched else 16)))
+        runs = [feeds] if self.batched else self._one_by_one(feeds)
+        for run in runs:
+            got = self.net.run(dict(zip(self.net.input_names, run)), wanted)
+            seen |= {t for t, v in got.items() if v is not None}
+        unreached = [i for i in inside if self.info.layers[i].output not in seen]
+        for i in unreached:
+            self.pins[i] = max(self.widths)
+        return [self.names[i] for i in unreached]
 
     def _one_by_one(self, feeds: list[torch.Tensor]) -> list[list[torch.Tensor]]:
         """`feeds` as one-sample runs, cut on each input's sample axis (shared inputs whole)."""
