@@ -205,6 +205,14 @@ def search_options(f):
             "epochs, GA size, fitness samples and finetuning are sized to fit and printed with an ETA; options "
             "you set explicitly are kept. 0: no limit (the values as configured).",
         ),
+        click.option(
+            "--latency-batch",
+            type=click.IntRange(1, 65536),
+            default=1,
+            show_default=True,
+            metavar="N",
+            help="Batch size a --target-latency budget is measured at (ONNX Runtime CPU, 2 threads).",
+        ),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -255,7 +263,8 @@ _FLAG_OF_FIELD = {
     "budget.bits": "--target-bits",
     "budget.bitops": "--target-bitops",
     "budget.size": "--target-size",
-    "budgets": "--target-bits/--target-bitops/--target-size",
+    "budget.latency": "--target-latency",
+    "budgets": "--target-bits/--target-bitops/--target-size/--target-latency",
     "data": "--data",
     "output": "-o",
     "plot": "--plot",
@@ -297,7 +306,7 @@ def _join_ranks(device: str) -> None:
         _QUIET = True
 
 
-_TARGETS = ("bits", "bitops", "size")
+_TARGETS = ("bits", "bitops", "size", "latency")
 
 
 def _budgets(**targets: str | None) -> list:
@@ -364,6 +373,13 @@ def _echo(msg: str) -> None:
     help="Size budget(s) of the emitted file, e.g. 1.2MB or 300KB,200KB (also searches each layer's format).",
 )
 @click.option(
+    "--target-latency",
+    default=None,
+    metavar="MS",
+    help="ONNX Runtime CPU latency budget(s) in ms at --latency-batch, from a per-layer table measured on this "
+    "machine (also searches each layer's format).",
+)
+@click.option(
     "-o",
     "--output",
     required=True,
@@ -371,14 +387,16 @@ def _echo(msg: str) -> None:
     help="Policy JSON (one budget) or a directory (several budgets: one policy each + pareto.json/png).",
 )
 @search_options
-def search(model, data, target_bits, target_bitops, target_size, output, workdir, **kw) -> None:
+def search(
+    model, data, target_bits, target_bitops, target_size, target_latency, output, workdir, **kw
+) -> None:
     """Search per-layer weight bits for MODEL under one or more budgets (MetaQuantNet + genetic search)
     and write the policy file(s)."""
     from mqtool.model import load_model
     from mqtool.search import default_workdir, search_policies, write_search_outputs
     from mqtool.search.api import load_dataset
 
-    budgets = _budgets(bits=target_bits, bitops=target_bitops, size=target_size)
+    budgets = _budgets(bits=target_bits, bitops=target_bitops, size=target_size, latency=target_latency)
     config = _search_config(**kw)
     m = load_model(model)
     ds = load_dataset(data, m)
@@ -455,6 +473,13 @@ _BITS = click.IntRange(2, 8)
     help="Search the policy: the written file <= SIZE (1.2MB, 300KB, bytes); each layer's format is searched too.",
 )
 @click.option(
+    "--target-latency",
+    default=None,
+    metavar="MS",
+    help="Search the policy: ONNX Runtime CPU latency <= MS at --latency-batch (measured per layer on this "
+    "machine; the written model is timed at the end).",
+)
+@click.option(
     "--max-drop",
     type=click.FloatRange(0, 100),
     default=None,
@@ -494,6 +519,7 @@ def convert(
     target_bits: str | None,
     target_bitops: str | None,
     target_size: str | None,
+    target_latency: str | None,
     max_drop: float | None,
     finetune_epochs: int | None,
     min_fidelity: float | None,
@@ -505,7 +531,7 @@ def convert(
     or a search under a --target-* budget (MetaQuantNet + genetic search + finetuning)."""
     from mqtool import emit
 
-    targets = {"bits": target_bits, "bitops": target_bitops, "size": target_size}
+    targets = {"bits": target_bits, "bitops": target_bitops, "size": target_size, "latency": target_latency}
     if max_drop is not None and any(targets.values()):
         raise click.UsageError("--max-drop is a budget of its own: give it without --target-*")
     searched = any(targets.values()) or max_drop is not None
@@ -571,6 +597,8 @@ def convert(
         )
         click.echo(f"bits per layer (graph order): {bits_line}")
     click.echo(result.summary())
+    if target_latency and summary:
+        summary["latency"] = _time_written_model(model, output, data, summary, kw.get("latency_batch", 1))
     check = None
     if self_check:
         check = _convert_self_check(
@@ -585,6 +613,23 @@ def convert(
 
 def _relative(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.3f}"
+
+
+def _time_written_model(model: str, output: str, data, summary: dict, batch: int) -> dict:
+    """Time the written model on ONNX Runtime (the latency budget's promise) next to the fp32 model and
+    the search's prediction."""
+    from mqtool.latency import latency_feed, measure_models_latency
+    from mqtool.model import load_model
+
+    feed = latency_feed(load_model(model), data, batch)
+    got = measure_models_latency({"fp32": model, "quantized": output}, feed, batch)
+    predicted = summary["policy"].meta.get("predicted_latency_ms")
+    _err(
+        f"latency at batch {batch} (ONNX Runtime CPU, median): {got['quantized'][0]:.3f} ms measured"
+        + (f", {predicted:.3f} ms predicted" if predicted is not None else "")
+        + f"; fp32 {got['fp32'][0]:.3f} ms"
+    )
+    return {"measured_ms": got["quantized"][0], "predicted_ms": predicted, "fp32_ms": got["fp32"][0]}
 
 
 def _fitness_text(s: dict) -> str:
@@ -623,6 +668,15 @@ def _summary_table(summary: dict, result, check) -> str:
         if check.baseline is not None:
             rows.append(("agreement of uniform 8-bit PTQ", f"{check.baseline.agreement:.4f}"))
         rows.append(("self-check", check.verdict))
+    lat = summary.get("latency")
+    if lat:
+        pred = "" if lat["predicted_ms"] is None else f", predicted {lat['predicted_ms']:.3f} ms"
+        rows.append(
+            (
+                "latency (ONNX Runtime)",
+                f"{lat['measured_ms']:.3f} ms measured{pred}; fp32 {lat['fp32_ms']:.3f} ms",
+            )
+        )
     for note in _CONSOLE.notes:
         rows.append(("note", note))
     return summary_table(rows, _CONSOLE.times)

@@ -179,6 +179,19 @@ class FinetuneConfig:
 
 
 @dataclass(frozen=True)
+class DeployConfig:
+    """Where the emitted model will run, for latency budgets: ONNX Runtime CPU at this batch and thread
+    count (the latency table is measured that way)."""
+
+    latency_batch: int = 1
+    threads: int = 2
+
+    def __post_init__(self) -> None:
+        _check_int("deploy.latency_batch", self.latency_batch, 1, 65536)
+        _check_int("deploy.threads", self.threads, 1, 1024)
+
+
+@dataclass(frozen=True)
 class PlanConfig:
     """The time budget of a whole run (`mqtool/search/plan.py`). `time_budget` (minutes) None: no plan,
     the configured values as they are. `fixed`: flat option names the user set, which the plan never
@@ -202,6 +215,7 @@ _SECTIONS: dict[str, type] = {
     "scoring": ScoringConfig,
     "finetune": FinetuneConfig,
     "plan": PlanConfig,
+    "deploy": DeployConfig,
 }
 
 # What each checkpoint depends on. MetaQuantNet (and the calibration) depend on the model, the data and
@@ -210,7 +224,7 @@ _SECTIONS: dict[str, type] = {
 # more epochs resumes it). The GA of a budget also depends on its own settings. Finetuning, the time plan,
 # the device and `restart` never change a checkpoint's content.
 _MQN_SECTIONS = ("space", "data", "objective", "training")
-_GA_SECTIONS = ("ga", "scoring")
+_GA_SECTIONS = ("ga", "scoring", "deploy")
 
 
 @dataclass(frozen=True)
@@ -225,6 +239,7 @@ class SearchConfig:
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    deploy: DeployConfig = field(default_factory=DeployConfig)
     seed: int = 0
     device: Device = "auto"  # auto (CUDA when available) | cpu | cuda
     restart: bool = False  # ignore (and overwrite) checkpoints in the work directory

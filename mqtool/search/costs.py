@@ -108,7 +108,47 @@ class BudgetCosts:
         return TableCost("size", table, float(ctx.model.ByteSize() - float_total))
 
     def _latency_cost(self) -> TableCost:
-        raise InputError("budget.latency: the latency table is not available yet", field="budget.latency")
+        """ONNX Runtime CPU milliseconds at the deployment batch: each layer's entry of the latency table
+        (`mqtool.latency`, measured once per model and machine, cached in the work directory) for the
+        (bits, format) chosen, plus the table's `rest_ms`."""
+        from mqtool.latency import measure_latency_table
+
+        ctx = self.ctx
+        options = self.format_options()
+        choices = {
+            layer.name: [
+                (b, FORMATS[code]) for b in self._layer_bits(i) if b != FLOAT for code, _ in options[i]
+            ]
+            for i, layer in enumerate(ctx.info.layers)
+        }
+        dep = ctx.cfg.deploy
+        self.latency_table = measure_latency_table(
+            ctx.model,
+            ctx.info,
+            choices,
+            batch=dep.latency_batch,
+            threads=dep.threads,
+            data={k: v[: max(dep.latency_batch, 8)] for k, v in ctx.train.inputs.items()},
+            cache_dir=ctx.workdir,
+            act_bits=ctx.cfg.space.act_bits,
+        )
+        table = []
+        for i, layer in enumerate(ctx.info.layers):
+            row = {}
+            for b in self._layer_bits(i):
+                for code, act in options[i]:
+                    row[(b, code)] = float(self.latency_table.entry(layer.name, b, FORMATS[code], act))
+            table.append(row)
+        return TableCost("latency", table, float(self.latency_table.rest_ms))
+
+    def predicted_latency(self, policy) -> float:
+        """The latency table's prediction for `policy` (with the layout borders a per-layer sum misses)."""
+        self.cost(Budget("latency", 1.0))
+        return float(self.latency_table.predict(policy))
+
+    def correct_latency(self, extra: float) -> None:
+        """Add `extra` ms to the latency estimate of every policy."""
+        self.cost(Budget("latency", 1.0)).rest += float(extra)
 
     def emitted_bytes(self, policy) -> int:
         """Bytes of the file `policy` emits (the finetuned weights change values, never sizes): the policy is
@@ -140,3 +180,47 @@ class BudgetCosts:
     def correct_size(self, extra: float) -> None:
         """Add `extra` bytes to the size estimate of every policy (what emission adds that the table misses)."""
         self.cost(Budget("size", 1.0)).rest += float(extra)
+
+
+def fit_size(engine, budget: Budget, res):
+    """A size budget is checked against the file the policy really emits: when the estimate was short (it
+    counts activation Q/DQ pairs approximately), the estimate is raised by the shortfall and the search runs
+    again, so the file meets the budget (`SearchEngine.search`)."""
+    for attempt in range(1, 4):
+        actual = engine.costs.emitted_bytes(res.policy)
+        res.policy.meta["emitted_bytes"] = actual
+        if actual <= budget.value:
+            return res
+        # the estimate was short for this kind of policy: raise the cost function's constant by the
+        # shortfall and search again (a fresh GA: its cached costs were made with the old estimate)
+        shortfall = actual - engine.costs.estimate(budget, res.policy)
+        engine.costs.correct_size(max(shortfall, actual - budget.value) + 64)
+        engine.progress("size_retry", {"budget": budget.label, "emitted": actual, "attempt": attempt})
+        res = engine._search(budget, tag=f"r{attempt}")
+    actual = engine.costs.emitted_bytes(res.policy)
+    res.policy.meta["emitted_bytes"] = actual
+    if actual > budget.value:
+        raise InputError(
+            f"budget.size: {budget.value:,.0f} bytes could not be met (the emitted file stays at "
+            f"{actual:,} bytes); give a larger size",
+            field="budget.size",
+        )
+    return res
+
+
+def fit_latency(engine, budget: Budget, res):
+    """A latency budget is checked with the table's full prediction (layout borders between integer and
+    float regions, which a per-layer sum misses); when it is over, the estimate is corrected by the
+    difference and the search runs again. The emitted model is timed at the end of `convert`."""
+    for attempt in range(1, 4):
+        predicted = engine.costs.predicted_latency(res.policy)
+        res.policy.meta["predicted_latency_ms"] = predicted
+        if predicted <= budget.value:
+            return res
+        engine.costs.correct_latency(
+            predicted - engine.costs.estimate(budget, res.policy) + 0.01 * budget.value
+        )
+        engine.progress("latency_retry", {"budget": budget.label, "predicted": predicted, "attempt": attempt})
+        res = engine._search(budget, tag=f"r{attempt}")
+    res.policy.meta["predicted_latency_ms"] = engine.costs.predicted_latency(res.policy)
+    return res

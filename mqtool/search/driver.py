@@ -18,7 +18,6 @@ import onnx
 import torch
 
 from mqtool.analysis import ModelInfo
-from mqtool.errors import InputError
 from mqtool.fileio import atomic_write_text
 from mqtool.outputs import OutputKind
 from mqtool.policy import FLOAT, LayerBits, Policy, average_weight_bits, bitops_ratio
@@ -27,7 +26,7 @@ from mqtool.search import plan as planning
 from mqtool.search.budgets import TABLE_KINDS, Budget
 from mqtool.search.config import SearchConfig
 from mqtool.search.context import Samples, SearchContext
-from mqtool.search.costs import FORMATS, BudgetCosts
+from mqtool.search.costs import FORMATS, BudgetCosts, fit_latency, fit_size
 from mqtool.search.finetune import finetune
 from mqtool.search.ga import GeneticSearch, Genome
 from mqtool.search.metaquantnet import MetaQuantNet
@@ -163,27 +162,10 @@ class SearchEngine:
         counts activation Q/DQ pairs approximately), the search runs again with the limit lowered by the
         overshoot, so the file meets the budget."""
         res = self._search(budget)
-        if budget.kind != "size":
-            return res
-        for attempt in range(1, 4):
-            actual = self.costs.emitted_bytes(res.policy)
-            res.policy.meta["emitted_bytes"] = actual
-            if actual <= budget.value:
-                return res
-            # the estimate was short for this kind of policy: raise the cost function's constant by the
-            # shortfall and search again (a fresh GA: its cached costs were made with the old estimate)
-            shortfall = actual - self.costs.estimate(budget, res.policy)
-            self.costs.correct_size(max(shortfall, actual - budget.value) + 64)
-            self.progress("size_retry", {"budget": budget.label, "emitted": actual, "attempt": attempt})
-            res = self._search(budget, tag=f"r{attempt}")
-        actual = self.costs.emitted_bytes(res.policy)
-        res.policy.meta["emitted_bytes"] = actual
-        if actual > budget.value:
-            raise InputError(
-                f"budget.size: {budget.value:,.0f} bytes could not be met (the emitted file stays at "
-                f"{actual:,} bytes); give a larger size",
-                field="budget.size",
-            )
+        if budget.kind == "latency":
+            return fit_latency(self, budget, res)
+        if budget.kind == "size":
+            return fit_size(self, budget, res)
         return res
 
     def _search(self, budget: Budget, tag: str = "") -> BudgetResult:
