@@ -169,7 +169,22 @@ def _finite(x: float) -> float | None:
     return float(x) if x == x and abs(x) != float("inf") else None
 
 
-def pareto_front(results: list[BudgetResult]) -> list[dict]:
+def pareto_front(results: list[BudgetResult], engine: SearchEngine | None = None) -> list[dict]:
+    """One row per budget, cheapest first: bits, BitOPs, bytes of the file (emitted, or estimated), ms
+    (predicted by the latency table when one was measured), fitness (raw and on the anchors' scale), and
+    whether it is on the front (no cheaper budget reached a better fitness)."""
+
+    def size(r: BudgetResult) -> float | None:
+        if "emitted_bytes" in r.policy.meta:
+            return float(r.policy.meta["emitted_bytes"])
+        return None if engine is None else engine.costs.estimate(Budget("size", 1.0), r.policy)
+
+    def ms(r: BudgetResult) -> float | None:
+        if "predicted_latency_ms" in r.policy.meta:
+            return float(r.policy.meta["predicted_latency_ms"])
+        table = None if engine is None else engine.costs.latency_table
+        return None if table is None else float(table.predict(r.policy))
+
     rows = sorted(
         (
             {
@@ -178,7 +193,10 @@ def pareto_front(results: list[BudgetResult]) -> list[dict]:
                 "value": r.budget.value,
                 "avg_weight_bits": r.avg_bits,
                 "bitops_ratio": r.bitops_ratio,
+                "bytes": size(r),
+                "ms": ms(r),
                 "fitness": r.fitness,
+                "relative_fitness": r.relative,
                 "evaluated": r.evaluated,
                 "seconds": round(r.seconds, 2),
                 "note": r.note,
@@ -208,7 +226,7 @@ def write_search_outputs(outcome: SearchOutcome, out: str) -> list[str]:
         p = os.path.join(out, f"policy-{r.budget.kind}-{r.budget.value:g}.json")
         atomic_write_text(p, r.policy.dumps())
         written.append(p)
-    front = pareto_front(results)
+    front = pareto_front(results, outcome.engine)
     p = os.path.join(out, "pareto.json")
     atomic_write_text(p, json.dumps({"metric": outcome.engine.ctx.metric, "points": front}, indent=2) + "\n")
     written.append(p)
@@ -225,13 +243,20 @@ def _plot_pareto(front: list[dict], metric: str, path: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # the x axis is what the budgets were in: bytes, ms, or average bits (bits and BitOPs budgets)
+    kind = front[0]["kind"] if front else "bits"
+    key, label = {"size": ("bytes", "file size (bytes)"), "latency": ("ms", "ONNX Runtime latency (ms)")}.get(
+        kind, ("avg_weight_bits", "average weight bits")
+    )
+    rel = all(p["relative_fitness"] is not None for p in front)
+    y = [p["relative_fitness"] if rel else p["fitness"] for p in front]
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    x = [p["avg_weight_bits"] for p in front]
-    ax.plot(x, [p["fitness"] for p in front], "o-")
-    for p in front:
-        ax.annotate(p["budget"], (p["avg_weight_bits"], p["fitness"]), fontsize=7)
-    ax.set_xlabel("average weight bits")
-    ax.set_ylabel(f"search fitness ({metric}, lower is better)")
+    x = [p[key] for p in front]
+    ax.plot(x, y, "o-")
+    for p, xv, yv in zip(front, x, y):
+        ax.annotate(p["budget"], (xv, yv), fontsize=7)
+    ax.set_xlabel(label)
+    ax.set_ylabel("fitness (0 = uniform 8-bit PTQ)" if rel else f"search fitness ({metric}, lower is better)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_path(path) as tmp:
