@@ -168,10 +168,18 @@ class BudgetCosts:
 
         ctx = self.ctx
         lb = [policy.get(n) for n in ctx.names]
+        options = self.format_options()
+
+        def code(i: int, b) -> int:  # a layer without a format: what storage auto gives it
+            if b.format is not None:
+                return FORMAT_CODES[b.format]
+            want = FLOAT if b.act_bits == FLOAT else ctx.cfg.space.act_bits
+            return next((c for c, a in options[i] if a == want), options[i][0][0])
+
         g = Genome(
             tuple(b.weight_bits for b in lb),
             tuple(b.act_bits for b in lb),
-            tuple(FORMAT_CODES.get(b.format, 0) for b in lb) if budget.kind in TABLE_KINDS else (),
+            tuple(code(i, b) for i, b in enumerate(lb)) if budget.kind in TABLE_KINDS else (),
         )
         cost = self.cost(budget)
         args = [np.array(g.wbits), np.array(g.abits)] + ([np.array(g.fmts)] if g.fmts else [])
