@@ -92,7 +92,7 @@ def ort_quantize(fp_path: str, x: np.ndarray, out: str, tmp: str) -> None:
 
     pre = os.path.join(tmp, "pre.onnx")
     try:
-        quant_pre_process(src, pre)
+        quant_pre_process(src, pre, skip_symbolic_shape=True)  # its failure dumps tensors into the cwd
     except Exception:  # symbolic shape inference gives up on some zoo models: quantize without it
         pre = src
     quantize_static(

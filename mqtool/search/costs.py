@@ -20,6 +20,9 @@ from mqtool.weight_layers import WEIGHT_ONLY_OPS
 # Format codes of the GA's format genes (0: none chosen, the emitter's storage mode decides).
 FORMATS = {1: Format.INT8, 2: Format.PACKED, 3: Format.NBITS}
 FORMAT_CODES = {f: c for c, f in FORMATS.items()}
+# Bytes kept free under a size budget for what the policy's metadata gains after the check (the finetuned
+# fitness, the max-drop record) and is written into the file with it.
+_META_SLACK = 512
 _UNITS = {"bits": "average weight bits", "bitops": "x uniform w8a8 BitOPs", "size": "bytes", "latency": "ms"}
 
 
@@ -195,7 +198,7 @@ def fit_size(engine, budget: Budget, res):
     counts activation Q/DQ pairs approximately), the estimate is raised by the shortfall and the search runs
     again, so the file meets the budget (`SearchEngine.search`)."""
     for attempt in range(1, 4):
-        actual = engine.costs.emitted_bytes(res.policy)
+        actual = engine.costs.emitted_bytes(res.policy) + _META_SLACK
         res.policy.meta["emitted_bytes"] = actual
         if actual <= budget.value:
             return res
@@ -205,7 +208,7 @@ def fit_size(engine, budget: Budget, res):
         engine.costs.correct_size(max(shortfall, actual - budget.value) + 64)
         engine.progress("size_retry", {"budget": budget.label, "emitted": actual, "attempt": attempt})
         res = engine._search(budget, tag=f"r{attempt}")
-    actual = engine.costs.emitted_bytes(res.policy)
+    actual = engine.costs.emitted_bytes(res.policy) + _META_SLACK
     res.policy.meta["emitted_bytes"] = actual
     if actual > budget.value:
         raise InputError(
