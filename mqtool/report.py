@@ -531,7 +531,7 @@ def plot_report(rep: QuantReport, path: str) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:
-        raise InputError("--plot needs matplotlib (pip install matplotlib)") from e
+        raise InputError("plot: drawing needs matplotlib (pip install matplotlib)", field="plot") from e
     names = [r.name for r in rep.layers]
     x = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(names) + 2), 4.5))
