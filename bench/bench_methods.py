@@ -4,7 +4,9 @@ same average weight bits, and the search cost against a per-budget search that f
     python bench/bench_methods.py [--example mnist_cnn] [--targets 2.5 3 4] [--seeds 3] [--quick]
 
 One SearchEngine per example (train.npz; search split 20%), with the settings printed in the doc.
-  ours      `search_policies` (MetaQuantNet once, GA per budget) + `finetune(policy)` (from MetaQuantNet's weights)
+  ours      `search_policies` (MetaQuantNet once, GA per budget) + `finetune(policy)` (from MetaQuantNet's weights);
+            the default hybrid search (GA's first generation also seeded with the sensitivity prior)
+  ours_pure the same MetaQuantNet and GA without that seed (`--no-sensitivity-seed`, the paper's method)
   uniform   baseline 1: uniform k-bit PTQ (pretrained weights, MSE scales, the engine's calibrated ranges)
   uni-QAT   baseline 2: uniform k-bit, `finetune(policy, same epochs, start="ptq")`
   HAWQ      baseline 4: Hutchinson Hessian traces, Omega = trace/params*||Q(W)-W||^2, MILP allocation at the
@@ -77,6 +79,7 @@ def plot(summary: list[dict], fp32: float, path: str, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for method, marker in (
         ("ours", "o-"),
+        ("ours_pure", "D:"),
         ("uniform_ptq", "x--"),
         ("uniform_qat", "s--"),
         ("hawq", "^-"),
@@ -187,9 +190,16 @@ def run_seed(args, seed: int, with_cost: bool) -> dict:
             searched[b] = engine.search(Budget("bits", b))
             print(f"GA {b:g}: {searched[b].evaluated} evaluated in {searched[b].seconds:.1f} s", flush=True)
         only = set(args.methods)
-        for t in targets:  # ours
+        for t in targets:  # ours (the hybrid by default: the GA seeded with the sensitivity prior)
             params, _ = engine.finetune(searched[t].policy, ft)
             add("ours", t, searched[t].policy, params, {"ga_fitness": searched[t].fitness})
+        if "pure" in only:  # the paper's pure MetaQuantNet + GA, same MetaQuantNet, same GA settings
+            engine.cfg = cfg.replace(sensitivity_seed=False)
+            for t in targets:
+                res = engine.search(Budget("bits", t))
+                params, _ = engine.finetune(res.policy, ft)
+                add("ours_pure", t, res.policy, params, {"ga_fitness": res.fitness})
+            engine.cfg = cfg
         # baselines 1 and 2: uniform k-bit (PTQ for every k asked, QAT around the targets)
         around = {int(np.floor(t)) for t in targets} | {int(np.ceil(t)) for t in targets}
         for k in sorted((around | set(uniform_extra)) - {0, 1}) if "uniform" in only else []:
@@ -336,8 +346,8 @@ def main() -> None:
     ap.add_argument(
         "--methods",
         nargs="+",
-        default=["uniform", "hawq", "random"],
-        choices=["uniform", "hawq", "random"],
+        default=["pure", "uniform", "hawq", "random"],
+        choices=["pure", "uniform", "hawq", "random"],
         help="baselines to run next to ours",
     )
     ap.add_argument("--mqn-epochs", type=int, default=4)

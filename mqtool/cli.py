@@ -185,6 +185,14 @@ def search_options(f):
             "(no --search-act), and the --rerank finalists get the exact fitness; with --rerank 0 or "
             "--search-act screening is always exact.",
         ),
+        click.option(
+            "--sensitivity-seed/--no-sensitivity-seed",
+            default=True,
+            show_default=True,
+            help="Hybrid search: also seed the GA's first generation with the allocation that minimises "
+            "the summed per-layer sensitivity under the budget (HAWQ-style prior, bits and BitOPs budgets); "
+            "--no-sensitivity-seed: the paper's pure MetaQuantNet + GA. See docs/search.md.",
+        ),
         click.option("--widths", default="2,3,4,5,6,8", show_default=True, help="Candidate weight widths."),
         click.option("--restart", is_flag=True, help="Ignore (and overwrite) checkpoints in the workdir."),
         click.option(

@@ -250,6 +250,6 @@ def summary_table(rows: list[tuple[str, str]], times: dict[str, float]) -> str:
     from mqtool.tables import format_table
 
     body = [[k, v] for k, v in rows]
-    body += [[f"time: {k}", clock(v)] for k, v in times.items() if v >= 0.5]
+    body += [[f"time: {k}", clock(v)] for k, v in times.items()]
     body.append(["time: total", clock(sum(times.values()))])
     return format_table(["summary", ""], body)

@@ -202,6 +202,7 @@ def test_ga_checkpoint_keeps_what_a_resumed_race_needs(tmp_path) -> None:
 
 def _search_recording_activations(eng: SearchEngine, budget) -> tuple[list, object]:
     seen: list = []
+    eng.sensitivity()  # computed once per run, with float activations; not part of the screening recorded
     real = eng.ctx.set_activation_quant
     eng.ctx.set_activation_quant = lambda abits: (seen.append(abits), real(abits))[1]
     try:

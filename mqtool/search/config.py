@@ -136,6 +136,10 @@ class GAConfig:
     crossovers: int = 25
     mutation_prob: float = 0.1
     max_tries: int = 20  # give up filling a generation after this many rejected draws per slot
+    # The hybrid (default): the first generation also holds the allocation that minimises the summed
+    # per-layer PTQ sensitivity under the budget (a HAWQ-style prior, `mqtool.sensitivity`); the GA then
+    # refines it with MetaQuantNet's fitness. False: the paper's pure method (uniform + random seeds).
+    sensitivity_seed: bool = True
 
     def __post_init__(self) -> None:
         _check_int("ga.population", self.population, 2)

@@ -30,6 +30,7 @@ from mqtool.search.costs import FORMATS, BudgetCosts, fit_latency, fit_size
 from mqtool.search.finetune import finetune
 from mqtool.search.ga import GeneticSearch, Genome
 from mqtool.search.metaquantnet import MetaQuantNet
+from mqtool.search.prior import prior_seeds
 from mqtool.search.scoring import Scorer
 from mqtool.search.train import past_deadline, train_metaquantnet
 
@@ -200,6 +201,10 @@ class SearchEngine:
             seed=cfg.seed,
             racing=cfg.scoring.racing,
             options=options,
+            # the hybrid's HAWQ-style seed for bits/BitOPs budgets; formats are left to the GA
+            extra_seeds=[]
+            if options is not None or not cfg.ga.sensitivity_seed
+            else prior_seeds(ctx, self.sensitivity(), cost, budget.value, cfg.space.act_bits),
         )
         self.progress("stage", {"name": "ga"})
         anchors = scorer.anchors()

@@ -59,6 +59,7 @@ class GeneticSearch:
         seed: int = 0,
         racing: bool = False,
         options: list[list[tuple[int, int]]] | None = None,
+        extra_seeds: list[Genome] | None = None,
     ):
         """`options[i]`: layer i's (format code, activation bits) choices when formats are searched; `cost`
         then takes (wbits, abits, fmts)."""
@@ -70,6 +71,7 @@ class GeneticSearch:
         self.search_act = search_act
         self.act_widths = np.array(act_widths)
         self.options = options
+        self.extra_seeds = list(extra_seeds or [])
         self._k = None if options is None else np.array([len(o) for o in options])
         self.cfg = config or GAConfig()
         # With racing, `evaluate(new, reference)` also gets the worst parent: a candidate confidently
@@ -163,7 +165,7 @@ class GeneticSearch:
                 g = self._genome(np.full(self.n, wi), ai)
                 if self.feasible(g) and g not in out:
                     out.append(g)
-        return out
+        return out + [g for g in self.extra_seeds if self.feasible(g) and g not in out]
 
     # ---- the loop ---------------------------------------------------------------------------------
     def step(self, evaluate: Callable[..., list[float]]) -> None:
