@@ -84,7 +84,14 @@ def _within_budget(row: dict) -> bool:
 def _methods(r: dict) -> None:
     (run,) = r["runs"]
     rows = run["rows"]
-    assert {row["method"] for row in rows} == {"ours", "uniform_ptq", "uniform_qat", "hawq", "random"}
+    assert {row["method"] for row in rows} == {
+        "ours",
+        "ours_pure",
+        "uniform_ptq",
+        "uniform_qat",
+        "hawq",
+        "random",
+    }
     assert all(_within_budget(row) for row in rows), [row for row in rows if not _within_budget(row)]
     assert len({len(row["wbits"]) for row in rows}) == 1 and all(0 <= row["accuracy"] <= 1 for row in rows)
 

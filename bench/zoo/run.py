@@ -27,6 +27,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -175,6 +176,30 @@ def explain_signal(row: dict) -> dict:
     return row
 
 
+def _seconds(text: str) -> float:
+    parts = [int(p) for p in text.split(":")]
+    return float(sum(p * 60**i for i, p in enumerate(reversed(parts))))
+
+
+def eta_check(stamped: list[tuple[float, str]], wall: float) -> dict:
+    """The first ETA the run printed and the last one printed within its first minute, each as the total
+    time it predicted (printed at + ETA) and its error against the real wall time (issue: +-25 %)."""
+    etas = [(t, t + _seconds(m.group(1))) for t, ln in stamped if (m := re.search(r"ETA (\d+(?::\d+)+)", ln))]
+    if not etas:
+        return {}
+    first = etas[0]
+    minute = [e for e in etas if e[0] <= 60.0] or [first]
+    out = {"eta_first": {"at_s": round(first[0], 1), "predicted_total_s": round(first[1], 1)}}
+    out["eta_first"]["error"] = round(first[1] / wall - 1, 3)
+    last = minute[-1]
+    out["eta_first_minute"] = {
+        "at_s": round(last[0], 1),
+        "predicted_total_s": round(last[1], 1),
+        "error": round(last[1] / wall - 1, 3),
+    }
+    return out
+
+
 def mqtool_convert(
     model_path: str, data_path: str, out: str, extra: list[str], timeout: int, workdir: str
 ) -> dict:
@@ -186,15 +211,25 @@ def mqtool_convert(
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
+    # stderr is read as it comes, each line stamped, so the ETAs the run printed can be checked afterwards
+    stamped: list[tuple[float, str]] = []
+    reader = threading.Thread(
+        target=lambda: stamped.extend((time.perf_counter() - t0, ln) for ln in proc.stderr), daemon=True
+    )
+    reader.start()
     try:
-        stdout, stderr = proc.communicate(timeout=timeout)
+        stdout = proc.stdout.read()
+        proc.wait(timeout=timeout)
         rc = proc.returncode
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
+        proc.wait()
         rc = None
+    reader.join(timeout=10)
+    stderr = "".join(ln for _, ln in stamped)
     wall = time.perf_counter() - t0
     res = {"cmd": "mqtool " + shlex.join(cmd[3:]), "exit_code": rc, "wall_s": round(wall, 1)}
+    res.update(eta_check(stamped, wall))
     if rc is None:
         res["error"] = f"timed out after {timeout} s (last stderr line: {last_line(stderr)!r})"
     elif rc != 0:
