@@ -13,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -207,3 +208,26 @@ def test_doc_section_replaced_independently(tmp_path) -> None:
     text = open(doc, encoding="utf-8").read()
     assert "three" in text and "two" in text and "one" not in text
     assert text.index("<!-- bench:a -->") < text.index("<!-- bench:b -->")
+
+
+def test_memory_bench_builds_a_runnable_resnet50(tmp_path) -> None:
+    """bench_memory.py's ResNet-50 (the onnx package's topology, random weights): ~25.6M parameters, the
+    image its only input, ONNX Runtime runs it. The convert itself is the benchmark (minutes)."""
+    import onnx
+    import onnxruntime as ort
+
+    sys.path.insert(0, BENCH)
+    import bench_memory
+
+    model, data, wbytes = bench_memory.resnet50(str(tmp_path), images=2)
+    m = onnx.load(model)
+    params = sum(int(np.prod(i.dims)) for i in m.graph.initializer if len(i.dims) >= 1)
+    assert 25_000_000 < params < 26_000_000 and wbytes > 4 * 25_000_000
+    assert [i.name for i in m.graph.input] == list(np.load(data).keys())
+    onnx.checker.check_model(m, full_check=True)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+    x = np.load(data)[m.graph.input[0].name][:1]
+    (y,) = sess.run(None, {m.graph.input[0].name: x})
+    assert y.shape == (1, 1000) and np.isfinite(y).all()
