@@ -378,6 +378,21 @@ def doc_body(result: dict, runs: list[str]) -> str:
             row.append("—" if not fid else "identical" if s is None else f"{s:.1f}")
         rows2.append(row)
     parts.append(common.table(head2, rows2) + "\n")
+    etas = []
+    for name, r in result["models"].items():
+        for k, v in r.get("runs", {}).items():
+            if "eta_first" in v:
+                f, m = v["eta_first"], v["eta_first_minute"]
+                etas.append([
+                    name, LABELS[k], f"{v['wall_s']:.0f}", f"{f['predicted_total_s']:.0f} at {f['at_s']:.0f} s",
+                    f"{f['error']:+.0%}", f"{m['predicted_total_s']:.0f} at {m['at_s']:.0f} s", f"{m['error']:+.0%}",
+                ])  # fmt: skip
+    if etas:
+        parts.append(
+            "The ETA each searched run printed (predicted total = time printed + ETA) against its wall time:\n"
+        )
+        head3 = ["model", "run", "wall s", "first ETA", "error", "last ETA in first minute", "error"]
+        parts.append(common.table(head3, etas) + "\n")
     fails = []
     for name, r in result["models"].items():
         if "error" in r:
