@@ -193,6 +193,14 @@ def search_options(f):
             "the summed per-layer sensitivity under the budget (HAWQ-style prior, bits and BitOPs budgets); "
             "--no-sensitivity-seed: the paper's pure MetaQuantNet + GA. See docs/search.md.",
         ),
+        click.option(
+            "--finetune-start",
+            type=click.Choice(["auto", "metaquantnet", "ptq"]),
+            default="auto",
+            show_default=True,
+            help="Weights finetuning starts from: MetaQuantNet's for the chosen policy, the pretrained ones "
+            "quantized (PTQ), or auto: whichever scores better on the search split.",
+        ),
         click.option("--widths", default="2,3,4,5,6,8", show_default=True, help="Candidate weight widths."),
         click.option("--restart", is_flag=True, help="Ignore (and overwrite) checkpoints in the workdir."),
         click.option(

@@ -212,6 +212,10 @@ class Console:
         self._bar("finetune epoch", d["epoch"], d["epochs"], f"loss {d['loss']:.4f}{fit}")
 
     def _on_finetune_done(self, d: dict) -> None:
+        if d.get("start") == "ptq" and len(d.get("start_scores", ())) > 1:
+            self.line(
+                "  finetuning started from the pretrained weights (PTQ): they scored better than MetaQuantNet's"
+            )
         if d["best_epoch"] < d["epochs"]:
             self.line(
                 f"  finetuning kept epoch {d['best_epoch']} of {d['epochs']} (the best on the search split; later "

@@ -189,3 +189,36 @@ def test_pareto_outputs(trained, tmp_path):
     front = json.load(open(tmp_path / "front" / "pareto.json"))
     assert [p["value"] for p in front["points"]] == [2.5, 3.0]
     assert any(w.endswith("policy-bits-2.5.json") for w in written)
+
+
+def test_finetuning_starts_from_the_better_of_metaquantnet_and_ptq(trained, monkeypatch):
+    """`finetune.start = auto`: a MetaQuantNet whose weights are broken (as an undertrained one on a short
+    time budget can be) must not cost the result its PTQ quality; a good one is kept as the start."""
+    out, _ = trained
+    eng = out.engine
+    policy = out.results[0].policy
+    events: list[dict] = []
+    monkeypatch.setattr(eng, "progress", lambda e, d=None: events.append(d) if e == "finetune_done" else None)
+    _, fit_ptq = eng.finetune(policy, epochs=0, start="ptq")
+    _, fit_auto = eng.finetune(policy, epochs=0)
+    assert events[-1]["start"] in ("metaquantnet", "ptq") and len(events[-1]["start_scores"]) == 2
+    assert fit_auto == min(events[-1]["start_scores"].values()) <= fit_ptq
+
+    real = eng.mqn.generate_float
+
+    def broken(wbits):
+        return {n: (torch.randn_like(w) * w.abs().max(), s) for n, (w, s) in real(wbits).items()}
+
+    monkeypatch.setattr(eng.mqn, "generate_float", broken)
+    _, fit_broken_mqn = eng.finetune(policy, epochs=0, start="metaquantnet")
+    _, fit = eng.finetune(policy, epochs=0)
+    assert events[-1]["start"] == "ptq"
+    assert fit == pytest.approx(fit_ptq) and fit_broken_mqn > 2 * fit_ptq
+
+
+def test_finetune_start_is_validated_in_library_terms():
+    with pytest.raises(InputError) as e:
+        SearchConfig.flat(finetune_start="pretrained")
+    assert e.value.field == "finetune.start" and "auto, metaquantnet or ptq" in str(e.value)
+    assert SearchConfig.flat(finetune_start="ptq").finetune.start == "ptq"
+    assert SearchConfig().finetune.start == "auto"

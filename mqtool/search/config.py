@@ -176,10 +176,19 @@ class FinetuneConfig:
 
     epochs: int = 3
     lr: float = 5e-4
+    # Where finetuning starts: "auto" scores the policy with MetaQuantNet's weights and with the pretrained
+    # weights (PTQ, MSE scales) on the search split and starts from the better; an undertrained
+    # MetaQuantNet (a short time budget on a large model) must not cost the result its PTQ quality.
+    start: str = "auto"
 
     def __post_init__(self) -> None:
         _check_int("finetune.epochs", self.epochs, 0, 10_000)
         _check_float("finetune.lr", self.lr, 0.0, 10.0, open_lo=True)
+        if self.start not in ("auto", "metaquantnet", "ptq"):
+            raise InputError(
+                f"finetune.start: expected auto, metaquantnet or ptq, got {self.start!r}",
+                field="finetune.start",
+            )
 
 
 @dataclass(frozen=True)

@@ -345,11 +345,12 @@ class SearchEngine:
         self,
         policy: Policy,
         epochs: int | None = None,
-        start: str = "metaquantnet",
+        start: str | None = None,
         seed: int | None = None,
         on_finished: Callable[[], None] | None = None,
     ):
-        """Quantization-aware training of `policy`: (`QuantParams` for the emitter, final fitness)."""
+        """Quantization-aware training of `policy`: (`QuantParams` for the emitter, final fitness). `start`
+        defaults to the config's (`FinetuneConfig.start`)."""
         anchors = self.scorer.anchors()
         self.progress("stage", {"name": "finetune"})
 
@@ -367,7 +368,7 @@ class SearchEngine:
             progress,
             mqn=self.mqn,
             epochs=epochs,
-            start=start,
+            start=start or self.cfg.finetune.start,
             seed=seed,
             deadline=self._deadline("finetune"),
             on_finished=on_finished,

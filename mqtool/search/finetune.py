@@ -41,41 +41,12 @@ class FinetunedWeights(nn.Module):
         return {n: weight_quant_ste(w, s, *ax) for n, w, s, ax in zip(self.names, self.w, self.s, self.axes)}
 
 
-def finetune(
-    ctx: SearchContext,
-    policy: Policy,
-    fitness: Callable[[], float],
-    progress: Progress,
-    *,
-    mqn: MetaQuantNet | None = None,
-    epochs: int | None = None,
-    start: str = "metaquantnet",
-    seed: int | None = None,
-    deadline: float | None = None,
-    on_finished: Callable[[], None] | None = None,
-):
-    """Quantization-aware training of one policy: (`QuantParams` for the emitter, final fitness).
-
-    `start` is "metaquantnet" (the weights `mqn` generates for the policy) or "ptq" (the pretrained weights
-    with MSE scales: the uniform-QAT baselines). `fitness()` scores the network as it stands on the search
-    split (`Scorer.fitness`). `seed` (default: the config's) orders the mini-batches. Past `deadline`
-    (time.monotonic) training stops after the current step.
-
-    Finetuning never hands back a model worse than it started from: the search-split fitness (held out
-    from training) is taken before the first epoch and after each one, and the best state is kept (on a
-    real OCR recogniser, finetuning on a blind objective took the fitness from 2.08 to 3.98).
-    `on_finished()` is called with the kept weights in place and activations quantized (e.g. to run the
-    held-out check split through the simulation)."""
-    from passes.qparams import ActParams, LayerParams, QuantParams
-
-    cfg = ctx.cfg
-    epochs = cfg.finetune.epochs if epochs is None else epochs
-    wbits = [policy.get(n).weight_bits for n in ctx.names]
-    abits = ctx.policy_abits(policy)
+def _start_weights(ctx: SearchContext, wbits: list[int], stored: list[int], mqn: MetaQuantNet | None):
+    """Trainable weights and scales per quantized layer: MetaQuantNet's for the policy (`mqn`), else the
+    pretrained weights with MSE scales; with each layer's (bits, channel axis, stored bits) and bias."""
     with torch.no_grad():
-        gen = mqn.generate_float(wbits) if start == "metaquantnet" and mqn is not None else {}
+        gen = mqn.generate_float(wbits) if mqn is not None else {}
     weights, scales, axes, biases = {}, {}, {}, {}
-    stored = stored_bits(wbits, abits, ctx.reduce8)
     for layer, b, keep in zip(ctx.info.layers, wbits, stored):
         if b == FLOAT:
             continue
@@ -92,6 +63,56 @@ def finetune(
         axes[layer.name] = (b, layer.channel_axis, keep)
         if q.bias is not None:
             biases[layer.name] = q.bias
+    return weights, scales, axes, biases
+
+
+def finetune(
+    ctx: SearchContext,
+    policy: Policy,
+    fitness: Callable[[], float],
+    progress: Progress,
+    *,
+    mqn: MetaQuantNet | None = None,
+    epochs: int | None = None,
+    start: str = "metaquantnet",
+    seed: int | None = None,
+    deadline: float | None = None,
+    on_finished: Callable[[], None] | None = None,
+):
+    """Quantization-aware training of one policy: (`QuantParams` for the emitter, final fitness).
+
+    `start` is "metaquantnet" (the weights `mqn` generates for the policy), "ptq" (the pretrained weights
+    with MSE scales: the uniform-QAT baselines) or "auto" (whichever of the two scores better on the search
+    split; `FinetuneConfig.start`). `fitness()` scores the network as it stands on the search
+    split (`Scorer.fitness`). `seed` (default: the config's) orders the mini-batches. Past `deadline`
+    (time.monotonic) training stops after the current step.
+
+    Finetuning never hands back a model worse than it started from: the search-split fitness (held out
+    from training) is taken before the first epoch and after each one, and the best state is kept (on a
+    real OCR recogniser, finetuning on a blind objective took the fitness from 2.08 to 3.98).
+    `on_finished()` is called with the kept weights in place and activations quantized (e.g. to run the
+    held-out check split through the simulation)."""
+    from passes.qparams import ActParams, LayerParams, QuantParams
+
+    cfg = ctx.cfg
+    epochs = cfg.finetune.epochs if epochs is None else epochs
+    wbits = [policy.get(n).weight_bits for n in ctx.names]
+    abits = ctx.policy_abits(policy)
+    stored = stored_bits(wbits, abits, ctx.reduce8)
+    ctx.set_activation_quant(abits)
+    starts = [start] if start != "auto" else ["metaquantnet", "ptq"] if mqn is not None else ["ptq"]
+    tried: dict[str, float] = {}
+    for name in starts:  # one candidate start at a time: never more than one extra copy of the weights
+        built = _start_weights(ctx, wbits, stored, mqn if name == "metaquantnet" else None)
+        if len(starts) > 1:
+            with torch.no_grad(), ctx.net.override_weights(FinetunedWeights(*built)()):
+                tried[name] = fitness()
+            if name != starts[-1]:
+                built = None  # freed before the next start is built
+    chosen = min(tried, key=tried.__getitem__) if tried else starts[0]
+    if chosen != starts[-1]:
+        built = _start_weights(ctx, wbits, stored, mqn if chosen == "metaquantnet" else None)
+    weights, scales, axes, biases = built
     saved_bias = {n: p.detach().clone() for n, p in biases.items()}
     for p in biases.values():
         p.requires_grad_(True)
@@ -102,7 +123,6 @@ def finetune(
         ],
         lr=cfg.finetune.lr,
     )
-    ctx.set_activation_quant(abits)
     trainable = FinetunedWeights(weights, scales, axes, biases)
     current = distributed.data_parallel(trainable, False)
     total_steps = max(1, epochs * steps_per_epoch(ctx))
@@ -154,7 +174,14 @@ def finetune(
         final = best_fit
         progress(
             "finetune_done",
-            {"start_fitness": start_fit, "fitness": best_fit, "best_epoch": best_epoch, "epochs": epochs},
+            {
+                "start": chosen,
+                "start_scores": tried,
+                "start_fitness": start_fit,
+                "fitness": best_fit,
+                "best_epoch": best_epoch,
+                "epochs": epochs,
+            },
         )
         if on_finished is not None:
             with torch.no_grad(), ctx.net.override_weights(trainable()):
