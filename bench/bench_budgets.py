@@ -117,11 +117,13 @@ def size_part(name: str, budget: float, tmp: str, quick: bool) -> dict:
         run["quality"] = quality(out)
         run["fits"] = run["bytes"] <= target
     res["searched"] = run
-    for k in (7, 6, 5, 4, 3, 2):  # the widest uniform width whose file fits
-        out = f"{tmp}/{name}-u{k}.onnx"
-        u = cli("convert", model, "--data", data, "-o", out, "--bits", str(k), "--storage", "packed",
-                "--finetune-epochs", ft, "--workdir", f"{tmp}/wd-{name}-u{k}", *extra)  # fmt: skip
+    for k in (7, 6, 5, 4, 3, 2):  # the widest uniform width whose file fits (the size does not depend on
+        out = f"{tmp}/{name}-u{k}.onnx"  # finetuning: PTQ first, finetuned only for the width that fits)
+        u = cli("convert", model, "--data", data, "-o", out, "--bits", str(k), "--storage", "packed", *extra)
         if u.get("bytes", target + 1) <= target:
+            if ft != "0":
+                u = cli("convert", model, "--data", data, "-o", out, "--bits", str(k), "--storage", "packed",
+                        "--finetune-epochs", ft, "--workdir", f"{tmp}/wd-{name}-u{k}", *extra)  # fmt: skip
             res["uniform"] = {**u, "bits": k, "quality": quality(out)}
             break
     return res
