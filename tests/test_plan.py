@@ -84,3 +84,15 @@ def test_ga_stops_at_its_deadline_with_the_best_so_far() -> None:
     )
     assert ga.generation == 3 and len(res.history) == 3
     assert res.best_fitness == min(ga.cache.values())
+
+
+def test_a_budget_that_setup_alone_exceeds_says_so() -> None:
+    """A large model on a slow machine: setup already used most of a 5-minute budget. The plan shrinks
+    everything it may, and the line says plainly that the run cannot fit."""
+    cfg = SearchConfig()
+    fits, p_fits = plan(cfg, _costs(), budget_s=3600)
+    assert "OVER BUDGET" not in describe(p_fits, fits, finetune=True)
+    new, p = plan(cfg, _costs(elapsed=280.0, train_step=2.0, per_sample=0.3), budget_s=300)
+    assert p.predicted_total > 1.1 * 300
+    line = describe(p, new, finetune=True)
+    assert "OVER BUDGET" in line and "--time-budget" in line

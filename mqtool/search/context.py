@@ -286,7 +286,9 @@ class SearchContext:
     def _choose_objective(self) -> tuple[list[OutputSpec], Objective]:
         """Each output's kind from the graph and the fp32 values of the first training samples, then the
         objective over the scored ones. The first scored output is the one labels apply to."""
-        feeds = self.feeds(self.train, slice(0, min(len(self.train), 64)))
+        # 64 samples in one batched run; one sample per run costs a full pass each (a 416x416 detector:
+        # ~0.3 s), and 16 tell the output kinds apart as well
+        feeds = self.feeds(self.train, slice(0, min(len(self.train), 64 if self.batched else 16)))
         with torch.no_grad():
             if self.batched:
                 outs = self._raw(feeds)

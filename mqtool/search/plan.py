@@ -252,11 +252,18 @@ def describe(plan: Plan, cfg: SearchConfig, finetune: bool) -> str:
         parts.append(f"finetune {cfg.finetune.epochs} epoch(s) {_m(st['finetune'])}")
         parts.append(f"emit + self-check {_m(st['emit and self-check'])}")
     cut = ", ".join(f"{k} {a}->{b}" for k, (a, b) in plan.changed.items())
+    over = plan.predicted_total > 1.1 * plan.budget_s
     return (
         f"plan (time budget {plan.budget_s / 60:g} min): "
         + ", ".join(parts)
         + f"; predicted {plan.predicted_total / 60:.1f} min"
         + (f" (reduced to fit: {cut})" if cut else "")
+        + (
+            f"; OVER BUDGET: even the smallest run takes {plan.predicted_total / 60:.1f} min on this model and "
+            "machine (setup and emission alone do not fit): raise --time-budget for a real search"
+            if over
+            else ""
+        )
     )
 
 
