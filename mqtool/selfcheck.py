@@ -8,7 +8,10 @@ table (measure, quantized, 8-bit PTQ, predicted) and a verdict:
 - "poor" when the model's agreement is under `FLOOR`, or (budget below 8 bits) one of the compared
   measures (an output's agreement, its CTC string agreement, its top-1 accuracy, or the model's
   agreement) is below `HALF` of the baseline's and the gap is beyond noise (3 standard errors);
-- "warning" when a compared measure is lower than the search predicted on the same samples by more than
+- "warning" when, below 8 bits, a compared measure is more than `LARGE_GAP` (and 3 standard errors) under
+  8-bit PTQ's, or a regression output's SQNR is more than `SQNR_GAP_DB` under 8-bit PTQ's (a detector's
+  class-score channels can lose every detection while the cosine, dominated by box coordinates, stays
+  0.995); or when a compared measure is lower than the search predicted on the same samples by more than
   max(`PREDICTED_SLACK`, 3 standard errors): the emitted file does not behave like the simulation; or,
   for a budget at or above 8 bits, lower than the baseline's by more than max(`W8_SLACK`, 3 standard
   errors): at 8 bits nothing explains a loss that 8-bit PTQ does not have;
@@ -35,7 +38,17 @@ import onnx
 from mqtool.data import InputSpec, model_inputs, open_data
 from mqtool.dataspec import DataSpec
 from mqtool.errors import InputError
-from mqtool.fidelity import ABS_DIFF, ACCURACY, CTC, KL, SQNR, ModelFidelity, model_fidelity, paired_gap
+from mqtool.fidelity import (
+    ABS_DIFF,
+    ACCURACY,
+    COSINE,
+    CTC,
+    KL,
+    SQNR,
+    ModelFidelity,
+    model_fidelity,
+    paired_gap,
+)
 from mqtool.model import load_model
 from mqtool.outputs import OutputKind, OutputSpec, classify, output_sample_axes, plan_outputs
 from mqtool.runtime import (
@@ -55,6 +68,11 @@ FLOOR = 0.5  # a model agreeing with fp32 on fewer than half of the samples does
 HALF = 0.5  # below 8 bits, losing more than half of what 8-bit PTQ keeps is not explained by the budget
 PREDICTED_SLACK = 0.05
 W8_SLACK = 0.01
+# Below 8 bits: a compared measure this far under 8-bit PTQ's is said, not judged poor (the budget may buy
+# it); a regression output's SQNR this many dB under 8-bit PTQ's is said too: cosine hides what a
+# threshold on a few small channels (a detector's class scores next to its box coordinates) does not.
+LARGE_GAP = 0.15
+SQNR_GAP_DB = 10.0
 HOLDOUT_FRACTION = 0.2
 HOLDOUT_MAX = 256
 BATCH = 64  # samples per ORT run of a model with a free batch
@@ -275,6 +293,13 @@ def judge(
                     )
             elif qv < HALF * bv and gap > 3 * se:
                 poor.append(f"{label} {qv:.4f} is less than half of 8-bit PTQ's {bv:.4f}")
+            elif gap > max(LARGE_GAP, 3 * se):
+                warn.append(
+                    f"{label} {qv:.4f} is {gap:.4f} below 8-bit PTQ's {bv:.4f}: this budget costs much of the "
+                    "quality (a larger budget, or --max-drop, keeps more)"
+                )
+        if not at_8:
+            warn += _sqnr_gaps(quantized, baseline)
     if predicted is not None:
         for label, q, p in _compared(quantized, predicted):
             gap, se = paired_gap(p, q)
@@ -290,6 +315,20 @@ def judge(
     if warn:
         return WARNING, warn
     return OK, []
+
+
+def _sqnr_gaps(quantized: ModelFidelity, baseline: ModelFidelity) -> list[str]:
+    out = []
+    for o in quantized.outputs:
+        other = baseline.output(o.name)
+        q, b = o.measures.get(SQNR), None if other is None else other.measures.get(SQNR)
+        if q is None or b is None or not np.isfinite(b) or b - q <= SQNR_GAP_DB:
+            continue
+        out.append(
+            f"'{o.name}' SQNR {q:.1f} dB is {b - q:.1f} dB below 8-bit PTQ's {b:.1f} dB (its cosine "
+            f"{o.measures.get(COSINE, float('nan')):.4f} may hide it): check this output with your task metric"
+        )
+    return out
 
 
 def _compared(a: ModelFidelity, b: ModelFidelity) -> list[tuple[str, np.ndarray, np.ndarray]]:

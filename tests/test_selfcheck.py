@@ -247,7 +247,9 @@ def test_judge_rules():
     perfect = fidelity(np.ones(n))
     # Below 8 bits, losing some agreement is what the budget buys; at 8 bits it must match 8-bit PTQ.
     lower = fidelity(np.where(np.arange(n) < 40, 0.5, 1.0))  # 0.9 per position
-    assert judge(lower, perfect, bits=3.0) == (OK, [])
+    assert judge(fidelity(np.where(np.arange(n) < 10, 0.5, 1.0)), perfect, bits=3.0) == (OK, [])
+    # ... but 20 points of CTC strings lost is said (a warning, the budget may be worth it)
+    assert judge(lower, perfect, bits=3.0)[0] == WARNING
     verdict, reasons = judge(lower, perfect, bits=8.0)
     assert verdict == WARNING and reasons[0].startswith("at 8 bits, model agreement 0.9000 is 0.1000 below")
     one_flip = fidelity(np.where(np.arange(n) < 1, 0.9, 1.0))
@@ -268,6 +270,34 @@ def test_judge_rules():
     low = fidelity(np.full(n, 0.4))
     verdict, reasons = judge(low, low, bits=2.0)
     assert verdict == POOR and "8-bit PTQ scores 0.4000 too" in reasons[0]
+    # Below 8 bits, a large loss against 8-bit PTQ (more than 0.15, not yet half) is said, not judged poor.
+    much_lower = fidelity(np.where(np.arange(n) < 60, 0.5, 1.0))  # 30 % of the strings differ
+    verdict, reasons = judge(much_lower, perfect, bits=4.0)
+    assert verdict == WARNING
+    assert (
+        "CTC string agreement 0.7000 is 0.3000 below 8-bit PTQ's 1.0000: this budget costs much of the quality "
+        "(a larger budget, or --max-drop, keeps more)"
+    ) in reasons
+
+
+def test_a_regression_output_far_below_8_bit_sqnr_is_said_even_when_its_cosine_looks_fine():
+    """A detector's [N, 4 + classes, anchors] output: a shift of the small class-score channels leaves the
+    cosine (dominated by box coordinates in pixels) near 1, but not the SQNR."""
+    rng = np.random.default_rng(0)
+    n = 64
+    ref = np.concatenate([rng.uniform(0, 640, (n, 4, 100)), rng.uniform(0, 1, (n, 6, 100))], axis=1)
+    close = ref + rng.normal(0, 0.01, ref.shape)  # 8-bit-like
+    shifted = ref.copy()
+    shifted[:, 4:] -= 0.3  # every class score lowered: no detection passes a 0.25 threshold
+    shifted[:, :4] += rng.normal(0, 3.0, (n, 4, 100))
+    spec = OutputSpec("boxes", "boxes", OutputKind.REGRESSION, "hand-made")
+    q = model_fidelity([spec], {"boxes": ref}, {"boxes": shifted})
+    b = model_fidelity([spec], {"boxes": ref}, {"boxes": close})
+    assert q.agreement > 0.99  # cosine alone would pass it
+    verdict, reasons = judge(q, b, bits=4.0)
+    assert verdict == WARNING and any("'boxes' SQNR" in r and "below 8-bit PTQ's" in r for r in reasons)
+    assert judge(b, b, bits=4.0) == (OK, [])
+    assert all("SQNR" not in r for r in judge(q, b, bits=8.0)[1])  # at 8 bits the 8-bit rule speaks
 
 
 def test_hold_out_keeps_the_last_samples_and_caps_calibration(tmp_path):
