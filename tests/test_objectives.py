@@ -196,3 +196,30 @@ def test_an_already_quantized_model_is_refused(tmp_path):
     m = _model(nodes, [_vi("x", ["n", D])], [_vi("y", ["n", 10])], [q, s])
     with pytest.raises(InputError, match="already quantized"):
         _engine(m, _x(64, D), tmp_path)
+
+
+def test_a_detectors_class_scores_weigh_next_to_its_box_coordinates():
+    """YOLO-style [N, 4 + classes, anchors]: boxes in pixels (variance ~8000), sparse class scores in [0, 1]
+    (variance ~1e-3). Lowering every class score by 0.3 loses every detection; jittering boxes by 2 px
+    loses none. The objective must rank them that way (a floor relative to the whole output's energy once
+    made the class rows ~1e-4 of the loss)."""
+    import torch
+
+    from mqtool.outputs import OutputKind, OutputSpec
+    from mqtool.search.objective import Objective
+
+    rng = np.random.default_rng(0)
+    n, anchors = 16, 300
+    boxes = rng.uniform(0, 320, (n, 4, anchors))
+    scores = np.where(rng.uniform(size=(n, 18, anchors)) < 0.02, rng.uniform(0.3, 0.9, (n, 18, anchors)), 0.0)
+    t = torch.tensor(np.concatenate([boxes, scores], axis=1), dtype=torch.float32)
+    spec = OutputSpec("output0", "output0", OutputKind.REGRESSION, "hand-made")
+    obj = Objective.choose([spec], None, 2.0, False, tuple(t.shape[1:]))
+    teacher = obj.teacher([t])
+    lost = t.clone()
+    lost[:, 4:] = (lost[:, 4:] - 0.3).clamp_min(0.0)
+    jitter = t.clone()
+    jitter[:, :4] += torch.randn_like(jitter[:, :4]) * 2.0
+    bad = obj.sample_terms([lost], teacher.parts, teacher.energy).mean()
+    fine = obj.sample_terms([jitter], teacher.parts, teacher.energy).mean()
+    assert bad > 10 * fine, (float(bad), float(fine))

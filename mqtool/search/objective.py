@@ -205,13 +205,18 @@ class Objective:
 def _channel_energy(t: torch.Tensor) -> torch.Tensor:
     """What a regression output's squared error is divided by: per channel (the smallest per-sample axis
     when there are several and it is at most 64 wide, e.g. a detector's box and class rows), the fp32
-    variance over samples and positions, floored at 1e-3 of the output's mean energy so that a constant
-    channel cannot blow up. Broadcastable against the output."""
+    variance over samples and positions. The floor is per channel too: 1e-3 of the channel's own mean
+    square (a constant channel cannot blow up) but at least 1e-6 of the whole output's, so that a detector's
+    class scores (values in [0, 1], variance ~1e-3) are weighed as what decides its detections and not
+    drowned by box coordinates in pixels (a floor relative to the whole output, ~4 there, made them
+    ~1e-4 of the loss and a searched detector lost every detection at cosine 0.995). Broadcastable against
+    the output."""
     per_sample = t.shape[1:]
-    floor = t.pow(2).mean().clamp_min(_EPS) * 1e-3
+    whole = float(t.pow(2).mean().clamp_min(_EPS))
     if len(per_sample) >= 2 and min(per_sample) <= 64:
         axis = 1 + int(np.argmin(per_sample))
         dims = [d for d in range(t.dim()) if d != axis]
         var = t.var(dim=dims, keepdim=True, unbiased=False)
-        return var.clamp_min(float(floor)).expand_as(t[:1])
-    return (t.var(unbiased=False).clamp_min(float(floor))).reshape([1] * t.dim())
+        floor = (t.pow(2).mean(dim=dims, keepdim=True) * 1e-3).clamp_min(whole * 1e-6)
+        return torch.maximum(var, floor).expand_as(t[:1])
+    return (t.var(unbiased=False).clamp_min(whole * 1e-3)).reshape([1] * t.dim())
