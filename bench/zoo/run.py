@@ -116,12 +116,18 @@ def ort_quantize(name: str, model_path: str, data_path: str, out: str) -> dict:
         info["opset_upgraded_from"] = opset
         model_path = up
     pre = out + ".pre.onnx"
+    here = os.getcwd()
+    os.chdir(
+        os.path.dirname(os.path.abspath(out))
+    )  # a failed symbolic shape inference leaves files in the cwd
     try:
-        quant_pre_process(model_path, pre)
+        quant_pre_process(os.path.abspath(model_path), pre)
         src = pre
     except Exception as e:  # recorded, and the peer quantizes the model as shipped
         info["pre_process_error"] = f"{type(e).__name__}: {' '.join(str(e).split())}"[:200]
         src = model_path
+    finally:
+        os.chdir(here)
     quantize_static(
         src,
         out,
