@@ -96,3 +96,47 @@ def test_a_budget_that_setup_alone_exceeds_says_so() -> None:
     assert p.predicted_total > 1.1 * 300
     line = describe(p, new, finetune=True)
     assert "OVER BUDGET" in line and "--time-budget" in line
+
+
+def test_the_ga_stops_mid_generation_once_its_deadline_passes() -> None:
+    """Slow candidates (a detector fed one image per run): the rest of a generation is left unscored once
+    the deadline passes, never cached, and the GA ends with the best of what it scored."""
+    cfg = GAConfig(population=10, generations=5)
+    ga = GeneticSearch(4, [2, 4, 8], lambda w, a: float(np.mean(w)), 6.0, config=cfg, seed=0)
+    scored: list[int] = []
+
+    def evaluate(gs):  # the Scorer's contract: NaN for a candidate left unscored
+        out = []
+        for g in gs:
+            if len(scored) >= 13:
+                out.append(float("nan"))
+            else:
+                scored.append(1)
+                out.append(float(-sum(g.wbits)))
+        return out
+
+    res = ga.run(evaluate, should_stop=lambda: len(scored) >= 13)
+    assert len(scored) == 13 and len(ga.cache) == 13 and ga.generation == 2
+    assert all(g.key() in ga.cache for g in ga.population) and len(ga.population) >= 3
+    assert res.best_fitness == min(ga.cache.values())
+
+
+def test_the_scorer_leaves_candidates_unscored_past_the_deadline(tmp_path) -> None:
+    from mqtool.model import load_model
+    from mqtool.search.api import load_dataset
+    from mqtool.search.driver import SearchEngine
+    from mqtool.search.ga import Genome
+
+    from .conftest import example_path
+
+    model = load_model(example_path("mnist_cnn"))
+    data = load_dataset(example_path("mnist_cnn", "train.npz"), model).take(np.arange(200))
+    eng = SearchEngine(model, data, SearchConfig.flat(epochs=0, fitness_samples=16), str(tmp_path))
+    eng.train_metaquantnet()
+    n = eng.ctx.n
+    genomes = [Genome(tuple([w] * n), tuple([8] * n)) for w in (8, 6, 4, 3)]
+    eng.scorer.should_stop = lambda: True  # already past: one candidate is still scored
+    got = eng.scorer.evaluate(genomes)
+    assert np.isfinite(got[0]) and all(np.isnan(got[1:]))
+    eng.scorer.should_stop = None
+    assert all(np.isfinite(eng.scorer.evaluate(genomes)))

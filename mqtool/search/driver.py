@@ -260,7 +260,9 @@ class SearchEngine:
 
         deadline = self._deadline("ga")
         stop = None if deadline is None else (lambda: past_deadline(deadline))
+        scorer.should_stop = stop  # also mid-generation: see Scorer._evaluate_here
         res = ga.run(scorer.evaluate, on_generation, stop)
+        scorer.should_stop = None
         if ga.generation < cfg.ga.generations:
             self.progress("deadline", {"stage": f"GA {budget.label}", "generation": ga.generation})
         best, fitness = res.best, res.best_fitness

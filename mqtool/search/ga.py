@@ -201,7 +201,11 @@ class GeneticSearch:
             )
             scores = evaluate(new, ref) if ref is not None else evaluate(new)
             for g, f in zip(new, scores):
+                if np.isnan(f):  # left unscored (the deadline passed mid-generation): not part of it
+                    continue
                 self.cache[g.key()] = float(f) if np.isfinite(f) else float("inf")
+            cands = [g for g in cands if g.key() in self.cache]
+            new = [g for g in new if g.key() in self.cache]
         # Sort by fitness, ties broken by the genes themselves so the order is deterministic.
         self.population = sorted(cands, key=lambda g: (self.cache[g.key()], g.key()))
         best = self.population[0] if self.population else None

@@ -108,6 +108,7 @@ class Scorer:
         # reference must be scored in full; see `_score`).
         self.terms: dict[tuple, np.ndarray] = {}
         self.float_screen = False  # see ScoringConfig.exact_screening; set per search
+        self.should_stop: Callable[[], bool] | None = None  # the GA's deadline, set while it runs
         self.first_look = True
         self._feed_cache: dict[tuple, list[torch.Tensor]] = {}
         self._labels = ctx.labels(ctx.search_set)
@@ -167,14 +168,25 @@ class Scorer:
         self.first_look = True
         self._feed_cache.clear()
 
+    def _stopped(self, scored: int) -> bool:
+        """Past the GA's deadline (`should_stop`), once this call has scored at least one candidate."""
+        return scored > 0 and self.should_stop is not None and self.should_stop()
+
     def _evaluate_here(self, genomes: list[Genome], reference: Genome | None) -> list[float]:
+        # Past the deadline the rest of the generation is left unscored (NaN: the GA drops them), so a
+        # generation of slow candidates (a detector fed one image per run) overruns by one candidate at most.
+        out: list[float] = []
         if reference is None:
-            return [self._score(g, None, self.plans[False]) for g in genomes]
+            for g in genomes:
+                out.append(math.nan if self._stopped(len(out)) else self._score(g, None, self.plans[False]))
+            return out
         if reference.key() not in self.terms:  # after a resume, or scored on another rank
             self._score(reference, None, self.plans[False])
         ref_terms = self.terms[reference.key()]
         before = dict(self.race_stats)
-        out = [self._score(g, ref_terms, self.plans[self.first_look]) for g in genomes]
+        for g in genomes:
+            stop = self._stopped(len(out))
+            out.append(math.nan if stop else self._score(g, ref_terms, self.plans[self.first_look]))
         # The first look costs one more, smaller forward pass per candidate and pays only when enough
         # candidates stop there (break-even ~1/3 on the CNN example). Whether they would have is known
         # either way (see `_score`), so the next generation looks first only if this one's rate was high.
