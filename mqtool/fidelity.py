@@ -40,6 +40,7 @@ DECISION = "decision agreement"
 ABS_DIFF = "mean abs difference"
 COSINE = "cosine"
 SQNR = "SQNR dB"
+WORST_CHANNEL_SQNR = "worst-channel SQNR dB"
 
 # Probabilities are clipped here before their log: a quantized Softmax output can hold exact zeros (values
 # below its quantization step), whose log would make the KL infinite for one rounding.
@@ -137,6 +138,26 @@ def cosine_per_sample(reference: np.ndarray, candidate: np.ndarray) -> np.ndarra
     with np.errstate(invalid="ignore", divide="ignore"):
         cos = np.where(den > 0, dot / np.where(den > 0, den, 1.0), 0.0)
     return np.where(both_zero, 1.0, np.clip(cos, -1.0, 1.0))
+
+
+def worst_channel_sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float | None:
+    """The lowest SQNR over the channels of a regression output whose smallest per-sample axis is at most 64
+    wide and not the only one (a detector's box and class rows), channels whose fp32 values are all zero
+    left out; None for other shapes. A whole-output SQNR is dominated by the channels with the largest
+    values (box coordinates in pixels) and cannot see the class scores a detector thresholds."""
+    r, c = np.asarray(reference, dtype=np.float64), np.asarray(candidate, dtype=np.float64)
+    per_sample = r.shape[1:]
+    if len(per_sample) < 2 or min(per_sample) > 64:
+        return None
+    axis = 1 + int(np.argmin(per_sample))
+    dims = tuple(d for d in range(r.ndim) if d != axis)
+    signal = (r**2).sum(axis=dims)
+    noise = ((r - c) ** 2).sum(axis=dims)
+    live = signal > 0
+    if not live.any():
+        return None
+    with np.errstate(divide="ignore"):
+        return float(np.min(10 * np.log10(signal[live] / noise[live])))
 
 
 def sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
@@ -241,6 +262,9 @@ def output_fidelity(
         measures[COSINE] = float(np.mean(np.where(bad, 0.0, cos)))
         if spec.kind is OutputKind.REGRESSION:
             measures[SQNR] = sqnr_db(r, c) if not bad.any() else -math.inf
+            worst = worst_channel_sqnr_db(r, c) if not bad.any() else -math.inf
+            if worst is not None:
+                measures[WORST_CHANNEL_SQNR] = worst
     for k in per_sample:
         per_sample[k] = np.where(bad, 0.0, per_sample[k])
     ordered = {k: float(np.mean(v)) for k, v in per_sample.items()}

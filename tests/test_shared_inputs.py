@@ -205,3 +205,27 @@ def test_model_inputs_know_their_sample_axes():
     specs = {s.name: s for s in model_inputs(vad_like())}
     assert specs["state"].sample_axis == 1 and specs["sr"].sample_axis is None
     assert specs["state"].fixed_batch is None and specs["input"].fixed_batch is None
+
+
+def test_search_forward_in_bounded_sub_batches_cuts_each_input_on_its_axis(tmp_path):
+    """The search bounds memory by running no-grad forwards in sub-batches; a state on axis 1 and a shared
+    scalar must be cut (and kept) like the data layer does (silero-vad's search failed there with a
+    [256, 512] vs [84, 512] mismatch)."""
+    import torch
+
+    from mqtool.model import load_model
+    from mqtool.search import SearchConfig
+    from mqtool.search.context import SearchContext
+
+    onnx.save(vad_like(), tmp_path / "m.onnx")
+    a = arrays(40)
+    ds = Samples(a, None, {"input": 0, "state": 1, "sr": None})
+    ctx = SearchContext(load_model(str(tmp_path / "m.onnx")), ds, SearchConfig.flat(epochs=0), str(tmp_path))
+    assert ctx.batched
+    feeds = ctx.feeds(ds)
+    with torch.no_grad():
+        whole = ctx.forward_feeds(feeds)[0].numpy()
+        ctx.max_batch = 7
+        cut = ctx.forward_feeds(feeds)[0].numpy()
+    np.testing.assert_allclose(whole, reference(a), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(cut, whole, rtol=1e-6, atol=1e-6)

@@ -225,13 +225,9 @@ class SearchContext:
     def forward_feeds(self, feeds: list[torch.Tensor]) -> list[torch.Tensor]:
         keep = self._scored
         if self.batched:
-            n = len(feeds[0])
-            if n > self.max_batch and not torch.is_grad_enabled():  # bounded memory (see _MAX_ELEMENTS)
-                parts = [
-                    self.forward_feeds([f[i : i + self.max_batch] for f in feeds])
-                    for i in range(0, n, self.max_batch)
-                ]
-                return [torch.cat(p) for p in zip(*parts)]
+            runs = self._runs(feeds, self.max_batch) if not torch.is_grad_enabled() else [feeds]
+            if len(runs) > 1:  # bounded memory (see _MAX_ELEMENTS)
+                return [torch.cat(p) for p in zip(*(self.forward_feeds(r) for r in runs))]
             outs = self._raw(feeds)
             return [torch.movedim(outs[i], self._out_axes[i], 0).float() for i in keep]
         runs = [self._raw(one) for one in self._one_by_one(feeds)]
@@ -258,12 +254,19 @@ class SearchContext:
             self.pins[i] = max(self.widths)
         return [self.names[i] for i in unreached]
 
-    def _one_by_one(self, feeds: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-        """`feeds` as one-sample runs, cut on each input's sample axis (shared inputs whole)."""
+    def _runs(self, feeds: list[torch.Tensor], size: int) -> list[list[torch.Tensor]]:
+        """`feeds` cut into runs of at most `size` samples on each input's sample axis (a state's is 1;
+        shared inputs are fed whole to every run)."""
         axes = [self.data.axes.get(n, 0) for n in self.info.inputs]
         axes = [a if a is not None and f.dim() > a else None for f, a in zip(feeds, axes)]
         n = next((f.shape[a] for f, a in zip(feeds, axes) if a is not None), 1)
-        return [[f if a is None else f.narrow(a, j, 1) for f, a in zip(feeds, axes)] for j in range(n)]
+        return [
+            [f if a is None else f.narrow(a, j, min(size, n - j)) for f, a in zip(feeds, axes)]
+            for j in range(0, n, size)
+        ]
+
+    def _one_by_one(self, feeds: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        return self._runs(feeds, 1)
 
     def feeds(self, ds: Samples, idx: slice | np.ndarray | None = None) -> list[torch.Tensor]:
         arrays = [

@@ -52,9 +52,15 @@ class BudgetCosts:
             lo, hi = feasible_range(cost, ctx.widths, ctx.pins, alo, ahi, ctx.n)
         if budget.value < lo - 1e-9:
             unit = _UNITS[budget.kind]
+            why = (
+                f" ({len(ctx.unreached)} layer(s) inside a branch no sample of the data runs are pinned at "
+                f"{max(ctx.widths)} bits, e.g. '{ctx.unreached[0]}')"
+                if ctx.unreached
+                else ""
+            )
             raise InputError(
                 f"budget.{budget.kind}: {budget.value:g} is infeasible; with widths {ctx.widths} and the pins "
-                f"the feasible range is {lo:.3f}..{hi:.3f} {unit}",
+                f"the feasible range is {lo:.3f}..{hi:.3f} {unit}{why}",
                 field=f"budget.{budget.kind}",
             )
         return lo, hi
