@@ -99,8 +99,8 @@ def test_the_engine_seeds_its_ga_only_in_hybrid_mode(tmp_path, monkeypatch) -> N
         eng = SearchEngine(model, data, cfg, str(tmp_path / str(hybrid)))
         eng.train_metaquantnet()
         eng.search(Budget("bits", 3.0))
-    assert len(made) == 1 and made[0], "the hybrid did not build its seed"
-    assert seeded[0] == made[0] and seeded[1] == []
+    assert len(made) == 2 and made[0], "the hybrid did not build its seed"
+    assert seeded[0] == made[0] and seeded[1] == made[1] == []
     g = made[0][0]
     pol = Policy({n: LayerBits(b, 8) for n, b in zip(eng.ctx.names, g.wbits)})
     assert average_weight_bits(pol, eng.ctx.info.layers) <= 3.0 + 1e-9

@@ -295,7 +295,9 @@ def test_a_regression_output_far_below_8_bit_sqnr_is_said_even_when_its_cosine_l
     b = model_fidelity([spec], {"boxes": ref}, {"boxes": close})
     assert q.agreement > 0.99  # cosine alone would pass it
     verdict, reasons = judge(q, b, bits=4.0)
-    assert verdict == WARNING and any("'boxes' worst-channel SQNR dB" in r and "below 8-bit PTQ's" in r for r in reasons)
+    assert verdict == WARNING and any(
+        "'boxes' worst-channel SQNR dB" in r and "below 8-bit PTQ's" in r for r in reasons
+    )
     assert judge(b, b, bits=4.0) == (OK, [])
     assert all("SQNR" not in r for r in judge(q, b, bits=8.0)[1])  # at 8 bits the 8-bit rule speaks
 

@@ -116,3 +116,12 @@ def clear_temporaries(workdir: str) -> None:
     for f in os.listdir(workdir):
         if f.startswith(".") and f.endswith(".tmp"):
             os.unlink(os.path.join(workdir, f))
+
+
+def read_json(path: str) -> dict | None:
+    """A small JSON state file (the time plan), None when missing or unreadable (then it is rewritten)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None

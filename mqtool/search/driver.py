@@ -113,7 +113,7 @@ class SearchEngine:
         )
         path = os.path.join(self.ctx.workdir, "plan.json")
         key = checkpoint.fingerprint(self.ctx.fp, budgets, finetune, cfg.to_json())
-        saved = _read_json(path) if not cfg.restart else None
+        saved = checkpoint.read_json(path) if not cfg.restart else None
         if saved is not None and saved.get("fingerprint") == key:
             new = SearchConfig.from_json(saved["config"])  # as planned when the run began
         elif distributed.is_main():
@@ -201,10 +201,8 @@ class SearchEngine:
             seed=cfg.seed,
             racing=cfg.scoring.racing,
             options=options,
-            # the hybrid's HAWQ-style seed for bits/BitOPs budgets; formats are left to the GA
-            extra_seeds=[]
-            if options is not None or not cfg.ga.sensitivity_seed
-            else prior_seeds(ctx, self.sensitivity(), cost, budget.value, cfg.space.act_bits),
+            # the hybrid's seed (bits/BitOPs budgets; formats are left to the GA)
+            extra_seeds=prior_seeds(ctx, self.sensitivity, cost, budget.value, cfg) if not options else [],
         )
         self.progress("stage", {"name": "ga"})
         anchors = scorer.anchors()
@@ -313,13 +311,17 @@ class SearchEngine:
         return Policy(layers, meta=meta)
 
     def sensitivity(self) -> dict:
-        """Each layer's fitness increase alone at each candidate width (`mqtool.sensitivity`), computed once
-        per run on the first 64 search samples, for `report` to show why a layer got its width. Skipped (and
-        said so) on models where it would cost more than a few hundred forward passes."""
+        """Each layer's fitness increase alone at each width (`mqtool.sensitivity`), once per run on 64 search
+        samples: the hybrid's seed and `report`'s "why". Skipped (and said so) above a few hundred forward
+        passes, or when it would take over a tenth of the GA's planned time."""
         if self._sensitivity is None:
-            cost = self.ctx.n * len(self.ctx.widths)
-            if cost > _SENSITIVITY_PASSES:
-                self._sensitivity = {"skipped": f"{self.ctx.n} layers x {len(self.ctx.widths)} widths"}
+            passes = self.ctx.n * len(self.ctx.widths)
+            slow = self.plan is not None and passes * 64 * self.plan.sample_s > 0.1 * self.plan.stages["ga"]
+            if passes > _SENSITIVITY_PASSES or slow:
+                why = f"{self.ctx.n} layers x {len(self.ctx.widths)} widths" + (
+                    " (time budget)" if slow else ""
+                )
+                self._sensitivity = {"skipped": why}
             else:
                 from mqtool.sensitivity import context_sensitivity
 
@@ -409,11 +411,3 @@ _SENSITIVITY_PASSES = 240
 
 def _finite_or_none(x: float) -> float | None:
     return float(x) if np.isfinite(x) else None
-
-
-def _read_json(path: str) -> dict | None:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None

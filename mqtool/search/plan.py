@@ -55,6 +55,7 @@ class Plan:
     stages: dict[str, float]
     changed: dict[str, tuple] = field(default_factory=dict)  # option -> (configured, planned)
     deadlines: dict[str, float] = field(default_factory=dict)  # stage -> seconds it may take at most
+    sample_s: float = 0.0  # measured: one sample through a candidate's forward pass
 
     @property
     def predicted_total(self) -> float:
@@ -211,7 +212,7 @@ def plan(
         "ga": 1.5 * stages["ga"] / budgets + 5,
         "finetune": 1.5 * stages["finetune"] + 5,
     }
-    return new, Plan(budget_s, stages, changed, deadlines)
+    return new, Plan(budget_s, stages, changed, deadlines, costs.per_sample)
 
 
 def _size_ga(P: int, G: int, S: int, seconds: float, budgets: int, per_cand, fixed: frozenset[str]) -> dict:

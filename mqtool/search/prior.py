@@ -65,11 +65,16 @@ def sensitivity_allocation(
     return bits()
 
 
-def prior_seeds(ctx, sens: dict, cost, limit: float, act_bits: int) -> list[Genome]:
-    """The sensitivity-greedy genome under `cost(wbits, abits) <= limit` (activations at `act_bits`), or
-    nothing when the sensitivity was skipped on this model or nothing fits."""
+def prior_seeds(ctx, sensitivity, cost, limit: float, cfg) -> list[Genome]:
+    """The sensitivity-greedy genome under `cost(wbits, abits) <= limit` (activations at the configured
+    width), or nothing: in the pure method (`cfg.ga.sensitivity_seed` off), when `sensitivity()` was skipped
+    on this model, or when nothing fits."""
+    if not cfg.ga.sensitivity_seed:
+        return []
+    sens = sensitivity()
     if "skipped" in sens:
         return []
+    act_bits = cfg.space.act_bits
     abits = np.full(ctx.n, act_bits, dtype=np.float64)
     wbits = sensitivity_allocation(sens, ctx.names, ctx.widths, ctx.pins, lambda w: cost(w, abits), limit)
     if wbits is None:
