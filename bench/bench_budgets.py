@@ -57,7 +57,7 @@ def cli(*args: str, timeout: int = 3600) -> dict:
     if m:
         row["measured_ms"] = float(m.group(1))
         row["predicted_ms"] = float(m.group(2)) if m.group(2) else None
-    m = re.search(r"self-check\s+(\S.*)", err)
+    m = re.search(r"^self-check {2,}(\S+)", err, re.M)  # the summary table's row: ok / warning / poor
     if m:
         row["self_check"] = m.group(1).strip()
     return row
