@@ -223,8 +223,8 @@ def mqtool_convert(
         target=lambda: stamped.extend((time.perf_counter() - t0, ln) for ln in proc.stderr), daemon=True
     )
     reader.start()
-    out: list[str] = []
-    out_reader = threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)
+    captured: list[str] = []
+    out_reader = threading.Thread(target=lambda: captured.append(proc.stdout.read()), daemon=True)
     out_reader.start()
     try:
         proc.wait(timeout=timeout)
@@ -235,7 +235,7 @@ def mqtool_convert(
         rc = None
     reader.join(timeout=10)
     out_reader.join(timeout=10)
-    stdout = "".join(out)
+    stdout = "".join(captured)
     stderr = "".join(ln for _, ln in stamped)
     wall = time.perf_counter() - t0
     res = {"cmd": "mqtool " + shlex.join(cmd[3:]), "exit_code": rc, "wall_s": round(wall, 1)}
