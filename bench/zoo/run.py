@@ -397,6 +397,21 @@ def doc_body(result: dict, runs: list[str]) -> str:
                     name, LABELS[k], f"{v['wall_s']:.0f}", f"{f['predicted_total_s']:.0f} at {f['at_s']:.0f} s",
                     f"{f['error']:+.0%}", f"{m['predicted_total_s']:.0f} at {m['at_s']:.0f} s", f"{m['error']:+.0%}",
                 ])  # fmt: skip
+    reruns = sorted(
+        {f"{name} {LABELS[k]}" for name, r in result["models"].items() for k, v in r.get("runs", {}).items()
+         if "rerun" in v}
+    )  # fmt: skip
+    if reruns:
+        parts.append(
+            f"Re-run after this session's fixes and merged into the table: {', '.join(reruns)} ("
+            + next(
+                v["rerun"]
+                for r in result["models"].values()
+                for v in r.get("runs", {}).values()
+                if "rerun" in v
+            )
+            + "). The other cells are from the first run of the same session.\n"
+        )
     if etas:
         parts.append(
             "The ETA each searched run printed (predicted total = time printed + ETA) against its wall time:\n"
