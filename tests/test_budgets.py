@@ -119,3 +119,24 @@ def test_max_drop_keeps_the_measured_drop_within_its_limit(mlp, tmp_path):
     sizes = [int(x.split(": ")[1].split(" bytes")[0].replace(",", "")) for x in probes]
     drops = [float(x.rsplit(", drop ", 1)[1].split()[0]) for x in probes]
     assert len(probes) >= 2 and policy.meta["emitted_bytes"] == min(s for s, d in zip(sizes, drops) if d <= 5)
+
+
+def test_max_drop_adds_one_standard_error_of_the_changed_answers(monkeypatch):
+    """The drop a --max-drop pick is judged by includes a margin for the few hundred held-out samples."""
+    from types import SimpleNamespace
+
+    import mqtool.search.maxdrop as maxdrop
+
+    n = 256
+    out = SimpleNamespace(measures={"top-1 accuracy": 0.98}, reference={"top-1 accuracy": 0.99})
+    res = SimpleNamespace(quantized=SimpleNamespace(outputs=[out], agreement=0.97))
+    monkeypatch.setattr("mqtool.selfcheck.self_check", lambda *a, **k: res)
+    monkeypatch.setattr("mqtool.emit.quantize_model", lambda *a, **k: None)
+    check = type(
+        "Check", (), {"inputs": {"x": np.zeros((n, 1))}, "y": np.zeros(n, int), "__len__": lambda s: n}
+    )()
+    ctx = SimpleNamespace(check_set=check, model=None, train=SimpleNamespace(inputs={"x": np.zeros((4, 1))}),
+                          outputs=[])  # fmt: skip
+    drop, measure = maxdrop.drop_points(SimpleNamespace(ctx=ctx), None, None)
+    margin = 100 * np.sqrt(0.03 * 0.97 / n)
+    assert drop == pytest.approx(1.0 + margin) and "standard error" in measure

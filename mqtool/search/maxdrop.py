@@ -37,7 +37,8 @@ class Probe:
 
 def drop_points(engine: SearchEngine, policy, params) -> tuple[float, str]:
     """(drop in points, what was measured) of `policy` with finetuned `params`, emitted and run on ONNX
-    Runtime on the check split against the fp32 model."""
+    Runtime on the check split against the fp32 model, plus one standard error of the share of samples
+    whose answer changed (the pick must hold beyond these samples)."""
     from mqtool.emit import quantize_model
     from mqtool.selfcheck import self_check
 
@@ -53,9 +54,15 @@ def drop_points(engine: SearchEngine, policy, params) -> tuple[float, str]:
     )
     res = self_check(ctx.model, q, check.inputs, check.y, specs=ctx.outputs)
     first = res.quantized.outputs[0]
+    # The drop a user will see on other data can be larger than on these few hundred samples: one standard
+    # error of the share of changed answers is added (mnist_cnn: 0.6 pt measured on 256 held-out samples
+    # became 1.5 pt on the 10,000 test images).
+    changed = 1.0 - res.quantized.agreement
+    margin = 100 * float(np.sqrt(max(changed * (1 - changed), 0.0) / max(len(check), 1)))
     if check.y is not None and "top-1 accuracy" in first.measures and "top-1 accuracy" in first.reference:
-        return 100 * (first.reference["top-1 accuracy"] - first.measures["top-1 accuracy"]), "top-1 accuracy"
-    return 100 * (1 - res.quantized.agreement), "agreement with fp32"
+        drop = 100 * (first.reference["top-1 accuracy"] - first.measures["top-1 accuracy"])
+        return drop + margin, "top-1 accuracy (+1 standard error)"
+    return 100 * changed + margin, "agreement with fp32 (+1 standard error)"
 
 
 def smallest_within(engine: SearchEngine, max_drop: float) -> Probe:
