@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mqtool.errors import InputError
-from mqtool.outputs import DISTRIBUTIONS, OutputKind, OutputSpec
+from mqtool.outputs import DISTRIBUTIONS, OutputKind, OutputSpec, channel_axis
 
 TOP1 = "top-1 agreement"
 SEQUENCE = "sequence agreement"
@@ -146,10 +146,9 @@ def worst_channel_sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float
     left out; None for other shapes. A whole-output SQNR is dominated by the channels with the largest
     values (box coordinates in pixels) and cannot see the class scores a detector thresholds."""
     r, c = np.asarray(reference, dtype=np.float64), np.asarray(candidate, dtype=np.float64)
-    per_sample = r.shape[1:]
-    if len(per_sample) < 2 or min(per_sample) > 64:
+    axis = channel_axis(r.shape)
+    if axis is None:
         return None
-    axis = 1 + int(np.argmin(per_sample))
     dims = tuple(d for d in range(r.ndim) if d != axis)
     signal = (r**2).sum(axis=dims)
     noise = ((r - c) ** 2).sum(axis=dims)

@@ -279,3 +279,13 @@ def output_sample_axes(
 def sample_major(value: np.ndarray, axis: int | None) -> np.ndarray | None:
     """`value` with its sample axis first (None: the output holds no samples)."""
     return None if axis is None else np.moveaxis(value, axis, 0)
+
+
+def channel_axis(shape: tuple[int, ...]) -> int | None:
+    """The channel axis of a sample-major regression output of `shape` ([N, ...]): its smallest per-sample
+    axis when there are several and it is at most 64 wide (a detector's box and class rows), else None.
+    The objective normalises errors per such channel and the fidelity reports its worst channel."""
+    per_sample = tuple(shape[1:])
+    if len(per_sample) < 2 or min(per_sample) > 64:
+        return None
+    return 1 + int(min(range(len(per_sample)), key=per_sample.__getitem__))

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from mqtool.errors import InputError
-from mqtool.outputs import DISTRIBUTIONS, OutputKind, OutputSpec
+from mqtool.outputs import DISTRIBUTIONS, OutputKind, OutputSpec, channel_axis
 
 # Distributions wider than this keep the teacher's top `_TOP_K` classes per position plus one bucket for
 # the rest: KL on that coarsened distribution misses only how the tail mass is spread.
@@ -211,10 +211,9 @@ def _channel_energy(t: torch.Tensor) -> torch.Tensor:
     drowned by box coordinates in pixels (a floor relative to the whole output, ~4 there, made them
     ~1e-4 of the loss and a searched detector lost every detection at cosine 0.995). Broadcastable against
     the output."""
-    per_sample = t.shape[1:]
     whole = float(t.pow(2).mean().clamp_min(_EPS))
-    if len(per_sample) >= 2 and min(per_sample) <= 64:
-        axis = 1 + int(np.argmin(per_sample))
+    axis = channel_axis(tuple(t.shape))
+    if axis is not None:
         dims = [d for d in range(t.dim()) if d != axis]
         var = t.var(dim=dims, keepdim=True, unbiased=False)
         floor = (t.pow(2).mean(dim=dims, keepdim=True) * 1e-3).clamp_min(whole * 1e-6)
