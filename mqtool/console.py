@@ -150,7 +150,7 @@ class Console:
             more = f" and {len(names) - 3} more" if len(names) > 3 else ""
             self.line(
                 f"  {len(names)} layers inside control flow run on no training sample (a branch the data never "
-                f"takes): kept at {d['unreached_bits']} bits ({', '.join(names[:3])}{more})"
+                f"takes): kept at {d['unreached_bits']} bits, outside an average-bits budget ({', '.join(names[:3])}{more})"
             )
 
     def _on_plan(self, d: dict) -> None:

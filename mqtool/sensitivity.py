@@ -132,9 +132,9 @@ class SensitivityReport:
             "metric": self.metric,
             "activations": self.activations,
             "samples": self.samples,
-            "baseline": _json_number(self.baseline),
+            "baseline": _meta_number(self.baseline),
             "widths": list(self.widths),
-            "layers": {s.name: {str(b): _json_number(v) for b, v in s.ptq.items()} for s in self.layers},
+            "layers": {s.name: {str(b): _meta_number(v) for b, v in s.ptq.items()} for s in self.layers},
         }
 
     def table(self) -> str:
@@ -343,6 +343,12 @@ def _sortable(v: float | None) -> float:
 def _json_number(v: float | None) -> float | None:
     """JSON has no NaN or infinity: a non-finite increase (the layer broke the model) reads null."""
     return float(v) if _finite(v) else None
+
+
+def _meta_number(v: float | None) -> float | None:
+    """Four significant digits: the record travels inside every searched model, where a size budget pays
+    for it (a 16-layer model's record halves)."""
+    return float(f"{float(v):.4g}") if _finite(v) else None
 
 
 def _cell(v: float | None) -> float | str:

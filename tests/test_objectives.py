@@ -182,6 +182,15 @@ def test_layers_inside_an_if_are_searched(tmp_path):
     # the else branch never runs on this data: pinned at the highest width, not left to the GA's whim
     (dead,) = eng.ctx.unreached
     assert "else" in dead and eng.ctx.pins[eng.ctx.names.index(dead)] == 8
+    # ... and it does not spend an average-bits budget: 2 bits everywhere the data runs is feasible
+    from mqtool.search.budgets import Budget
+
+    lo, _ = eng.costs.check(Budget("bits", 2.0))
+    assert lo == pytest.approx(2.0)
+    wbits = np.array([8 if n == dead else 2 for n in eng.ctx.names])
+    assert eng.costs.cost(Budget("bits", 2.0))(wbits, wbits) == pytest.approx(2.0)
+    size = eng.costs.cost(Budget("size", 1e9))  # bytes still count every layer
+    assert min(size.table[eng.ctx.names.index(dead)].values()) > 4 * 10  # 10 float biases at least
     assert _kinds(eng) == {"logits": OutputKind.LOGITS}
     _assert_broken_is_clearly_worse(eng)
 

@@ -247,11 +247,33 @@ def mqtool_convert(
         explain_signal(res)
     elif not os.path.exists(out):
         res["error"] = "exit 0 but no output file"
+    verdict = re.search(
+        r"^(self-check ok|WARNING: the quantized model is (POOR|worse than expected))", stderr, re.M
+    )
+    if verdict:
+        res["self_check"] = "ok" if verdict.group(1) == "self-check ok" else verdict.group(2).lower()
     m = re.search(r"avg ([0-9.]+) weight bits", stdout)
     if m:
         res["avg_weight_bits"] = float(m.group(1))
     res["stdout_tail"] = stdout.strip().splitlines()[-3:]
     return res
+
+
+# Below the same tool's 8-bit file by more than this on the zoo's own task score, a run is poor by the zoo's
+# judgement; within SCORE_CLOSE of it, fine. In between, either verdict is defensible.
+SCORE_POOR = 0.15
+SCORE_CLOSE = 0.05
+
+
+def verdict_agrees(row: dict, bits8: dict, key: str) -> bool | None:
+    """Does the run's own self-check verdict agree with the zoo's task score? "ok" on a file the zoo scores
+    poor (or a warning on one it scores close to 8-bit) disagrees; None where the zoo has no score."""
+    if key not in row or key not in bits8:
+        return None
+    gap = bits8[key] - row[key]
+    if row["self_check"] == "ok":
+        return gap <= SCORE_POOR
+    return gap > SCORE_CLOSE
 
 
 # ---------------------------------------------------------------- one model
@@ -310,6 +332,8 @@ def bench_model(name: str, args, searched: list[str], tmp: str) -> dict:
                 ok8 = "error" not in row
         elif run == "bits8":
             ok8 = False
+        if "self_check" in row and run != "bits8" and "bits8" in res["runs"]:
+            row["self_check_agrees"] = verdict_agrees(row, res["runs"]["bits8"], res["main_score"])
         res["runs"][run] = row
         brief = row.get("error") or {k: row.get(k) for k in (res["main_score"], "bytes", "wall_s")}
         log(f"{name} {run}: {brief}")
@@ -397,20 +421,30 @@ def doc_body(result: dict, runs: list[str]) -> str:
                     name, LABELS[k], f"{v['wall_s']:.0f}", f"{f['predicted_total_s']:.0f} at {f['at_s']:.0f} s",
                     f"{f['error']:+.0%}", f"{m['predicted_total_s']:.0f} at {m['at_s']:.0f} s", f"{m['error']:+.0%}",
                 ])  # fmt: skip
-    reruns = sorted(
-        {f"{name} {LABELS[k]}" for name, r in result["models"].items() for k, v in r.get("runs", {}).items()
-         if "rerun" in v}
-    )  # fmt: skip
-    if reruns:
+    stamps: dict[str, list[str]] = {}
+    for name, r in result["models"].items():
+        for k, v in r.get("runs", {}).items():
+            if "rerun" in v:
+                stamps.setdefault(v["rerun"], []).append(f"{name} {LABELS[k]}")
+    if stamps:
+        said = "; ".join(f"{', '.join(cells)} ({why})" for why, cells in stamps.items())
         parts.append(
-            f"Re-run after this session's fixes and merged into the table: {', '.join(reruns)} ("
-            + next(
-                v["rerun"]
-                for r in result["models"].values()
-                for v in r.get("runs", {}).values()
-                if "rerun" in v
-            )
-            + "). The other cells are from the first run of the same session.\n"
+            f"Re-run later and merged into the table (`--merge`): {said}. The other cells are from the first run.\n"
+        )
+    verdicts = [
+        [name, LABELS[k], v["self_check"], f"{r['runs']['bits8'][r['main_score']] - v[r['main_score']]:+.3f}",
+         {True: "yes", False: "**no**", None: "—"}[v.get("self_check_agrees")]]
+        for name, r in result["models"].items() for k, v in r.get("runs", {}).items()
+        if "self_check" in v and "bits8" in r["runs"] and r["main_score"] in v and r["main_score"] in r["runs"]["bits8"]
+    ]  # fmt: skip
+    if verdicts:
+        parts.append(
+            "The verdict each mqtool run's self-check printed, against the zoo's own score (how far below ours-8 "
+            f"the run scored). It disagrees when it says ok more than {SCORE_POOR} below, or warns within "
+            f"{SCORE_CLOSE}:\n"
+        )
+        parts.append(
+            common.table(["model", "run", "self-check", "score vs ours 8", "agrees"], verdicts) + "\n"
         )
     if etas:
         parts.append(
@@ -459,6 +493,28 @@ def write_doc(body: str) -> None:
     common.write_doc_section("zoo", body)
 
 
+def merge(fresh: dict, args) -> None:
+    """Put the re-run cells of `fresh` into the existing zoo.json and rewrite the doc from it."""
+    path = os.path.join(args.out_dir, "zoo.json")
+    with open(path, encoding="utf-8") as f:
+        result = json.load(f)
+    stamp = f"{args.merge}, {fresh['mqtool_commit'].split()[0]}"
+    for name, r in fresh["models"].items():
+        old = result["models"].setdefault(name, r)
+        if old is r or "error" in r:
+            continue
+        for k, row in r["runs"].items():
+            if k != "fp32":
+                old.setdefault("runs", {})[k] = {**row, "rerun": stamp}
+        for k, row in old.get("runs", {}).items():  # re-judge the verdicts against the (new) 8-bit cell
+            if "self_check" in row and k != "bits8" and "bits8" in old["runs"]:
+                row["self_check_agrees"] = verdict_agrees(row, old["runs"]["bits8"], old["main_score"])
+    common.write_json(args.out_dir, "zoo", result)
+    log(f"merged into {path}")
+    if not args.no_docs:
+        write_doc(doc_section(result, result.get("command", "nice -n 10 python bench/zoo/run.py")))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", choices=list(ZOO), default=None, help="subset of the zoo")
@@ -470,6 +526,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="one model, few samples, tiny search: a smoke test")
     ap.add_argument("--out-dir", default=common.RESULTS)
     ap.add_argument("--no-docs", action="store_true", help="do not touch docs/benchmarks.md")
+    ap.add_argument(
+        "--merge",
+        metavar="WHY",
+        help="re-run the given --models/--runs and merge them into the existing zoo.json (each merged cell "
+        "records WHY and the commit); the doc keeps the original command",
+    )
     ap.add_argument(
         "--docs-only", metavar="COMMAND", help="rewrite the doc section from zoo.json, citing COMMAND"
     )
@@ -522,6 +584,9 @@ def main() -> None:
                 if os.path.isfile(p):
                     os.unlink(p)
     result["total_s"] = round(time.perf_counter() - t0, 1)
+    if args.merge:
+        merge(result, args)
+        return
     result = {
         "benchmark": "zoo",
         "quick": args.quick,
@@ -542,6 +607,8 @@ def main() -> None:
         cmd += f" --searched-settings {shlex.quote(args.searched_settings)}"
     if args.timeout != 900:
         cmd += f" --timeout {args.timeout}"
+    result["command"] = cmd
+    common.write_json(args.out_dir, "zoo", result)
     write_doc(doc_section(result, cmd))
     log(f"updated section 'zoo' of {os.path.relpath(common.DOC, common.ROOT)}")
 

@@ -8,6 +8,7 @@ cheap.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,10 +49,15 @@ class Budget:
 class BudgetCost:
     """Cost of a policy (weight bits and act bits per layer, in layer order) under one budget kind."""
 
-    def __init__(self, kind: str, layers: list[LayerInfo]):
+    def __init__(self, kind: str, layers: list[LayerInfo], skip: Sequence[int] = ()):
+        """`skip`: layers the average leaves out (those inside a branch no sample of the data runs: the
+        search cannot judge them, so they are kept at the top width and do not spend the budget)."""
         self.kind = kind
         params = np.array([layer.params for layer in layers], dtype=np.float64)
         macs = np.array([layer.macs or 0 for layer in layers], dtype=np.float64)
+        if len(skip) and len(skip) < len(layers):
+            params[list(skip)] = 0.0
+            macs[list(skip)] = 0.0
         if kind == "bits":
             self._w = params / params.sum()
         else:

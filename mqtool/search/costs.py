@@ -33,6 +33,7 @@ class BudgetCosts:
         self.ctx = ctx
         self._tables: dict[str, TableCost] = {}
         self.latency_table = None  # set by the caller for latency budgets (mqtool.latency)
+        self.metadata_priced = False
 
     def _abits_bounds(self) -> tuple[np.ndarray, np.ndarray]:
         space = self.ctx.cfg.space
@@ -47,7 +48,7 @@ class BudgetCosts:
         if budget.kind in TABLE_KINDS:
             lo, hi = self.cost(budget).range()
         else:
-            cost = BudgetCost(budget.kind, ctx.info.layers)
+            cost = self.cost(budget)
             alo, ahi = self._abits_bounds()
             lo, hi = feasible_range(cost, ctx.widths, ctx.pins, alo, ahi, ctx.n)
         if budget.value < lo - 1e-9:
@@ -55,7 +56,7 @@ class BudgetCosts:
             why = (
                 f" ({len(ctx.unreached)} layer(s) inside a branch no sample of the data runs are pinned at "
                 f"{max(ctx.widths)} bits, e.g. '{ctx.unreached[0]}')"
-                if ctx.unreached
+                if ctx.unreached and budget.kind in TABLE_KINDS
                 else ""
             )
             raise InputError(
@@ -69,11 +70,27 @@ class BudgetCosts:
     def cost(self, budget: Budget):
         """The budget's cost function of a genome's (wbits, abits[, fmts])."""
         if budget.kind not in TABLE_KINDS:
-            return BudgetCost(budget.kind, self.ctx.info.layers)
+            return BudgetCost(budget.kind, self.ctx.info.layers, skip=self.unreached())
         key = budget.kind
         if key not in self._tables:
             self._tables[key] = self._size_cost() if key == "size" else self._latency_cost()
         return self._tables[key]
+
+    def unreached(self) -> list[int]:
+        """Indices of the layers no sample of the data runs (`SearchContext.unreached`): outside an
+        average-bits or BitOPs budget, inside a size or latency one (their bytes and time are real)."""
+        return [self.ctx.names.index(n) for n in self.ctx.unreached]
+
+    def unreached_note(self, budget: Budget, policy) -> str:
+        """What an average-bits budget measured when some layers were left out of it ("" otherwise)."""
+        from mqtool.policy import average_weight_bits
+
+        skip = self.unreached()
+        if not skip or budget.kind in TABLE_KINDS:
+            return ""
+        searched = [layer for i, layer in enumerate(self.ctx.info.layers) if i not in skip]
+        avg = average_weight_bits(policy, searched)
+        return f"avg {avg:.3f} bits over the {len(searched)} layers the data runs"
 
     def format_options(self) -> list[list[tuple[int, int]]]:
         """Per layer, the (format code, activation bits) the GA may choose under a size or latency budget:
@@ -197,6 +214,32 @@ class BudgetCosts:
     def correct_size(self, extra: float) -> None:
         """Add `extra` bytes to the size estimate of every policy (what emission adds that the table misses)."""
         self.cost(Budget("size", 1.0)).rest += float(extra)
+
+
+def price_metadata(engine, budget: Budget) -> None:
+    """The policy record written into the file (`mqtool.policy` metadata: per-layer widths, the search's
+    config and sensitivity) is part of what a size budget pays; on a 30 KB model it is a sixth of the file.
+    Priced once, before the first GA, from the record of a policy of this run (its length barely depends on
+    the widths chosen; `_META_SLACK` covers what finetuning adds), so the GA does not spend bytes that
+    `fit_size` would then take back with a second, tighter search."""
+    import json
+
+    from mqtool.search.ga import Genome
+
+    costs, ctx = engine.costs, engine.ctx
+    if costs.metadata_priced:
+        return
+    top = max(ctx.widths)
+    options = costs.format_options()
+    g = Genome(
+        tuple(ctx.pins.get(i, top) for i in range(ctx.n)),
+        tuple(o[0][1] for o in options),
+        tuple(o[0][0] for o in options),
+    )
+    record = json.dumps(engine.policy(g, budget, 0.0, 0).to_json(), sort_keys=True, separators=(",", ":"))
+    # + the other metadata entries and their keys, and what the record gains after the check
+    costs.correct_size(len(record.encode()) + 64 + _META_SLACK)
+    costs.metadata_priced = True
 
 
 def fit_size(engine, budget: Budget, res):

@@ -26,7 +26,7 @@ from mqtool.search import plan as planning
 from mqtool.search.budgets import TABLE_KINDS, Budget
 from mqtool.search.config import SearchConfig
 from mqtool.search.context import Samples, SearchContext
-from mqtool.search.costs import FORMATS, BudgetCosts, fit_latency, fit_size
+from mqtool.search.costs import FORMATS, BudgetCosts, fit_latency, fit_size, price_metadata
 from mqtool.search.finetune import finetune
 from mqtool.search.ga import GeneticSearch, Genome
 from mqtool.search.metaquantnet import MetaQuantNet
@@ -162,6 +162,8 @@ class SearchEngine:
         A size budget is checked against the file the policy really emits: when the estimate was short (it
         counts activation Q/DQ pairs approximately), the search runs again with the limit lowered by the
         overshoot, so the file meets the budget."""
+        if budget.kind == "size":
+            price_metadata(self, budget)
         res = self._search(budget)
         if budget.kind == "latency":
             return fit_latency(self, budget, res)
@@ -332,6 +334,7 @@ class SearchEngine:
         self, budget: Budget, policy: Policy, seconds: float, evaluated: int, note: str
     ) -> BudgetResult:
         layers = self.ctx.info.layers
+        note = "; ".join(t for t in (note, self.costs.unreached_note(budget, policy)) if t)
         return BudgetResult(
             budget,
             policy,
