@@ -578,7 +578,8 @@ def main() -> None:
                 result["models"][name] = {"error": f"{type(e).__name__}: {' '.join(str(e).split())}"[:300]}
                 log(f"{name}: setup failed: {result['models'][name]['error']}")
             partial = {"benchmark": "zoo", "quick": args.quick, "complete": False, **result}
-            common.write_json(args.out_dir, "zoo_quick" if args.quick else "zoo", partial)  # survives a crash
+            kept = "zoo_quick" if args.quick else "zoo_merge.partial" if args.merge else "zoo"
+            common.write_json(args.out_dir, kept, partial)  # survives a crash
             for f in os.listdir(tmp):  # quantized models are scored already; free the disk
                 p = os.path.join(tmp, f)
                 if os.path.isfile(p):
