@@ -26,6 +26,9 @@ import onnxruntime as ort
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
 
 from mqtool.analysis import analyze  # noqa: E402
 from mqtool.emit import convert, uniform_policy  # noqa: E402
@@ -72,33 +75,6 @@ def latency(paths: dict[str, str], x: np.ndarray, batches=(1, 32), runs: int = 3
     return out
 
 
-def ort_quantize_static(model: str, train: dict, out: str, reduce_range: bool) -> None:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Reader(CalibrationDataReader):
-        def __init__(self, name, x):
-            self.it = iter([{name: x[i : i + 64]} for i in range(0, len(x), 64)])
-
-        def get_next(self):
-            return next(self.it, None)
-
-    pre = out + ".pre.onnx"
-    quant_pre_process(model, pre)
-    name = onnx.load(model).graph.input[0].name
-    quantize_static(
-        pre,
-        out,
-        Reader(name, train["x"][:2048]),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        reduce_range=reduce_range,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-    )
-    os.unlink(pre)
-
-
 def example(name: str, tmp: str, quick: bool) -> dict:
     folder = os.path.join(ROOT, "examples", name)
     model, train_path, test_path = (os.path.join(folder, f) for f in ("model.onnx", "train.npz", "test.npz"))
@@ -125,7 +101,7 @@ def example(name: str, tmp: str, quick: bool) -> dict:
         key = "ort-quantize_static-w8a8" + ("-reduce_range" if reduce_range else "")
         out = os.path.join(tmp, f"{name}-{key}.onnx")
         t0 = time.perf_counter()
-        ort_quantize_static(model, train, out, reduce_range)
+        common.ort_peer(model, train["x"][:2048], out, batch=64, reduce_range=reduce_range)
         res[key] = {
             "accuracy": accuracy(out, test),
             "bytes": os.path.getsize(out),

@@ -70,42 +70,6 @@ def dynamic_batch(model) -> bool:
     return not dim.HasField("dim_value")
 
 
-def ort_quantize(fp_path: str, x: np.ndarray, out: str, tmp: str) -> None:
-    """ORT quantize_static, QDQ, per-channel int8 weights, uint8 activations; one sample per batch."""
-    import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    m = onnx.load(fp_path)
-    name = input_name(m)
-    src = fp_path
-    if next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")) < 13:
-        src = os.path.join(tmp, "opset13.onnx")
-        onnx.save(onnx.version_converter.convert_version(m, 13), src)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter([{name: x[i : i + 1]} for i in range(len(x))])
-
-        def get_next(self):
-            return next(self.it, None)
-
-    pre = os.path.join(tmp, "pre.onnx")
-    try:
-        quant_pre_process(src, pre, skip_symbolic_shape=True)  # its failure dumps tensors into the cwd
-    except Exception:  # symbolic shape inference gives up on some zoo models: quantize without it
-        pre = src
-    quantize_static(
-        pre,
-        out,
-        Reader(),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-    )
-
-
 def ours(fp_path: str, x: np.ndarray, bits: int, out: str) -> None:
     import onnx
 
@@ -287,7 +251,7 @@ def main() -> None:
             m = onnx.load(fp)
             paths = {FP32: fp, ORT: os.path.join(tmp, f"{key}-ort.onnx")}
             t0 = time.perf_counter()
-            ort_quantize(fp, x, paths[ORT], tmp)
+            common.ort_peer(fp, x, paths[ORT])
             t_ort = time.perf_counter() - t0
             for k, bits in ((W8, 8), (W4, 4)):
                 paths[k] = os.path.join(tmp, f"{key}-{k}.onnx")

@@ -156,7 +156,6 @@ def main() -> None:
     common.setup_torch()
     import onnx
     import torch
-    from bench_ptq import ort_quantize
 
     from mqtool.analysis import analyze
     from mqtool.emit import quantize_model, save_model_atomic
@@ -190,7 +189,7 @@ def main() -> None:
             paths[key] = os.path.join(tmp, key + ".onnx")
             save_model_atomic(q, paths[key])
         paths[ORT] = os.path.join(tmp, "ort.onnx")
-        ort_quantize(fp, x, paths[ORT], 8)
+        common.ort_peer(fp, x, paths[ORT], batch=64)
         paths[OURS_S8] = os.path.join(tmp, OURS_S8 + ".onnx")
         from unittest import mock
 

@@ -24,44 +24,6 @@ import common  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def ort_quantize(model_path: str, x: np.ndarray, out: str, weight_bits: int) -> None:
-    """ORT quantize_static: QDQ, per-channel, QUInt8 activations; int8 or (overrides) int4 weights."""
-    import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Reader(CalibrationDataReader):
-        def __init__(self, name: str, x: np.ndarray):
-            self.it = iter([{name: x[i : i + 64]} for i in range(0, len(x), 64)])
-
-        def get_next(self):
-            return next(self.it, None)
-
-    pre = out + ".pre.onnx"
-    quant_pre_process(model_path, pre)
-    m = onnx.load(pre)
-    extra: dict = {}
-    if weight_bits == 4:
-        inits = {t.name for t in m.graph.initializer}
-        weights = {
-            n.input[1]
-            for n in m.graph.node
-            if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1 and n.input[1] in inits
-        }
-        extra["TensorQuantOverrides"] = {w: [{"quant_type": QuantType.QInt4}] for w in sorted(weights)}
-    quantize_static(
-        pre,
-        out,
-        Reader(m.graph.input[0].name, x),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-        extra_options=extra,
-    )
-    os.unlink(pre)
-
-
 def latency(models: dict[str, str], x: np.ndarray, runs: int) -> dict[str, dict[str, float]]:
     sessions = {k: common.session(p) for k, p in models.items()}
     name = next(iter(sessions.values())).get_inputs()[0].name
@@ -116,7 +78,7 @@ def example(name: str, tmp: str, quick: bool) -> dict:
         path = os.path.join(tmp, f"{name}-{key}.onnx")
         t0 = time.perf_counter()
         try:
-            ort_quantize(mpath, xtr[:64] if quick else xtr[:2048], path, wb)
+            common.ort_peer(mpath, xtr[:64] if quick else xtr[:2048], path, batch=64, int4=wb == 4)
         except Exception as e:  # report, do not hide: the doc says why a cell is empty
             res[key] = {"error": f"{type(e).__name__}: {e}"[:300]}
             continue

@@ -143,6 +143,30 @@ def ort_eval(model: Any, x: np.ndarray, y: np.ndarray, batch: int = 250) -> dict
     }
 
 
+def ort_peer(
+    model_path: str,
+    x: np.ndarray,
+    out: str,
+    *,
+    batch: int = 1,
+    reduce_range: bool = False,
+    int4: bool = False,
+) -> dict:
+    """ONNX Runtime's `quantize_static` of a one-input model (`mqtool.report.ort_quantize_static`: the peer
+    every comparison uses), calibrated on `x` in runs of `batch` samples; written to `out`."""
+    import onnx
+
+    from mqtool.report import ort_quantize_static
+
+    m = onnx.load(model_path)
+    inits = {t.name for t in m.graph.initializer}
+    name = next(i.name for i in m.graph.input if i.name not in inits)
+    runs = [{name: x[i : i + batch]} for i in range(0, len(x), batch)]
+    q, info = ort_quantize_static(m, runs, reduce_range=reduce_range, int4_weights=int4)
+    onnx.save(q, out)
+    return info
+
+
 def write_json(out_dir: str, name: str, result: dict[str, Any]) -> str:
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{name}.json")

@@ -23,10 +23,12 @@ import json
 import logging
 import math
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import onnx
+import onnx.version_converter
 from onnx import TensorProto, numpy_helper
 
 from mqtool.analysis import analyze
@@ -591,17 +593,10 @@ def measure_layer_ms(
 
 
 def ort_int8(model: onnx.ModelProto, data: object = None, *, samples: int = 64) -> onnx.ModelProto:
-    """ONNX Runtime's own int8 model of the float `model`: `quantize_static` in QDQ format with per-channel
-    int8 weights and uint8 activations (MinMax), after `quant_pre_process` (skipped when its shape inference
-    gives up), calibrated one sample per run on the first `samples` samples of `data` (any calibration data
-    source) or, without data, on 8 synthesised inputs (`mqtool.latency.synthesize_feed`: right for sizes and
-    timings, not for accuracy). A model below opset 13 is converted to 13 first: ORT writes per-axis
-    DequantizeLinear, which opset 11/12 cannot hold. `model` is not modified."""
-    import tempfile
-
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
+    """ONNX Runtime's own int8 model of the float `model` (`ort_quantize_static`), calibrated one sample per
+    run on the first `samples` samples of `data` (any calibration data source) or, without data, on 8
+    synthesised inputs (`mqtool.latency.synthesize_feed`: right for sizes and timings, not for accuracy).
+    `model` is not modified."""
     from mqtool.data import model_inputs
     from mqtool.latency import synthesize_feed
     from mqtool.runtime import concat_feeds, feed_samples, fixed_batch, resize_feed, slice_feed, split_feed
@@ -617,6 +612,27 @@ def ort_int8(model: onnx.ModelProto, data: object = None, *, samples: int = 64) 
         runs = split_feed(feed, specs)
     else:
         runs = [slice_feed(feed, specs, slice(i, i + 1)) for i in range(feed_samples(feed, specs))]
+    return ort_quantize_static(model, runs)[0]
+
+
+def ort_quantize_static(
+    model: onnx.ModelProto,
+    runs: Iterable[Mapping[str, np.ndarray]],
+    *,
+    reduce_range: bool = False,
+    int4_weights: bool = False,
+) -> tuple[onnx.ModelProto, dict]:
+    """The peer every comparison uses (`report --compare-int8` and the benchmarks): ONNX Runtime's
+    `quantize_static` in QDQ format, per-channel int8 weights (`int4_weights`: INT4 for Conv/Gemm/MatMul
+    weights through ORT's tensor overrides), uint8 activations, MinMax over `runs` (one calibration run per
+    feed dict). First, as ORT's docs advise, `quant_pre_process` (with symbolic shape inference; without it,
+    or not at all, where it gives up on a real model). A model below opset 13 is converted to 13: ORT writes
+    per-axis DequantizeLinear, which opset 11/12 cannot hold. Returns the model and what was done to get
+    there (`opset_upgraded_from`, `pre_process`). `model` is not modified."""
+    import tempfile
+
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -625,16 +641,39 @@ def ort_int8(model: onnx.ModelProto, data: object = None, *, samples: int = 64) 
         def get_next(self):
             return next(self.it, None)
 
+    info: dict = {}
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
-    src_model = model if opset >= 13 else onnx.version_converter.convert_version(model, 13)
+    if opset < 13:
+        model = onnx.version_converter.convert_version(model, 13)
+        info["opset_upgraded_from"] = opset
     with tempfile.TemporaryDirectory(prefix="mqtool-ort-int8-") as tmp:
         src, pre, out = (os.path.join(tmp, f) for f in ("float.onnx", "pre.onnx", "int8.onnx"))
-        onnx.save_model(src_model, src)
+        onnx.save_model(model, src)
+        here = os.getcwd()
+        os.chdir(tmp)  # symbolic shape inference leaves files in the working directory when it fails
         try:
-            quant_pre_process(src, pre, skip_symbolic_shape=True)  # it dumps files into the cwd on failure
-        except Exception as e:  # symbolic shape inference gives up on some real models: quantize without it
-            log.info("quant_pre_process failed (%s); quantizing without it", e)
-            pre = src
+            for symbolic, said in ((True, "full"), (False, "without symbolic shapes")):
+                try:
+                    quant_pre_process(src, pre, skip_symbolic_shape=not symbolic)
+                    info["pre_process"] = said
+                    break
+                except Exception as e:  # it gives up on some real models: try less, then quantize without
+                    log.info("quant_pre_process (%s) failed: %s", said, e)
+            else:
+                pre = src
+                info["pre_process"] = "skipped (it failed)"
+        finally:
+            os.chdir(here)
+        extra: dict = {}
+        if int4_weights:
+            m = onnx.load(pre)
+            inits = {t.name for t in m.graph.initializer}
+            weights = {
+                n.input[1]
+                for n in m.graph.node
+                if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1 and n.input[1] in inits
+            }
+            extra["TensorQuantOverrides"] = {w: [{"quant_type": QuantType.QInt4}] for w in sorted(weights)}
         try:
             quantize_static(
                 pre,
@@ -642,12 +681,14 @@ def ort_int8(model: onnx.ModelProto, data: object = None, *, samples: int = 64) 
                 Reader(),
                 quant_format=QuantFormat.QDQ,
                 per_channel=True,
+                reduce_range=reduce_range,
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
-            )
+                extra_options=extra,
+            )  # no CalibMaxIntermediateOutputs: in ORT 1.32 MinMax drops (never merges) each flushed group
         except Exception as e:
             raise InputError(f"ONNX Runtime's quantize_static failed on the reference model: {e}") from e
-        return onnx.load(out)
+        return onnx.load(out), info
 
 
 @dataclass

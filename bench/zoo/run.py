@@ -94,52 +94,13 @@ def calibration_feeds(name: str, data_path: str, model_path: str):
 
 
 def ort_quantize(name: str, model_path: str, data_path: str, out: str) -> dict:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = calibration_feeds(name, data_path, model_path)
-
-        def get_next(self):
-            return next(self.it, None)
-
+    """The peer (`mqtool.report.ort_quantize_static`) calibrated over data.npz; what it did to get there."""
     import onnx
-    import onnx.version_converter
 
-    info: dict = {}
-    m = onnx.load(model_path)
-    opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if opset < 13:  # ORT writes per-axis DequantizeLinear (opset 13) into the older model: an invalid graph
-        up = out + ".opset13.onnx"
-        onnx.save(onnx.version_converter.convert_version(m, 13), up)
-        info["opset_upgraded_from"] = opset
-        model_path = up
-    pre = out + ".pre.onnx"
-    here = os.getcwd()
-    os.chdir(
-        os.path.dirname(os.path.abspath(out))
-    )  # a failed symbolic shape inference leaves files in the cwd
-    try:
-        quant_pre_process(os.path.abspath(model_path), pre)
-        src = pre
-    except Exception as e:  # recorded, and the peer quantizes the model as shipped
-        info["pre_process_error"] = f"{type(e).__name__}: {' '.join(str(e).split())}"[:200]
-        src = model_path
-    finally:
-        os.chdir(here)
-    quantize_static(
-        src,
-        out,
-        Reader(),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-    )  # no CalibMaxIntermediateOutputs: in ORT 1.32 MinMax drops (never merges) each flushed group of batches
-    for tmp in (pre, out + ".opset13.onnx"):
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from mqtool.report import ort_quantize_static
+
+    q, info = ort_quantize_static(onnx.load(model_path), calibration_feeds(name, data_path, model_path))
+    onnx.save(q, out)
     return info
 
 
