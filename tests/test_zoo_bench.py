@@ -207,3 +207,30 @@ def test_runner_explains_a_run_killed_by_a_signal():
     assert run.explain_signal(dict(row)) == row  # idempotent: --docs-only may apply it again
     assert run.explain_signal({"exit_code": 2, "error": "mqtool: error: x"})["error"] == "mqtool: error: x"
     assert run._cell(row, "det_f1") == "killed (out of memory)"
+
+
+def test_runner_records_the_self_check_verdict_and_judges_it(tmp_path):
+    """A converted model's verdict is read from stderr; "ok" on a file the zoo scores far below the 8-bit
+    one, or a warning on one it scores close to it, is a disagreement."""
+    from zoo import run
+
+    d = tmp_path
+    w = onnx.numpy_helper.from_array(np.random.default_rng(0).standard_normal((16, 4)).astype(np.float32), "w")
+    g = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 16])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 4])],
+        [w],
+    )
+    onnx.save(onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 17)]), d / "m.onnx")
+    np.savez(d / "d.npz", x=np.random.default_rng(1).standard_normal((64, 16)).astype(np.float32))
+    res = run.mqtool_convert(str(d / "m.onnx"), str(d / "d.npz"), str(d / "q.onnx"), ["--bits", "8"], 120, "")
+    assert res["exit_code"] == 0 and res["self_check"] == "ok"
+
+    bits8 = {"f1": 0.9}
+    assert run.verdict_agrees({"f1": 0.85, "self_check": "ok"}, bits8, "f1") is True
+    assert run.verdict_agrees({"f1": 0.50, "self_check": "ok"}, bits8, "f1") is False
+    assert run.verdict_agrees({"f1": 0.50, "self_check": "poor"}, bits8, "f1") is True
+    assert run.verdict_agrees({"f1": 0.89, "self_check": "poor"}, bits8, "f1") is False
+    assert run.verdict_agrees({"self_check": "ok"}, bits8, "f1") is None
