@@ -140,3 +140,29 @@ def test_the_scorer_leaves_candidates_unscored_past_the_deadline(tmp_path) -> No
     assert np.isfinite(got[0]) and all(np.isnan(got[1:]))
     eng.scorer.should_stop = None
     assert all(np.isfinite(eng.scorer.evaluate(genomes)))
+
+
+def test_a_stage_that_starts_late_leaves_the_later_stages_their_time() -> None:
+    """Each stage's deadline is its own allowance, capped by what the stages after it need before the
+    budget ends, and never under a quarter of its allowance."""
+    import time
+
+    from mqtool.search.plan import Plan, stage_deadline
+
+    stages = {"setup": 10.0, "metaquantnet": 100.0, "ga": 200.0, "rerank": 10.0, "finetune": 50.0,
+              "emit and self-check": 20.0}  # fmt: skip
+    deadlines = {"metaquantnet": 155.0, "ga": 305.0, "finetune": 80.0}
+    p = Plan(600.0, stages, {}, deadlines, 0.0, budgets=1)
+    now = time.monotonic()
+    # on time (the GA starts after setup + MetaQuantNet): its own allowance, 1.5 x its estimate + 5 s
+    assert stage_deadline(p, "ga", started=now - 110.0) - now == pytest.approx(305.0, abs=0.5)
+    # MetaQuantNet ran 150 s over: the GA must stop where rerank, finetune and emission still fit
+    cap = 600.0 * (1 - 0.07 / 2) - 260.0 - (10.0 + 50.0 + 20.0)
+    assert stage_deadline(p, "ga", started=now - 260.0) - now == pytest.approx(cap, abs=0.5)
+    # past the budget already: a quarter of its allowance, not nothing
+    assert stage_deadline(p, "ga", started=now - 590.0) - now == pytest.approx(305.0 / 4, abs=0.5)
+    # a search of 3 budgets: the first GA keeps the other two their share
+    p3 = Plan(600.0, stages, {}, {**deadlines, "ga": 105.0}, 0.0, budgets=3)
+    first = stage_deadline(p3, "ga", started=now - 300.0, gas_done=0) - now
+    last = stage_deadline(p3, "ga", started=now - 300.0, gas_done=2) - now
+    assert first < last <= 105.0 + 0.5

@@ -215,7 +215,9 @@ def test_runner_records_the_self_check_verdict_and_judges_it(tmp_path):
     from zoo import run
 
     d = tmp_path
-    w = onnx.numpy_helper.from_array(np.random.default_rng(0).standard_normal((16, 4)).astype(np.float32), "w")
+    w = onnx.numpy_helper.from_array(
+        np.random.default_rng(0).standard_normal((16, 4)).astype(np.float32), "w"
+    )
     g = onnx.helper.make_graph(
         [onnx.helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")],
         "g",

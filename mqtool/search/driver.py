@@ -7,6 +7,7 @@ stage reports progress through one callback (the CLI draws it) and checkpoints t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -79,6 +80,7 @@ class SearchEngine:
         self.mqn: MetaQuantNet | None = None
         self.costs = BudgetCosts(self.ctx)
         self._sensitivity: dict | None = None
+        self._gas_done = 0  # GA runs finished (the time budget keeps the later ones their share)
         ctx = self.ctx
         self.progress(
             "objective",
@@ -110,16 +112,17 @@ class SearchEngine:
             fixed=cfg.plan.fixed,
             budgets=budgets,
             finetune=finetune,
+            sensitivity_passes=self.ctx.n * len(self.ctx.widths),
         )
         path = os.path.join(self.ctx.workdir, "plan.json")
         key = checkpoint.fingerprint(self.ctx.fp, budgets, finetune, cfg.to_json())
         saved = checkpoint.read_json(path) if not cfg.restart else None
-        if saved is not None and saved.get("fingerprint") == key:
-            new = SearchConfig.from_json(saved["config"])  # as planned when the run began
+        if saved is not None and saved.get("fingerprint") == key:  # as planned when the run began
+            new = SearchConfig.from_json(saved["config"])
+            plan = dataclasses.replace(plan, sensitivity=saved.get("sensitivity", plan.sensitivity))
         elif distributed.is_main():
-            atomic_write_text(
-                path, json.dumps({"fingerprint": key, "config": new.to_json()}, indent=1) + "\n"
-            )
+            doc = {"fingerprint": key, "config": new.to_json(), "sensitivity": plan.sensitivity}
+            atomic_write_text(path, json.dumps(doc, indent=1) + "\n")
         self._use(new)
         self.plan = plan
         self.progress(
@@ -142,7 +145,7 @@ class SearchEngine:
     def _deadline(self, stage: str) -> float | None:
         if self.plan is None:
             return None
-        return time.monotonic() + self.plan.deadlines[stage]
+        return planning.stage_deadline(self.plan, stage, self.started, self._gas_done)
 
     # ---- MetaQuantNet ------------------------------------------------------------------------------
     def train_metaquantnet(self) -> MetaQuantNet:
@@ -263,6 +266,7 @@ class SearchEngine:
         scorer.should_stop = stop  # also mid-generation: see Scorer._evaluate_here
         res = ga.run(scorer.evaluate, on_generation, stop)
         scorer.should_stop = None
+        self._gas_done += 1
         if ga.generation < cfg.ga.generations:
             self.progress("deadline", {"stage": f"GA {budget.label}", "generation": ga.generation})
         best, fitness = res.best, res.best_fitness
@@ -318,7 +322,7 @@ class SearchEngine:
         passes, or when it would take over a tenth of the GA's planned time."""
         if self._sensitivity is None:
             passes = self.ctx.n * len(self.ctx.widths)
-            slow = self.plan is not None and passes * 64 * self.plan.sample_s > 0.1 * self.plan.stages["ga"]
+            slow = self.plan is not None and not self.plan.sensitivity
             if passes > _SENSITIVITY_PASSES or slow:
                 why = f"{self.ctx.n} layers x {len(self.ctx.widths)} widths" + (
                     " (time budget)" if slow else ""

@@ -56,6 +56,9 @@ class Plan:
     changed: dict[str, tuple] = field(default_factory=dict)  # option -> (configured, planned)
     deadlines: dict[str, float] = field(default_factory=dict)  # stage -> seconds it may take at most
     sample_s: float = 0.0  # measured: one sample through a candidate's forward pass
+    budgets: int = 1  # GA runs planned (one per budget of a `search`)
+    # the per-layer sensitivity pass (the hybrid's seed) fits: at most a tenth of the GA's planned time
+    sensitivity: bool = True
 
     @property
     def predicted_total(self) -> float:
@@ -133,6 +136,7 @@ def plan(
     fixed: frozenset[str] = frozenset(),
     budgets: int = 1,
     finetune: bool = True,
+    sensitivity_passes: int = 0,
 ) -> tuple[SearchConfig, Plan]:
     """The config to run within `budget_s` seconds in all (emission and self-check included), and its plan.
 
@@ -212,7 +216,8 @@ def plan(
         "ga": 1.5 * stages["ga"] / budgets + 5,
         "finetune": 1.5 * stages["finetune"] + 5,
     }
-    return new, Plan(budget_s, stages, changed, deadlines, costs.per_sample)
+    fits = sensitivity_passes * 64 * costs.per_sample <= 0.1 * stages["ga"]
+    return new, Plan(budget_s, stages, changed, deadlines, costs.per_sample, budgets, fits)
 
 
 def _size_ga(P: int, G: int, S: int, seconds: float, budgets: int, per_cand, fixed: frozenset[str]) -> dict:
@@ -275,3 +280,23 @@ def _m(seconds: float) -> str:
 def eta(start: float, plan: Plan) -> float:
     """Seconds from now to the planned end of a run that started at `start` (time.monotonic)."""
     return max(0.0, start + plan.predicted_total - time.monotonic())
+
+
+_ORDER = ("metaquantnet", "ga", "rerank", "finetune", "emit and self-check")
+
+
+def stage_deadline(plan: Plan, stage: str, started: float, gas_done: int = 0) -> float:
+    """When (time.monotonic) `stage` must stop: its own allowance (its estimate x 1.5 + 5 s), but no later
+    than what leaves the stages after it their planned time before the budget ends, so an early stage that
+    ran long does not push the run past its budget (a 5-minute budget once took 349-765 s on the zoo). Never
+    less than a quarter of its own allowance: every stage does some work. `gas_done`: GA runs finished (a
+    `search` runs one per budget; the ones still to come keep their share)."""
+    now = time.monotonic()
+    own = plan.deadlines[stage]
+    later = sum(plan.stages.get(s, 0.0) for s in _ORDER[_ORDER.index(stage) + 1 :])
+    if stage == "ga":
+        per = 1.0 / max(plan.budgets, 1)
+        later += plan.stages.get("ga", 0.0) * per * max(plan.budgets - gas_done - 1, 0)
+        later -= plan.stages.get("rerank", 0.0) * per * gas_done  # the re-ranks done with those GAs
+    left = started + plan.budget_s * (1 - _SLACK / 2) - now - later
+    return now + max(min(own, left), 0.25 * own)
