@@ -208,6 +208,12 @@ def mqtool_convert(
         explain_signal(res)
     elif not os.path.exists(out):
         res["error"] = "exit 0 but no output file"
+    times = re.findall(r"^time: (.+?)\s{2,}(\d+):(\d+)$", stderr, re.M)  # the summary table's stage times
+    if times:
+        res["stage_s"] = {k.strip(): 60 * int(m) + int(sec) for k, m, sec in times}
+    plan = re.search(r"^plan \(time budget.*$", stderr, re.M)
+    if plan:
+        res["plan"] = plan.group(0)[:400]
     verdict = re.search(
         r"^(self-check ok|WARNING: the quantized model is (POOR|worse than expected))", stderr, re.M
     )
