@@ -127,13 +127,16 @@ class TrainingConfig:
 @dataclass(frozen=True)
 class GAConfig:
     """MetaPruning's evolutionary scheme: per generation the `parents` best, `mutations` mutated children,
-    `crossovers` uniform crossovers, the rest random."""
+    `crossovers` uniform crossovers, the rest random. Left unset (None), the three follow the population
+    (a fifth of it, half, half: 10/25/25 at the default 50), so a smaller population, given or planned by
+    the time budget, also breeds fewer candidates per generation (with the fixed 25 + 25 a planned
+    population of 24 scored 50 new candidates a generation: twice the planned GA time)."""
 
     population: int = 50
     generations: int = 20
-    parents: int = 10
-    mutations: int = 25
-    crossovers: int = 25
+    parents: int | None = None
+    mutations: int | None = None
+    crossovers: int | None = None
     mutation_prob: float = 0.1
     max_tries: int = 20  # give up filling a generation after this many rejected draws per slot
     # The hybrid (default): the first generation also holds the allocation that minimises the summed
@@ -144,11 +147,23 @@ class GAConfig:
     def __post_init__(self) -> None:
         _check_int("ga.population", self.population, 2)
         _check_int("ga.generations", self.generations, 1)
-        _check_int("ga.parents", self.parents, 1)
-        _check_int("ga.mutations", self.mutations, 0)
-        _check_int("ga.crossovers", self.crossovers, 0)
+        for name in ("parents", "mutations", "crossovers"):
+            if getattr(self, name) is not None:
+                _check_int(f"ga.{name}", getattr(self, name), 1 if name == "parents" else 0)
         _check_float("ga.mutation_prob", self.mutation_prob, 0.0, 1.0)
         _check_int("ga.max_tries", self.max_tries, 1)
+
+    @property
+    def n_parents(self) -> int:
+        return self.parents if self.parents is not None else max(2, round(self.population / 5))
+
+    @property
+    def n_mutations(self) -> int:
+        return self.mutations if self.mutations is not None else max(1, round(self.population / 2))
+
+    @property
+    def n_crossovers(self) -> int:
+        return self.crossovers if self.crossovers is not None else max(1, round(self.population / 2))
 
 
 @dataclass(frozen=True)

@@ -241,7 +241,7 @@ class SearchEngine:
             ga_state = g.state()
             if distributed.world() > 1:
                 distributed.same_on_every_rank(checkpoint.fingerprint(ga_state), "the GA population")
-            parents = [p.key() for p in g.population[: g.cfg.parents]]
+            parents = [p.key() for p in g.population[: g.cfg.n_parents]]
             kept = [[list(k), torch.from_numpy(scorer.terms[k])] for k in parents if k in scorer.terms]
             checkpoint.save_main(
                 path,

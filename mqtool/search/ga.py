@@ -177,10 +177,10 @@ class GeneticSearch:
             seen.update(g.key() for g in cands)
             cands += self._fill(self._random, cfg.population - len(cands), seen)
         else:
-            parents = self.population[: cfg.parents]
+            parents = self.population[: cfg.n_parents]
             cands = list(parents)
             cands += self._fill(
-                lambda: self._mutate(parents[self.rng.integers(len(parents))]), cfg.mutations, seen
+                lambda: self._mutate(parents[self.rng.integers(len(parents))]), cfg.n_mutations, seen
             )
             cands += self._fill(
                 lambda: (
@@ -188,15 +188,15 @@ class GeneticSearch:
                     if len(parents) > 1
                     else self._mutate(parents[0])
                 ),
-                cfg.crossovers,
+                cfg.n_crossovers,
                 seen,
             )
             cands += self._fill(self._random, cfg.population - len(cands), seen)
         new = [g for g in cands if g.key() not in self.cache]
         if new:
             ref = (
-                self.population[cfg.parents - 1]
-                if self.racing and len(self.population) >= cfg.parents
+                self.population[cfg.n_parents - 1]
+                if self.racing and len(self.population) >= cfg.n_parents
                 else None
             )
             scores = evaluate(new, ref) if ref is not None else evaluate(new)
