@@ -8,7 +8,9 @@ A candidate's outputs are compared with fp32's, both sample-major (`[N, ...]`), 
   (greedy CTC decoding: collapse repeats, drop the blank), "KL to fp32" (mean KL(fp32 || candidate) per
   position, in nats) and, with labels and one distribution per sample, "top-1 accuracy";
 - independent probabilities (Sigmoid): "decision agreement" at 0.5 and "mean abs difference";
-- regression: "cosine" (mean per sample) and "SQNR dB" (over all values); embedding: "cosine".
+- regression: "cosine" (mean per sample) and "SQNR dB" (over all values), with channels (a detector's
+  rows) also the worst channel's SQNR and, where some channels are scores in [0, 1], "score agreement"
+  (the positions both call detections, `score_agreement`); embedding: "cosine".
 
 Each output gets one number in [0, 1] for gates and tables, its *agreement*: top-1 (per-position)
 agreement, decision agreement, or the per-sample cosine clipped to [0, 1]; the model's agreement is the
@@ -41,6 +43,11 @@ ABS_DIFF = "mean abs difference"
 COSINE = "cosine"
 SQNR = "SQNR dB"
 WORST_CHANNEL_SQNR = "worst-channel SQNR dB"
+SCORES = "score agreement"
+# A regression output's channels whose fp32 values all lie in [0, 1] are scores (a detector's class and
+# objectness rows); a position counts as a detection when one of them exceeds this, the usual confidence
+# threshold of YOLO-style detectors.
+SCORE_THRESHOLD = 0.25
 
 # Probabilities are clipped here before their log: a quantized Softmax output can hold exact zeros (values
 # below its quantization step), whose log would make the KL infinite for one rounding.
@@ -159,6 +166,32 @@ def worst_channel_sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float
         return float(np.min(10 * np.log10(signal[live] / noise[live])))
 
 
+def score_agreement(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray | None:
+    """Per sample (`[N]`), the Jaccard overlap of the positions fp32 and the candidate call detections: on a
+    regression output with a channel axis (`outputs.channel_axis`), the channels whose fp32 values all lie in
+    [0, 1] are scores, and a position is a detection when one of them exceeds `SCORE_THRESHOLD` (1 where
+    neither has one). None when the output has no such channels or fp32 detects nothing. On a real YOLOv8
+    detector (nudenet) at 4 bits, cosine to fp32 was 0.991 and the worst channel's SQNR close to 8-bit's,
+    while 46 of fp32's 357 detections survived; this measure read 0.13 (8-bit: 0.83)."""
+    r, c = np.asarray(reference, dtype=np.float64), np.asarray(candidate, dtype=np.float64)
+    axis = channel_axis(r.shape)
+    if axis is None:
+        return None
+    rr, cc = np.moveaxis(r, axis, 1), np.moveaxis(c, axis, 1)
+    dims = (0, *range(2, rr.ndim))
+    scores = (rr.min(axis=dims) >= 0.0) & (rr.max(axis=dims) <= 1.0)
+    if not scores.any():
+        return None
+    hit_r = (rr[:, scores] > SCORE_THRESHOLD).any(axis=1).reshape(len(r), -1)
+    if not hit_r.any():
+        return None
+    with np.errstate(invalid="ignore"):
+        hit_c = (np.nan_to_num(cc[:, scores], nan=0.0) > SCORE_THRESHOLD).any(axis=1).reshape(len(c), -1)
+    union = (hit_r | hit_c).sum(axis=1)
+    inter = (hit_r & hit_c).sum(axis=1)
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+
+
 def sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
     """10 log10(sum ref^2 / sum (ref - candidate)^2) over all values: inf when equal, -inf when the
     reference is all zeros and the candidate is not."""
@@ -264,6 +297,9 @@ def output_fidelity(
             worst = worst_channel_sqnr_db(r, c) if not bad.any() else -math.inf
             if worst is not None:
                 measures[WORST_CHANNEL_SQNR] = worst
+            hits = score_agreement(r, c)
+            if hits is not None:
+                per_sample[SCORES] = hits
     for k in per_sample:
         per_sample[k] = np.where(bad, 0.0, per_sample[k])
     ordered = {k: float(np.mean(v)) for k, v in per_sample.items()}

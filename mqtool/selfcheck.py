@@ -45,6 +45,7 @@ from mqtool.fidelity import (
     COSINE,
     CTC,
     KL,
+    SCORES,
     SQNR,
     WORST_CHANNEL_SQNR,
     ModelFidelity,
@@ -338,15 +339,15 @@ def _sqnr_gaps(quantized: ModelFidelity, baseline: ModelFidelity) -> list[str]:
 
 def _compared(a: ModelFidelity, b: ModelFidelity) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """(label, a's per-sample values, b's) of the measures a verdict compares, where both have them: the
-    model's agreement, and per output its agreement (when it is not the model's own), CTC string agreement
-    and top-1 accuracy."""
+    model's agreement, and per output its agreement (when it is not the model's own), CTC string agreement,
+    top-1 accuracy and a detector's score agreement."""
     pairs = [("model agreement", a.per_sample, b.per_sample)]
     single = len(a.outputs) == 1
     for o in a.outputs:
         other = b.output(o.name)
         if other is None:
             continue
-        for m in ([] if single else [o.agreement_measure]) + [CTC, ACCURACY]:
+        for m in ([] if single else [o.agreement_measure]) + [CTC, ACCURACY, SCORES]:
             if m in o.per_sample and m in other.per_sample:
                 pairs.append((m if single else f"'{o.name}' {m}", o.per_sample[m], other.per_sample[m]))
     return pairs

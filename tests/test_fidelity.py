@@ -182,3 +182,32 @@ def test_paired_gap_uses_the_per_sample_differences():
     gap, se = paired_gap(a, b[:3])  # not the same samples: the two errors combined
     assert gap == pytest.approx(0.75 - 1 / 3)
     assert se == pytest.approx(math.hypot(np.std(a, ddof=1) / 2, np.std(b[:3], ddof=1) / math.sqrt(3)))
+
+
+def test_a_detectors_score_rows_are_judged_by_the_detections_they_make():
+    """YOLO-style [N, 4 + 2, anchors]: boxes in pixels, two score rows in [0, 1]. Jittered boxes keep every
+    detection (agreement 1) while cosine notices nothing either way; scores pushed under the threshold lose
+    them, which the whole-output cosine hides (it is carried by the boxes) and the score agreement shows."""
+    from mqtool.fidelity import SCORES, score_agreement
+
+    rng = np.random.default_rng(0)
+    n, anchors = 4, 50
+    boxes = rng.uniform(0, 320, (n, 4, anchors))
+    scores = np.zeros((n, 2, anchors))
+    scores[:, 0, :5] = 0.8  # five detections of class 0 per sample
+    scores[0, 1, 10] = 0.6  # and one of class 1 in sample 0
+    ref = np.concatenate([boxes, scores], axis=1)
+    jitter = ref + np.concatenate([rng.normal(0, 2, boxes.shape), np.zeros_like(scores)], axis=1)
+    assert score_agreement(ref, jitter) == pytest.approx(np.ones(n))
+    lost = ref.copy()
+    lost[:, 4, :3] = 0.1  # three of the five class-0 detections fall under 0.25
+    expected = np.array([3 / 6, 2 / 5, 2 / 5, 2 / 5])  # sample 0 also keeps its class-1 detection
+    assert score_agreement(ref, lost) == pytest.approx(expected)
+    spurious = ref.copy()
+    spurious[:, 5, 40:45] = 0.9  # five false detections per sample: 5 / 10 kept
+    assert score_agreement(ref, spurious)[1:] == pytest.approx(np.full(n - 1, 0.5))
+    fid = output_fidelity(spec(OutputKind.REGRESSION), ref, lost)
+    assert fid.measures[COSINE] > 0.999 and fid.measures[SCORES] == pytest.approx(expected.mean())
+    # no score rows (all channels unbounded), or no fp32 detection: no such measure
+    assert score_agreement(ref * 1000 - 1, lost) is None
+    assert score_agreement(np.concatenate([boxes, scores * 0.1], axis=1), lost) is None
