@@ -133,7 +133,14 @@ def search_options(f):
             show_default=True,
             help="Mini-batch of MetaQuantNet training and finetuning (global: split across torchrun ranks).",
         ),
-        click.option("--population", type=click.IntRange(2, 100_000), default=50, show_default=True),
+        click.option(
+            "--population",
+            type=click.IntRange(2, 100_000),
+            default=50,
+            show_default=True,
+            help="GA population: also the new candidates bred per generation (half mutations, half "
+            "crossovers, from the best fifth).",
+        ),
         click.option("--generations", type=click.IntRange(1, 100_000), default=20, show_default=True),
         click.option(
             "--metric",
