@@ -627,11 +627,40 @@ def convert(
         check = _convert_self_check(
             model, result, data, held, summary, min_fidelity, calibration, bits, act_bits, epochs
         )
+    if check is not None and summary and not target_latency:
+        result, check = _against_uniform(model, output, result, check, calibration_data, summary, calibration,
+                                         storage, int(act_bits))  # fmt: skip
     if summary and _CONSOLE is not None:
         _CONSOLE.finish()
         _err(_summary_table(summary, result, check))
     if check is not None and min_fidelity is not None and not check.passes(min_fidelity):
         click.get_current_context().exit(3)
+
+
+def _against_uniform(model, output, result, check, data, summary, calibration, storage, act_bits):
+    """A searched average-bits file against uniform PTQ at the widest whole width of its budget
+    (`mqtool.fallback`): the better one in task terms is what stays written."""
+    from mqtool.fallback import against_uniform, uniform_width
+
+    meta = summary["policy"].meta
+    width = uniform_width(meta.get("budget"), meta["search_config"]["space"]["widths"])
+    if width is None:
+        return result, check
+    try:
+        fb = against_uniform(model, output, check, width, data, summary=summary, calibration=calibration,
+                             storage=storage, act_bits=act_bits)  # fmt: skip
+    except InputError as e:
+        _err(f"WARNING: the comparison with uniform {width}-bit PTQ could not run: {_in_cli_terms(e)}")
+        return result, check
+    _err(fb.line())
+    if fb.replaced:
+        summary["replaced_by"] = (
+            f"uniform {width}-bit PTQ ({fb.measure} {fb.uniform:.4f} vs {fb.searched:.4f})"
+        )
+        click.echo(fb.result.summary())
+        _err(fb.check.text())
+        return fb.result, fb.check
+    return result, check
 
 
 def _relative(v: float | None) -> str:
@@ -671,6 +700,7 @@ def _summary_table(summary: dict, result, check) -> str:
 
     rows = [
         ("budget", summary["budget"]),
+        *([("written instead", summary["replaced_by"])] if "replaced_by" in summary else []),
         ("average weight bits", f"{result.avg_weight_bits:.3f}"),
         ("file", f"{result.bytes / 2**20:.2f} MiB (input {result.input_bytes / 2**20:.2f} MiB)"),
     ]

@@ -117,3 +117,6 @@ def test_a_time_budgeted_run_prints_its_plan_and_a_summary(tmp_path, small) -> N
     ):
         assert row in table
     assert "fitness predicted" in stdout and "(0 = uniform 8-bit PTQ" in stdout
+    # then against uniform 3-bit PTQ on the same held-out samples, in task terms (labels: top-1 accuracy)
+    against = next(x for x in lines if "against uniform 3-bit PTQ on the same held-out samples" in x)
+    assert "top-1 accuracy" in against and ("searched" in against) and ("uniform" in against)
