@@ -232,3 +232,20 @@ def test_a_detectors_class_scores_weigh_next_to_its_box_coordinates():
     bad = obj.sample_terms([lost], teacher.parts, teacher.energy).mean()
     fine = obj.sample_terms([jitter], teacher.parts, teacher.energy).mean()
     assert bad > 10 * fine, (float(bad), float(fine))
+
+
+def test_one_value_in_0_1_from_control_flow_is_a_probability():
+    """silero-vad's speech probability is a ReduceMean of a nested If's output: one value in [0, 1] per
+    sample. It is read as a probability (decisions at 0.5), not as regression; the same shape with other
+    values, or from another op, stays regression."""
+    from mqtool.outputs import OutputPlan, classify
+
+    probs = np.random.default_rng(0).uniform(0, 1, (32, 1)).astype(np.float32)
+    for producer, values, kind in (
+        ("ReduceMean", probs, OutputKind.SIGMOID),
+        ("If", probs, OutputKind.SIGMOID),
+        ("ReduceMean", probs * 3, OutputKind.REGRESSION),
+        ("Gemm", probs, OutputKind.REGRESSION),
+    ):
+        (spec,) = classify([OutputPlan("p", "p", producer, None, "")], {"p": values})
+        assert spec.kind is kind, (producer, spec.reason)
