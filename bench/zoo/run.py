@@ -430,9 +430,16 @@ def doc_body(result: dict, runs: list[str]) -> str:
     if fails:
         parts.append("What failed (exit code and the last line of stderr):\n")
         parts.append(common.table(["model", "run", "exit", "message"], fails) + "\n")
+    merged = sorted(
+        {(v["searched_settings"], v["timeout_s"]) for r in result["models"].values()
+         for k, v in r.get("runs", {}).items() if k.startswith("target") and "searched_settings" in v}
+    )  # fmt: skip
+    said = "; re-run cells: " + "; ".join(
+        f"`{st or '(defaults: --time-budget 15)'}`, timeout {t} s" for st, t in merged
+    ) if merged else ""  # fmt: skip
     parts.append(
-        f"Searched runs (only where `--bits 8` worked) use reduced settings `{result['searched_settings']}`, "
-        f"timeout {result['timeout_s']} s per run; ORT int8 = `quantize_static` QDQ, per-channel, MinMax over "
+        f"Searched runs (only where `--bits 8` worked) of the first run use `{result['searched_settings']}`, "
+        f"timeout {result['timeout_s']} s per run{said}; ORT int8 = `quantize_static` QDQ, per-channel, MinMax over "
         "data.npz (ddddocr's opset 11/12 models upgraded to opset 13 first: ORT writes per-axis "
         "DequantizeLinear into them otherwise, an invalid graph). silero_vad_seq, the LSTM model without If, is the same network as silero_vad."
     )
@@ -472,11 +479,15 @@ def merge(fresh: dict, args) -> None:
             continue
         for k, row in r["runs"].items():
             if k != "fp32":
-                old.setdefault("runs", {})[k] = {**row, "rerun": stamp}
+                settings = {"searched_settings": fresh["searched_settings"], "timeout_s": fresh["timeout_s"]}
+                old.setdefault("runs", {})[k] = {**row, "rerun": stamp, **settings}
         for k, row in old.get("runs", {}).items():  # re-judge the verdicts against the (new) 8-bit cell
             if "self_check" in row and k != "bits8" and "bits8" in old["runs"]:
                 row["self_check_agrees"] = verdict_agrees(row, old["runs"]["bits8"], old["main_score"])
     common.write_json(args.out_dir, "zoo", result)
+    partial = os.path.join(args.out_dir, "zoo_merge.partial.json")
+    if os.path.exists(partial):  # merged: the crash copy has served its purpose
+        os.unlink(partial)
     log(f"merged into {path}")
     if not args.no_docs:
         write_doc(doc_section(result, result.get("command", "nice -n 10 python bench/zoo/run.py")))
