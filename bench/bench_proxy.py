@@ -62,6 +62,12 @@ def random_policies(engine, count: int, lo: float, hi: float, seed: int) -> list
     return out
 
 
+def _ranks(values: list[float]) -> list[float]:
+    from scipy.stats import rankdata
+
+    return [float(v) for v in rankdata(values)]
+
+
 def ptq_proxy(engine, wbits: list[int]) -> float:
     """The search loss of the post-training-quantized model (pretrained weights, MSE scales)."""
     import torch
@@ -135,6 +141,7 @@ def main() -> None:
         traces = hawq.hessian_traces(engine, max_iter=hawq_iter)
         omega = hawq.sensitivities(engine, traces, engine.ctx.widths)
         t_hawq = time.time() - t0
+        sens = engine.sensitivity()["layers"]  # the hybrid search's per-layer table (64 search samples)
         rows = []
         for k, wbits in enumerate(random_policies(engine, n_pol, args.lo, args.hi, seed=1)):
             policy = Policy({n: LayerBits(b, cfg.space.act_bits) for n, b in zip(engine.ctx.names, wbits)})
@@ -151,6 +158,7 @@ def main() -> None:
                 "mqn_fitness_screen": _screened(engine, g),
                 "ptq_proxy": ptq_proxy(engine, wbits),
                 "hawq_sum": hawq.sensitivity_sum(omega, policy),
+                "sens_sum": float(sum(sens[n][str(b)] for n, b in zip(engine.ctx.names, wbits))),
                 "test_loss": [],
                 "test_acc": [],
                 "finetuned_fitness": [],
@@ -195,8 +203,28 @@ def summarize(args, rows: list[dict], seconds: dict, s: dict, note: str = "") ->
 
     seeds, mqn_epochs, ft_epochs, hawq_iter = s["seeds"], s["mqn_epochs"], s["ft_epochs"], s["hawq_iter"]
     truth = [r["test_loss_mean"] for r in rows]
+    if "sens_sum" in rows[0]:  # candidate hybrid fitnesses: MetaQuantNet's plus an additive prior
+        for r in rows:
+            r["mqn_plus_sens"] = r["mqn_fitness"] + r["sens_sum"]
+        for key, a, b in (
+            ("mqn_hawq_ranks", "mqn_fitness", "hawq_sum"),
+            ("mqn_sens_ranks", "mqn_fitness", "sens_sum"),
+        ):
+            ra, rb = _ranks([r[a] for r in rows]), _ranks([r[b] for r in rows])
+            for r, x, y in zip(rows, ra, rb):
+                r[key] = (x + y) / 2
     taus = {}
-    for key in ("mqn_fitness", "mqn_fitness_ga", "mqn_fitness_screen", "ptq_proxy", "hawq_sum"):
+    for key in (
+        "mqn_fitness",
+        "mqn_fitness_ga",
+        "mqn_fitness_screen",
+        "ptq_proxy",
+        "hawq_sum",
+        "sens_sum",
+        "mqn_plus_sens",
+        "mqn_sens_ranks",
+        "mqn_hawq_ranks",
+    ):
         if key not in rows[0]:  # rows from runs before the GA's sample count was split off
             continue
         tau, p = kendalltau([r[key] for r in rows], truth)
@@ -222,6 +250,10 @@ def summarize(args, rows: list[dict], seconds: dict, s: dict, note: str = "") ->
         "mqn_fitness_screen": "MetaQuantNet fitness, GA's first 128 samples, float activations (ours: GA loop)",
         "ptq_proxy": "PTQ loss",
         "hawq_sum": "HAWQ sensitivity sum",
+        "sens_sum": "per-layer sensitivity sum (the hybrid's prior, 64 search samples)",
+        "mqn_plus_sens": "MetaQuantNet fitness + per-layer sensitivity sum",
+        "mqn_sens_ranks": "mean rank of MetaQuantNet fitness and per-layer sensitivity sum",
+        "mqn_hawq_ranks": "mean rank of MetaQuantNet fitness and HAWQ sum",
     }
     body = (
         f"## Fitness proxy ranking quality ({args.example})\n\n"

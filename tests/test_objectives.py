@@ -249,3 +249,36 @@ def test_one_value_in_0_1_from_control_flow_is_a_probability():
     ):
         (spec,) = classify([OutputPlan("p", "p", producer, None, "")], {"p": values})
         assert spec.kind is kind, (producer, spec.reason)
+
+
+def test_logits_are_softened_only_where_there_is_one_distribution_per_sample():
+    """Hinton's T = 2 suits a classifier; a recogniser is decoded from each position's argmax, and at T = 2
+    finetuning traded those decisions for the softened tail (CTC lines decoded like fp32: 0.53 -> 0.16 on
+    ddddocr). Per-position and wide logits are compared at T = 1. Checked against NumPy."""
+    import torch
+
+    from mqtool.outputs import OutputSpec
+    from mqtool.search.objective import Objective
+
+    def kl(t: np.ndarray, s: np.ndarray, temp: float) -> np.ndarray:
+        def logp(v):
+            v = v / temp
+            v = v - v.max(-1, keepdims=True)
+            return v - np.log(np.exp(v).sum(-1, keepdims=True))
+
+        lt, ls = logp(t.astype(np.float64)), logp(s.astype(np.float64))
+        return (np.exp(lt) * (lt - ls)).sum(-1).reshape(len(t), -1).mean(1)
+
+    rng = np.random.default_rng(0)
+    spec = OutputSpec("y", "y", OutputKind.LOGITS, "hand-made")
+    for shape, temp in (((8, 10), 2.0), ((8, 6, 10), 1.0), ((8, 1, 10), 2.0), ((8, 2000), 1.0)):
+        t = rng.standard_normal(shape).astype(np.float32) * 3
+        s = t + rng.standard_normal(shape).astype(np.float32)
+        obj = Objective.choose([spec], "kl", 2.0, False, shape[1:])
+        assert obj.softened(OutputKind.LOGITS, shape) == temp
+        teacher = obj.teacher([torch.from_numpy(t)])
+        got = obj.sample_terms([torch.from_numpy(s)], teacher.parts, teacher.energy).numpy()
+        if shape[-1] <= 1024:  # wide ones keep the teacher's top classes (tested above)
+            np.testing.assert_allclose(got, kl(t, s, temp), rtol=1e-4, atol=1e-6)
+        loss = obj.train_loss([torch.from_numpy(s)], teacher.parts, teacher.energy, None)
+        assert float(loss) == pytest.approx(float(got.mean()) * temp**2, rel=1e-5)

@@ -56,6 +56,29 @@ def test_a_tight_budget_shrinks_what_the_user_did_not_set() -> None:
     assert "GA 50x" in describe(p, new, finetune=True)
 
 
+def test_a_candidate_costs_at_most_the_search_split() -> None:
+    # 384 VAD chunks leave a 77-sample search split: a candidate is scored on 77 samples, not the
+    # configured 128, and the plan (and its line) must say what will happen, not what was asked
+    cfg = SearchConfig()
+    _, small = plan(cfg, _costs(search_samples=77), budget_s=3600)
+    assert small.stages["ga"] == pytest.approx(candidates(50, 20) * (0.001 * 77 + 0.002))
+    assert "on 77 samples" in describe(small, cfg, finetune=True)
+    _, big = plan(cfg, _costs(), budget_s=3600)
+    assert "on 128 samples" in describe(big, cfg, finetune=True)
+
+
+def test_the_emission_reserve_follows_the_timed_calibration() -> None:
+    # emission calibrates on ORT three times; a setup spent on the teacher pass says nothing about that
+    cfg = SearchConfig()
+    _, timed = plan(cfg, _costs(elapsed=100.0, calibration=2.0, check_samples=0), budget_s=3600)
+    assert timed.stages["emit and self-check"] == pytest.approx(4 * 2.0 + 0.05 * 100.0)
+    _, heavy = plan(cfg, _costs(elapsed=60.0, calibration=40.0, check_samples=0), budget_s=3600)
+    assert heavy.stages["emit and self-check"] > 2 * 60.0
+    # unknown (cached on resume): the whole setup stands in for it
+    _, cached = plan(cfg, _costs(elapsed=100.0, check_samples=0), budget_s=3600)
+    assert cached.stages["emit and self-check"] == pytest.approx(100.0 + 0.05 * 100.0)
+
+
 def test_the_plan_scales_with_the_budget() -> None:
     costs = _costs(train_step=0.5, per_sample=0.01)
     sizes = []

