@@ -131,7 +131,8 @@ def search_options(f):
             type=click.IntRange(1, 1_000_000),
             default=128,
             show_default=True,
-            help="Mini-batch of MetaQuantNet training and finetuning (global: split across torchrun ranks).",
+            help="Mini-batch of MetaQuantNet training and finetuning (global: split across torchrun ranks). "
+            "Unless set, lowered for large inputs (memory) and small data (at least 16 steps an epoch).",
         ),
         click.option(
             "--population",

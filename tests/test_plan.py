@@ -189,3 +189,35 @@ def test_a_stage_that_starts_late_leaves_the_later_stages_their_time() -> None:
     first = stage_deadline(p3, "ga", started=now - 300.0, gas_done=0) - now
     last = stage_deadline(p3, "ga", started=now - 300.0, gas_done=2) - now
     assert first < last <= 105.0 + 0.5
+
+
+def test_small_data_still_makes_optimizer_steps(tmp_path) -> None:
+    """A few hundred samples at the default mini-batch of 128 made two steps an epoch (ddddocr: finetuning
+    barely moved); unless the user set the mini-batch, an epoch has at least 16 steps of at least 8."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from mqtool.search.context import Samples
+    from mqtool.search.driver import SearchEngine
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32), "w")
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
+        [w],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(m, full_check=True)
+
+    def batch(n: int, **cfg) -> tuple[int, int]:
+        x = np.random.default_rng(1).standard_normal((n, 8)).astype(np.float32)
+        eng = SearchEngine(m, Samples({"x": x}), SearchConfig.flat(**cfg), str(tmp_path / f"{n}-{len(cfg)}"))
+        return eng.cfg.training.batch_size, len(eng.ctx.train)
+
+    b, train = batch(320)
+    assert b < 128 and -(-train // b) >= 16
+    assert batch(120)[0] == 8  # never under 8 samples
+    assert batch(5000)[0] == 128  # enough data: the configured mini-batch
+    assert batch(320, batch_size=128, fixed=frozenset({"batch_size"}))[0] == 128  # set by the user: kept

@@ -104,7 +104,8 @@ def test_rerank_picks_the_best_on_the_whole_split(engine) -> None:
         with eng.ctx.net.override_weights(eng.mqn.generate(list(g.wbits))):
             full.append(scorer.fitness())
     assert len(eng.ctx.search_set) == 300  # the whole split (capped), not the GA's 256
-    assert fit == min(full) and best == finalists[int(np.argmin(full))]
+    # the same terms summed in another order can differ in the last float bits
+    assert fit == pytest.approx(min(full), rel=1e-6) and best == finalists[int(np.argmin(full))]
 
 
 def test_ga_hands_the_worst_parent_to_the_evaluator_only_with_racing() -> None:
