@@ -229,6 +229,10 @@ def doc_body(result: dict) -> str:
                 rows.append([name, r["skipped"], "", "", "", ""])
                 continue
             s = r["searched"]
+            if s.get("exit_code"):
+                rows.append([name, f"{r['fp32_ms']:.3f}", f"{r['target_ms']:.3f}",
+                             f"exit {s['exit_code']}: {s.get('error', '?').removeprefix('mqtool: error: ')}", "", ""])  # fmt: skip
+                continue
             rows.append([
                 name, f"{r['fp32_ms']:.3f}", f"{r['target_ms']:.3f}",
                 f"{s.get('measured_ms', float('nan')):.3f}" + (" (over)" if s.get("measured_ms", 1e9) > r["target_ms"] else ""),

@@ -246,6 +246,17 @@ def verdict_agrees(row: dict, bits8: dict, key: str) -> bool | None:
 # ---------------------------------------------------------------- one model
 
 
+def _bits8_worked_before(name: str, args) -> bool:
+    """Merging a searched run without its `--bits 8` run: whether the recorded one worked (a merge that
+    re-ran only target4 once recorded every searched cell as skipped)."""
+    path = os.path.join(args.out_dir, "zoo.json")
+    if not args.merge or not os.path.exists(path):
+        return False
+    with open(path, encoding="utf-8") as f:
+        row = json.load(f).get("models", {}).get(name, {}).get("runs", {}).get("bits8", {})
+    return bool(row) and "error" not in row and "skipped" not in row
+
+
 def bench_model(name: str, args, searched: list[str], tmp: str) -> dict:
     z = ZOO[name]
     models.fetch([name], log)
@@ -268,7 +279,7 @@ def bench_model(name: str, args, searched: list[str], tmp: str) -> dict:
     ref = score.reference(mpath, z.task, held)
     res["runs"]["fp32"] = {"bytes": os.path.getsize(mpath), **ref.scores}
     log(f"{name} fp32: {ref.scores}")
-    ok8 = False
+    ok8 = "bits8" not in args.runs and _bits8_worked_before(name, args)
     for run in [r for r in args.runs if r != "fp32"]:
         if run.startswith("target") and not ok8:
             res["runs"][run] = {"skipped": "mqtool convert --bits 8 failed on this model"}
