@@ -287,6 +287,8 @@ def summarize(args, rows: list[dict], seconds: dict, s: dict, note: str = "") ->
             ("mqn_epochs", 6),
             ("finetune_epochs", 3),
             ("hawq_iter", 50),
+            ("lo", 2.3),
+            ("hi", 2.5),
         )
         if getattr(args, k) != d
     )
@@ -295,6 +297,8 @@ def summarize(args, rows: list[dict], seconds: dict, s: dict, note: str = "") ->
         if args.example == "mnist_cnn" and args.start == "metaquantnet"
         else (f"proxy_{args.example}_{args.start}")
     )
+    if (args.lo, args.hi) != (2.3, 2.5):  # another budget: its own section next to the 2.5-bit one
+        name += f"_{args.lo:g}_{args.hi:g}".replace(".", "p")
     common.finish(name, "bench_proxy.py", args, result, body, extra)
 
 
