@@ -123,8 +123,10 @@ def test_max_drop_keeps_the_measured_drop_within_its_limit(mlp, tmp_path):
     assert len(probes) >= 2 and policy.meta["emitted_bytes"] == min(s for s, d in zip(sizes, drops) if d <= 5)
 
 
-def test_max_drop_adds_one_standard_error_of_the_changed_answers(monkeypatch):
-    """The drop a --max-drop pick is judged by includes a margin for the few hundred held-out samples."""
+def test_max_drop_adds_a_margin_for_the_changed_answers(monkeypatch):
+    """The drop a --max-drop pick is judged by includes a margin for the few hundred held-out samples: the
+    upper one-sigma Wilson bound of the share of changed answers, which (unlike one standard error) does not
+    vanish when one answer in 256 changed (mnist_cnn: judged 0.78 pt, 1.1 pt on the test set)."""
     from types import SimpleNamespace
 
     import mqtool.search.maxdrop as maxdrop
@@ -140,5 +142,10 @@ def test_max_drop_adds_one_standard_error_of_the_changed_answers(monkeypatch):
     ctx = SimpleNamespace(check_set=check, model=None, train=SimpleNamespace(inputs={"x": np.zeros((4, 1))}),
                           outputs=[])  # fmt: skip
     drop, measure = maxdrop.drop_points(SimpleNamespace(ctx=ctx), None, None)
-    margin = 100 * np.sqrt(0.03 * 0.97 / n)
-    assert drop == pytest.approx(1.0 + margin) and "standard error" in measure
+    p, z2 = 0.03, 1.0  # Wilson score interval, upper end, z = 1, against NumPy arithmetic
+    upper = (p + z2 / (2 * n) + np.sqrt(p * (1 - p) / n + z2 / (4 * n * n))) / (1 + z2 / n)
+    assert drop == pytest.approx(1.0 + 100 * (upper - p)) and "bound on changed answers" in measure
+    # a margin that the plain standard error would have dropped: one changed answer in 256
+    one = maxdrop.wilson_upper(1 / 256, 256) - 1 / 256
+    assert one > np.sqrt((1 / 256) * (255 / 256) / 256) and 100 * (1 / 256 + one) > 1.0
+    assert maxdrop.wilson_upper(0.0, 256) > 0.0  # none changed: still not proof of a zero drop
