@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 import numpy as np  # noqa: E402
 
-ZOO_CACHE = os.path.join(common.ROOT, "bench", "zoo", ".cache")
+ZOO_CACHE = common.ZOO_CACHE
 
 
 def cli(*args: str, timeout: int = 3600) -> dict:

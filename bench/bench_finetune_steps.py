@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
 
-ZOO_CACHE = os.path.join(common.ROOT, "bench", "zoo", ".cache")
+ZOO_CACHE = common.ZOO_CACHE
 
 
 def model_and_data(name: str) -> tuple[str, str]:

@@ -31,7 +31,7 @@ import common  # noqa: E402
 import numpy as np  # noqa: E402
 
 GIB = 1024**3
-ZOO_CACHE = os.path.join(common.ROOT, "bench", "zoo", ".cache")
+ZOO_CACHE = common.ZOO_CACHE
 
 
 def resnet50(path: str, images: int, seed: int = 0) -> tuple[str, str, int]:

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
 
-ZOO_CACHE = os.path.join(common.ROOT, "bench", "zoo", ".cache")
+ZOO_CACHE = common.ZOO_CACHE
 
 
 def models() -> dict[str, tuple[str, str]]:

@@ -33,6 +33,8 @@ EXAMPLES_DIR = os.environ.get("BENCH_EXAMPLES_DIR") or os.path.join(ROOT, "examp
 # LOOPED_EXAMPLES, the two their documented figures were measured on.
 LOOPED_EXAMPLES = ("mnist_cnn", "mnist_vit")
 EXAMPLES = {name: os.path.join(EXAMPLES_DIR, name) for name in (*LOOPED_EXAMPLES, "mnist_vit_compact")}
+# the real-model zoo built by bench/zoo/run.py (git-ignored)
+ZOO_CACHE = os.path.join(ROOT, "bench", "zoo", ".cache")
 THREADS = 2
 
 
