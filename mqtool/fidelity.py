@@ -7,13 +7,16 @@ A candidate's outputs are compared with fp32's, both sample-major (`[N, ...]`), 
   than one position) also "sequence agreement" (every position's argmax equal) and "CTC string agreement"
   (greedy CTC decoding: collapse repeats, drop the blank), "KL to fp32" (mean KL(fp32 || candidate) per
   position, in nats) and, with labels and one distribution per sample, "top-1 accuracy";
-- independent probabilities (Sigmoid): "decision agreement" at 0.5 and "mean abs difference";
+- independent probabilities (Sigmoid): "decision agreement" (share of values on fp32's side of 0.5), "mean
+  abs difference" and, with more than one value per sample, "positive overlap" (Jaccard of the values above
+  0.5, `positive_overlap`): a detector's score maps hold thousands of values, nearly all negative, so the
+  share of equal decisions stays 0.99 while the detections are lost;
 - regression: "cosine" (mean per sample) and "SQNR dB" (over all values), with channels (a detector's
   rows) also the worst channel's SQNR and, where some channels are scores in [0, 1], "score agreement"
   (the positions both call detections, `score_agreement`); embedding: "cosine".
 
 Each output gets one number in [0, 1] for gates and tables, its *agreement*: top-1 (per-position)
-agreement, decision agreement, or the per-sample cosine clipped to [0, 1]; the model's agreement is the
+agreement, positive overlap (decision agreement with one value per sample, where the two are equal), or the per-sample cosine clipped to [0, 1]; the model's agreement is the
 mean of its scored outputs' agreements weighted by `OutputSpec.weight`. Agreement-type measures also keep
 their per-sample values, so that two candidates measured on the same samples can be compared with a paired
 standard error (`paired_gap`). Samples where the candidate is not finite agree on nothing.
@@ -39,6 +42,7 @@ CTC = "CTC string agreement"
 KL = "KL to fp32"
 ACCURACY = "top-1 accuracy"
 DECISION = "decision agreement"
+POSITIVES = "positive overlap"
 ABS_DIFF = "mean abs difference"
 COSINE = "cosine"
 SQNR = "SQNR dB"
@@ -128,6 +132,16 @@ def decision_agreement(reference: np.ndarray, candidate: np.ndarray, threshold: 
     """Per sample, the share of elements on the same side of `threshold` (`[N]`)."""
     r, c = _flat(reference), _flat(candidate)
     return ((r > threshold) == (c > threshold)).mean(axis=1)
+
+
+def positive_overlap(reference: np.ndarray, candidate: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """Per sample (`[N]`), the Jaccard overlap of the elements fp32 and the candidate put above `threshold`
+    (1 where neither has one). On a real layout detector (PicoDet, 7,600 x 10 sigmoid scores per image) with
+    4-bit weights, detection F1 against fp32 fell to 0.20 while 99.1-99.99% of the decisions stayed equal;
+    this overlap read 0.03-0.12 (8-bit: 0.93-0.98, F1 0.98)."""
+    r, c = _flat(reference) > threshold, np.nan_to_num(_flat(candidate), nan=0.0) > threshold
+    union, inter = (r | c).sum(axis=1), (r & c).sum(axis=1)
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
 
 
 def mean_abs_difference(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
@@ -284,8 +298,11 @@ def output_fidelity(
                 reference_scores[ACCURACY] = top1_accuracy(r, y)
                 per_sample[ACCURACY] = (positions(c).argmax(-1)[:, 0] == y).astype(np.float64)
     elif spec.kind is OutputKind.SIGMOID:
-        main = DECISION
         per_sample[DECISION] = decision_agreement(r, c)
+        main = DECISION
+        if _flat(r).shape[1] > 1:
+            main = POSITIVES
+            per_sample[POSITIVES] = positive_overlap(r, c)
         measures[ABS_DIFF] = float(np.mean(mean_abs_difference(r, c)))
     else:
         main = COSINE

@@ -16,6 +16,7 @@ from mqtool.fidelity import (
     CTC,
     DECISION,
     KL,
+    POSITIVES,
     SEQUENCE,
     SQNR,
     TOP1,
@@ -27,6 +28,7 @@ from mqtool.fidelity import (
     model_fidelity,
     output_fidelity,
     paired_gap,
+    positive_overlap,
     sequence_agreement,
     sqnr_db,
     top1_agreement,
@@ -115,10 +117,33 @@ def test_sigmoid_outputs_are_judged_by_their_decisions():
     ref = np.array([[0.2, 0.7, 0.6], [0.9, 0.1, 0.4]])
     cand = np.array([[0.4, 0.4, 0.9], [0.8, 0.2, 0.3]])
     np.testing.assert_allclose(decision_agreement(ref, cand), [2 / 3, 1.0])
+    np.testing.assert_allclose(positive_overlap(ref, cand), [1 / 2, 1.0])  # {1, 2} vs {2}; {0} vs {0}
     fid = output_fidelity(spec(OutputKind.SIGMOID), ref, cand)
-    assert fid.agreement_measure == DECISION and fid.agreement == pytest.approx(5 / 6)
+    assert fid.agreement_measure == POSITIVES and fid.agreement == pytest.approx(3 / 4)
+    assert fid.measures[DECISION] == pytest.approx(5 / 6)
     assert fid.measures[ABS_DIFF] == pytest.approx(np.abs(ref - cand).mean())
     assert KL not in fid.measures
+    # one value per sample (a VAD's speech probability): the overlap is the decision agreement
+    one = output_fidelity(spec(OutputKind.SIGMOID), ref[:, :1], cand[:, :1])
+    assert one.agreement_measure == DECISION and one.agreement == pytest.approx(1.0)
+
+
+def test_sparse_score_maps_are_judged_by_the_overlap_of_their_positives():
+    # a detector's score map: 2,000 scores per image, a handful above 0.5; the candidate keeps one of
+    # fp32's four detections per image and adds one of its own
+    rng = np.random.default_rng(0)
+    ref = rng.uniform(0.0, 0.3, size=(3, 2000))
+    ref[:, :4] = 0.9
+    cand = ref.copy()
+    cand[:, 1:4] = 0.2
+    cand[:, 10] = 0.8
+    fid = output_fidelity(spec(OutputKind.SIGMOID), ref, cand)
+    np.testing.assert_allclose(fid.per_sample[POSITIVES], [1 / 5] * 3)
+    assert fid.measures[DECISION] == pytest.approx(1 - 4 / 2000)
+    assert fid.agreement == pytest.approx(0.2)
+    # no positives on either side agrees fully; a NaN candidate calls nothing
+    assert positive_overlap(ref[:1] * 0, ref[:1] * 0)[0] == 1.0
+    assert positive_overlap(ref[:1], np.full_like(ref[:1], np.nan))[0] == 0.0
 
 
 def test_sqnr_and_cosine_known_values():

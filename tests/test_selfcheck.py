@@ -220,8 +220,8 @@ def test_two_outputs_a_broken_head_is_caught_even_when_the_average_hides_it():
     bad = self_check(m, broken(q, only=flipped_layer), held, baseline=q)
     assert bad.quantized.output("p").agreement == good.quantized.output("p").agreement
     assert bad.quantized.output("s").agreement < 0.2
-    assert bad.verdict == POOR and any("'s' decision agreement" in r for r in bad.reasons)
-    assert "p: top-1 agreement" in bad.text() and "s: decision agreement" in bad.text()
+    assert bad.verdict == POOR and any("'s' positive overlap" in r for r in bad.reasons)
+    assert "p: top-1 agreement" in bad.text() and "s: positive overlap" in bad.text()
 
 
 def fidelity(agree: np.ndarray, ctc: np.ndarray | None = None):
