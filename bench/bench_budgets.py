@@ -22,6 +22,7 @@ Writes bench/results/budgets.json and the `bench:budgets` section of docs/benchm
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -264,6 +265,12 @@ def main() -> None:
     )
     ap.add_argument("--latency-models", nargs="+", default=["mnist_vit", "minilm"])
     ap.add_argument("--time-budget", type=float, default=4.0)
+    ap.add_argument(
+        "--merge",
+        metavar="WHY",
+        help="keep the recorded results of the parts not run (bench/results/budgets.json); the re-run "
+        "parts record WHY and the commit",
+    )
     args = ap.parse_args()
     budget, parts = args.time_budget, args.parts
     size_models, latency_models = args.size_models, args.latency_models
@@ -284,6 +291,15 @@ def main() -> None:
             result["embedding"] = embedding_part(budget, tmp, args.quick)
             print("embedding", result["embedding"], flush=True)
     extra = "" if args.quick else f" --time-budget {budget:g}"
+    if args.merge and not args.quick:
+        with open(os.path.join(args.out_dir, "budgets.json"), encoding="utf-8") as f:
+            old = json.load(f)
+        rerun = {**old.get("rerun", {}), **{p: f"{args.merge} ({common.git_commit()})" for p in parts}}
+        kept = {
+            k: v for k, v in old.items() if k in ("size", "latency", "drop", "embedding") and k not in parts
+        }
+        result = {**kept, **result, "rerun": rerun}
+        extra += f" --parts {' '.join(parts)} --merge '{args.merge}'"
     common.finish("budgets", "bench_budgets.py", args, result, doc_body(result), extra)
 
 

@@ -12,6 +12,7 @@ import os
 import platform
 import re
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -225,6 +226,12 @@ def table(headers: list[str], rows: list[list[Any]]) -> str:
 
 def command(script: str, args: argparse.Namespace, extra: str = "") -> str:
     return f"python bench/{script}{' --quick' if args.quick else ''}{extra}"
+
+
+def git_commit() -> str:
+    """The short commit of the checkout (what a merged benchmark cell was measured with)."""
+    out = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return out.stdout.strip() or "unknown"
 
 
 def finish(

@@ -35,7 +35,7 @@ from mqtool.errors import InputError
 from mqtool.fileio import atomic_write_bytes
 from mqtool.model import load_model, over_protobuf_limit
 from mqtool.numerics import activation_qparams
-from mqtool.policy import FLOAT, WEIGHT_ONLY_FORMATS, Format, LayerBits, Policy, average_weight_bits
+from mqtool.policy import FLOAT, FLOAT_INPUT_FORMATS, Format, LayerBits, Policy, average_weight_bits
 from passes.base import run_passes
 from passes.cleanup import cleanup
 from passes.compact_names import compact_names
@@ -185,8 +185,8 @@ def _realised(policy: Policy, layout: dict[str, WeightStorage]) -> Policy:
             layers[name] = LayerBits(FLOAT, FLOAT, Format.FLOAT)
     for name, ws in layout.items():
         b = policy.get(name)
-        # An nbits layer reads a float input (storage auto picks it only where the input stays float).
-        act = FLOAT if ws.format in WEIGHT_ONLY_FORMATS else b.act_bits
+        # An nbits or dynamic layer reads a float input (auto picks nbits only where the input stays float).
+        act = FLOAT if ws.format in FLOAT_INPUT_FORMATS else b.act_bits
         layers[name] = LayerBits(b.weight_bits, act, ws.format, ws.block_size)
     return Policy(layers, dict(policy.meta))
 

@@ -4,7 +4,8 @@
 realisation it can take, so a search can price a policy without emitting it:
 
 1. One model is emitted per *choice key* the layers can take (`choice_key`: `float`; `int8`, whose integer
-   kernels run at the same speed whatever the bits inside the INT8 container; `packed/int2|int4|int8`,
+   kernels run at the same speed whatever the bits inside the INT8 container; `dynamic`, likewise
+   (DynamicQuantizeMatMul, its input quantized by the kernel); `packed/int2|int4|int8`,
    DequantizeLinear of that container + the float op; `nbits/int2|int4|int8|uint8`, MatMulNBits /
    GatherBlockQuantized, whose speed depends on the container), every layer that can take the key taking
    it, the others float.
@@ -82,6 +83,7 @@ log = logging.getLogger(__name__)
 TABLE_VERSION = 1
 FLOAT_KEY = "float"
 INT8_KEY = "int8"
+DYNAMIC_KEY = "dynamic"  # DynamicQuantizeMatMul: int8 kernels whatever the bits in the container
 FREE_DIM = 32  # length of a free non-batch dimension of a synthesised input (a sequence, an image side)
 CALIBRATION_SAMPLES = 8  # activation ranges only decide scales, never which kernels run
 _QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
@@ -96,8 +98,8 @@ Progress = Callable[[str, dict], None]
 
 def choice_key(layer: LayerInfo, bits: int, fmt: Format | str | None = None, act_bits: int = 8) -> str:
     """The table column a layer at `bits` in format `fmt` runs as: 'float', 'int8' (integer kernels run
-    at the same speed whatever the bits in the INT8 container), 'packed/<container>' or
-    'nbits/<container>' (`passes.qdq_plan.format_container`). `fmt` None is what storage `auto` picks:
+    at the same speed whatever the bits in the INT8 container), 'dynamic' (likewise), 'packed/<container>'
+    or 'nbits/<container>' (`passes.qdq_plan.format_container`). `fmt` None is what storage `auto` picks:
     int8 with a quantized input (`act_bits` < 32), nbits for a weight-only layer that allows it, else
     int8."""
     from passes.qdq_plan import allowed_formats, format_container
@@ -110,6 +112,8 @@ def choice_key(layer: LayerInfo, bits: int, fmt: Format | str | None = None, act
     fmt = Format(fmt)
     if fmt is Format.INT8:
         return INT8_KEY
+    if fmt is Format.DYNAMIC:
+        return DYNAMIC_KEY
     container = format_container(layer, bits, fmt, act_quantized=fmt is Format.PACKED and act_bits != FLOAT)
     return f"{fmt.value}/{container.value}"
 
@@ -729,7 +733,7 @@ _COMPUTE_OPS = frozenset(
     {
         "Conv", "FusedConv", "QLinearConv", "ConvInteger", "MatMul", "FusedMatMul", "Gemm", "FusedGemm",
         "QGemm", "MatMulIntegerToFloat", "MatMulNBits", "Gather", "GatherBlockQuantized", "LSTM", "GRU", "RNN",
-        "DynamicQuantizeLSTM", "ConvTranspose",
+        "DynamicQuantizeLSTM", "DynamicQuantizeMatMul", "ConvTranspose",
     }
 )  # fmt: skip
 

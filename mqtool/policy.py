@@ -1,8 +1,8 @@
 """The per-layer bit-width policy: the contract between search, emission and report.
 
-JSON form (version 2)::
+JSON form (version 3)::
 
-    {"format": "mqtool.policy", "version": 2,
+    {"format": "mqtool.policy", "version": 3,
      "layers": {"<onnx node name>": {"weight_bits": 4, "act_bits": 8, "format": "int8"},
                 "<another>": {"weight_bits": 4, "act_bits": 32, "format": "nbits", "block_size": 32}, ...}}
 
@@ -13,10 +13,14 @@ missing from the file stays float. `format` (optional) is how the layer is reali
 - `int8`: k-bit values in INT8 containers; with a quantized input (act_bits < 32) ORT runs integer kernels;
 - `packed`: the smallest container (INT2 / INT4 / INT8), meant weight-only (act_bits 32);
 - `nbits`: weight-only (act_bits 32) MatMul form that ORT runs as MatMulNBits (2/4/8-bit containers),
-  per-column scales or, with `block_size` (16, 32, ... a power of two), one scale per block of K rows.
+  per-column scales or, with `block_size` (16, 32, ... a power of two), one scale per block of K rows;
+- `dynamic`: a MatMul (or a Gemm that is MatMul + bias) whose k-bit weight sits in an INT8 container and
+  whose float input (act_bits 32 in the graph) the kernel quantizes itself at run time, 8 bits per tensor
+  (com.microsoft.DynamicQuantizeMatMul, ORT's `quantize_dynamic` form; integer kernels, no calibration).
 
 Which formats a layer can take is `passes.qdq_plan.allowed_formats`. Without a format (every version-1
-file, which still loads with its old meaning) the conversion's storage mode decides. Average weight bits
+file, which still loads with its old meaning) the conversion's storage mode decides. Version 3 added
+`dynamic`; version-2 files load unchanged. Average weight bits
 everywhere is sum(bits_l * params_l) / sum(params_l) over the quantizable layers' weights, float layers
 counting 32.
 """
@@ -32,8 +36,8 @@ from mqtool.analysis import LayerInfo
 from mqtool.errors import InputError
 
 FORMAT = "mqtool.policy"
-VERSION = 2
-VERSIONS = (1, 2)  # version 1: no per-layer format
+VERSION = 3
+VERSIONS = (1, 2, 3)  # version 1: no per-layer format; version 3: format 'dynamic'
 WEIGHT_BITS = frozenset({2, 3, 4, 5, 6, 7, 8, 32})
 ACT_BITS = frozenset({2, 3, 4, 5, 6, 7, 8, 32})
 FLOAT = 32
@@ -47,9 +51,13 @@ class Format(StrEnum):
     INT8 = "int8"
     PACKED = "packed"
     NBITS = "nbits"
+    DYNAMIC = "dynamic"
 
 
-WEIGHT_ONLY_FORMATS = frozenset({Format.NBITS})  # formats that need a float input (act_bits 32)
+WEIGHT_ONLY_FORMATS = frozenset({Format.NBITS})
+# Formats whose layer reads a float input in the graph (act_bits 32): weight-only ones, and `dynamic`,
+# whose kernel quantizes its input itself.
+FLOAT_INPUT_FORMATS = WEIGHT_ONLY_FORMATS | {Format.DYNAMIC}
 BLOCK_SIZES = frozenset({0} | {2**k for k in range(4, 13)})  # 0: one scale per output channel
 
 
@@ -92,6 +100,11 @@ def _layer_problem(b: LayerBits) -> str | None:
         return f"weight_bits 32 (float) cannot take format '{f.value}'"
     if f in WEIGHT_ONLY_FORMATS and b.act_bits != FLOAT:
         return f"format '{f.value}' is weight-only: act_bits must be 32, got {b.act_bits}"
+    if f is Format.DYNAMIC and b.act_bits != FLOAT:
+        return (
+            f"format 'dynamic' quantizes its float input at run time (8 bits): act_bits must be 32, "
+            f"got {b.act_bits}"
+        )
     if b.block_size not in BLOCK_SIZES:
         return f"block_size must be 0 or a power of two from 16 to 4096, got {b.block_size}"
     if b.block_size and f is not Format.NBITS:
@@ -159,6 +172,8 @@ class Policy:
             fmt = entry.get("format")
             if fmt is not None and fmt not in {f.value for f in Format}:
                 raise InputError(f"{where}.format: {fmt!r} not in {[f.value for f in Format]}")
+            if fmt == Format.DYNAMIC.value and version < 3:
+                raise InputError(f"{where}.format: 'dynamic' needs version 3 (this file says {version})")
             block = entry.get("block_size", 0)
             if type(block) is not int:
                 raise InputError(f"{where}.block_size: expected an integer, got {block!r}")

@@ -175,11 +175,11 @@ def report(model: onnx.ModelProto | str | os.PathLike) -> QuantReport:
         own = nodes.get(layer.name)
         if own is not None and own.op_type == "GatherBlockQuantized" and own.input[0] in inits:
             dq = own  # its data, scales and zero points are read like a DequantizeLinear's
-        if own is not None and own.op_type == "DynamicQuantizeLSTM" and own.input[1] in inits:
+        if own is not None and own.op_type in _OWN_WEIGHT_OPS and own.input[1] in inits:
             dq = own
         if (
             dq is not None
-            and dq.op_type in ("DequantizeLinear", "GatherBlockQuantized", "DynamicQuantizeLSTM")
+            and dq.op_type in ("DequantizeLinear", "GatherBlockQuantized", *_OWN_WEIGHT_OPS)
             and _values_input(dq) in inits
         ):
             q_init = inits[_values_input(dq)]
@@ -273,13 +273,16 @@ def _sensitivity_at(sens: dict | None, name: str, bits: int) -> tuple[float | No
     return row.get(bits), (row.get(lower[-1]) if lower else None)
 
 
-_FORMATS = ("float", "int8", "packed", "nbits")
+_FORMATS = ("float", "int8", "packed", "nbits", "dynamic")
+# Integer-kernel nodes that hold their layer's int8 weight themselves (no DequantizeLinear in front).
+_OWN_WEIGHT_OPS = ("DynamicQuantizeLSTM", "DynamicQuantizeMatMul")
 
 
 def _scale_inputs(node: onnx.NodeProto) -> list[str]:
     """Scale and zero-point inputs: DequantizeLinear (q, s, z); GatherBlockQuantized (q, ids, s, z);
-    DynamicQuantizeLSTM (x, W, R, B, lens, h, c, P, W scale, W zero point, R scale, R zero point)."""
-    if node.op_type == "GatherBlockQuantized":
+    DynamicQuantizeLSTM (x, W, R, B, lens, h, c, P, W scale, W zero point, R scale, R zero point);
+    DynamicQuantizeMatMul (x, W, W scale, W zero point)."""
+    if node.op_type in ("GatherBlockQuantized", "DynamicQuantizeMatMul"):
         return list(node.input[2:4])
     if node.op_type == "DynamicQuantizeLSTM":
         return list(node.input[8:12])
@@ -287,7 +290,7 @@ def _scale_inputs(node: onnx.NodeProto) -> list[str]:
 
 
 def _values_input(node: onnx.NodeProto) -> str:
-    return node.input[1] if node.op_type == "DynamicQuantizeLSTM" else node.input[0]
+    return node.input[1] if node.op_type in _OWN_WEIGHT_OPS else node.input[0]
 
 
 def _recurrence_dq(node, prod, inits) -> onnx.NodeProto | None:
@@ -302,6 +305,8 @@ def _format(layer, bits: int, storage: str, act: int, dq, recorded) -> str:
     read from the graph (block-wise or weight-only 2-D MatMul: nbits; INT8/UINT8: int8; INT4/INT2: packed)."""
     if bits == FLOAT:
         return "float"
+    if dq is not None and dq.op_type == "DynamicQuantizeMatMul":
+        return "dynamic"
     if storage in ("int8", "uint8"):
         graph = "int8"
     elif storage in ("int4", "int2", "uint4", "uint2"):
@@ -368,16 +373,17 @@ def _bits_needed(dq: onnx.NodeProto, inits) -> int:
         both = [numpy_helper.to_array(inits[dq.input[k]]).astype(np.int64) for k in (1, 2)]
         lo, hi = min(int(v.min()) for v in both), max(int(v.max()) for v in both)
         return next(k for k in range(2, 33) if -(2 ** (k - 1)) <= lo and hi <= 2 ** (k - 1) - 1)
-    q = numpy_helper.to_array(inits[dq.input[0]]).astype(np.int64)
+    dqmm = dq.op_type == "DynamicQuantizeMatMul"
+    q = numpy_helper.to_array(inits[dq.input[1 if dqmm else 0]]).astype(np.int64)
     gbq = dq.op_type == "GatherBlockQuantized"
-    z_in = 3 if gbq else 2
+    z_in = 3 if gbq or dqmm else 2
     zp = np.int64(0)
     if gbq and inits[dq.input[0]].data_type == TensorProto.UINT8:
         zp = np.int64(128)  # GatherBlockQuantized's default uint8 zero point
     if len(dq.input) > z_in and dq.input[z_in] in inits:
         zp = numpy_helper.to_array(inits[dq.input[z_in]]).astype(np.int64)
         block = int(_attr(dq, "block_size", 0))
-        axis = int(_attr(dq, "quantize_axis" if gbq else "axis", 1)) % q.ndim
+        axis = int(_attr(dq, "quantize_axis" if gbq else "axis", 1)) % q.ndim  # DynamicQuantizeMatMul: 1
         if block:
             zp = expand_blocks(zp, axis, block, q.shape[axis])
         elif zp.ndim == 1 and q.ndim > 1:
@@ -458,6 +464,28 @@ def _dequantized_view(model: onnx.ModelProto) -> onnx.ModelProto:
             )
             inits[table] = g.initializer[-1]
             keep.append(onnx.helper.make_node("Gather", [table, n.input[1]], list(n.output), n.name, axis=0))
+            replaced = True
+        elif n.op_type == "DynamicQuantizeMatMul" and all(i in inits for i in n.input[1:4] if i):
+            q = numpy_helper.to_array(inits[n.input[1]]).astype(np.int64)
+            s = numpy_helper.to_array(inits[n.input[2]]).astype(np.float32)
+            z = (
+                numpy_helper.to_array(inits[n.input[3]]).astype(np.int64)
+                if len(n.input) > 3 and n.input[3]
+                else 0
+            )
+            weight = f"{n.name}.weight"
+            g.initializer.append(
+                numpy_helper.from_array(dequantize(q, s, z, 1 if np.ndim(s) == 1 else None), weight)
+            )
+            inits[weight] = g.initializer[-1]
+            ins = [n.input[0], weight]
+            out = list(n.output)
+            if len(n.input) > 4 and n.input[4]:  # its bias input
+                ins_out = f"{n.name}.mm"
+                keep.append(onnx.helper.make_node("MatMul", ins, [ins_out], n.name))
+                keep.append(onnx.helper.make_node("Add", [ins_out, n.input[4]], out, f"{n.name}.bias"))
+            else:
+                keep.append(onnx.helper.make_node("MatMul", ins, out, n.name))
             replaced = True
         elif n.op_type == "DynamicQuantizeLSTM" and all(i in inits for i in n.input[8:12]):
             floats = []

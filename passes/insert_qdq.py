@@ -23,7 +23,8 @@ MSE scale) at the layer's stored bits (`qdq_plan.plan_storage`: 7 for an 8-bit l
 or, with `QuantParams`, `numerics.quantize` of the given weight with the given scale; block-wise scales
 (`numerics.quantize_weight_blockwise`, DequantizeLinear `block_size`) for an `nbits` layer with a block
 size. Stored in INT8 here with an explicit zero point 0 (`pack_weights` moves them to INT4/INT2). LSTM/GRU/
-RNN: W and R, each through its own DequantizeLinear. An embedding table in format `nbits` becomes
+RNN: W and R, each through its own DequantizeLinear. A MatMul in format `dynamic` becomes
+com.microsoft.DynamicQuantizeMatMul (int8 weight, input quantized by the kernel). An embedding table in format `nbits` becomes
 com.microsoft.GatherBlockQuantized (int4 or uint8 q + 128, block-wise along the last axis). Bias: see
 `qdq_plan.int32_bias` - int32 with scale s_x * s_w only for a Gemm with a quantized input, float
 otherwise. Activations below 8 bits get a Clip to their k-bit range in front of the QuantizeLinear. Carried
@@ -239,6 +240,9 @@ def _quantize_layer(g, namer, inits, node, layer, tag, btag, bits, ws, qparams, 
     else:
         scale = weight_scale(w, stored, axis, method="mse")
     q, scale = quantize_weight(w, stored, axis, scale=np.asarray(scale, dtype=np.float32))
+    if ws is not None and ws.format is Format.DYNAMIC:
+        _dynamic_quantize_matmul(g, namer, inits, node, layer, tag, btag, q.astype(np.int8), scale, over.bias)
+        return
     # An explicit zero point 0 (ORT's convention): ORT fuses a Gemm - also one it makes from a 2-D
     # MatMul + bias Add - into QGemm only when the weight DQ has one. Identical all-zero zero points
     # of layers with the same channel count are merged by dedupe_initializers.
@@ -286,6 +290,39 @@ def _quantize_recurrent(g, namer, inits, node, layer, tag, bits, stored, ws, ove
     # R [directions, gates * hidden, hidden]: its own DequantizeLinear, per-row scales on axis 1 as W's.
     node.input[1] = _add_dq(g, namer, tag, qw, sw, axis, np.zeros(len(sw), np.int8))
     node.input[2] = _add_dq(g, namer, f"{tag}r", qr, sr, axis, np.zeros(len(sr), np.int8))
+
+
+def _dynamic_quantize_matmul(g, namer, inits, node, layer, tag, btag, q, scale, bias_override) -> None:
+    """The MatMul or Gemm `node` becomes com.microsoft.DynamicQuantizeMatMul under the same name: its float
+    input quantized by the kernel at run time (uint8, one scale and zero point over the whole tensor, as
+    ONNX DynamicQuantizeLinear), the weight `q` as int8 [K, N] (a transB Gemm's transposed) with per-column
+    `scale` and zero point 0, a Gemm's bias C as the op's bias. Emitting the fused op itself, rather than
+    DynamicQuantizeLinear + MatMulInteger + Cast + Mul that ORT would fuse, keeps the layer's name on the
+    node ORT runs (the latency profiler attributes by name) and does not depend on the fusion's
+    conditions (one DynamicQuantizeLinear per MatMul, constant scales)."""
+    gemm = node.op_type == "Gemm"
+    if (node.op_type not in ("MatMul", "Gemm")) or layer.weight_input != 1 or q.ndim != 2:
+        raise InputError(
+            f"layer '{layer.name}' ({node.op_type}): format 'dynamic' needs x @ W with a 2-D constant W"
+        )
+    if gemm and any(a.name == "transB" and a.i for a in node.attribute):
+        q = q.T
+    bias = node.input[2] if gemm and len(node.input) > 2 else ""
+    if bias_override is not None:
+        if not gemm:
+            log.warning("layer '%s': bias override ignored (a MatMul keeps its bias Add)", layer.name)
+        else:
+            bias = namer(f"{btag}.f")
+            g.initializer.append(numpy_helper.from_array(np.asarray(bias_override, np.float32), bias))
+    q_name, s_name, z_name = namer(f"{tag}.q"), namer(f"{tag}.s"), namer(f"{tag}.z")
+    g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(q), q_name))
+    g.initializer.append(numpy_helper.from_array(np.asarray(scale, dtype=np.float32), s_name))
+    g.initializer.append(numpy_helper.from_array(np.zeros(len(scale), np.int8), z_name))
+    x = node.input[0]
+    del node.input[:]
+    node.input.extend([x, q_name, s_name, z_name, *([bias] if bias else [])])
+    del node.attribute[:]
+    node.op_type, node.domain = "DynamicQuantizeMatMul", MS_DOMAIN
 
 
 def _weight(inits, layer, override, name: str | None = None) -> np.ndarray:

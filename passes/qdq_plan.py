@@ -404,6 +404,8 @@ def plan_storage(
                 f"layer '{layer.name}' ({layer.op_type}): format '{fmt.value}' is not available "
                 f"(allowed: {', '.join(f.value for f in allowed)})"
             )
+        if fmt is Format.DYNAMIC:
+            act_quantized = True  # the kernel quantizes its input: u8 x s8 products, as an int8 layer's
         if container is None:
             container = format_container(layer, b.weight_bits, fmt, act_quantized)
         block = b.block_size
@@ -435,7 +437,7 @@ def stored_weight_bits(bits: int, container: Container, act_quantized: bool) -> 
 
 def format_container(layer: LayerInfo, bits: int, fmt: Format, act_quantized: bool) -> Container:
     """The container of a `bits`-bit weight in format `fmt` (see `plan_storage`)."""
-    if fmt is Format.INT8:
+    if fmt in (Format.INT8, Format.DYNAMIC):
         return Container.INT8
     if fmt is Format.NBITS and layer.op_type == "Gather":
         return Container.INT4 if bits <= 4 else Container.UINT8  # GatherBlockQuantized: int4 or uint8
@@ -463,7 +465,8 @@ def allowed_formats(
     embedding tables and GRU/RNN weights (INT8 containers: their DequantizeLinear is the fastest);
     `nbits` for `x @ W` with a 2-D W, a Gemm that is exactly MatMul + bias (`gemm_as_matmul_ok`, assumed
     when `node` is None), and an embedding table whose last axis is a multiple of 16
-    (com.microsoft.GatherBlockQuantized)."""
+    (com.microsoft.GatherBlockQuantized); `dynamic` for the same MatMuls and Gemms
+    (com.microsoft.DynamicQuantizeMatMul)."""
     out = [Format.FLOAT]
     if layer.op_type in ("Conv", "Gemm", "MatMul", "Gather", *RECURRENT_OPS):
         out.append(Format.INT8)
@@ -473,7 +476,7 @@ def allowed_formats(
     matmul = layer.op_type == "MatMul" and layer.weight_input == 1 and len(layer.weight_shape) == 2
     gemm = layer.op_type == "Gemm" and (node is None or graph is None or gemm_as_matmul_ok(node, graph))
     if matmul or gemm:
-        out.append(Format.NBITS)
+        out += [Format.NBITS, Format.DYNAMIC]
     return tuple(out)
 
 

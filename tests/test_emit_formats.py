@@ -58,8 +58,8 @@ def test_allowed_formats_by_op():
     info = analyze(net())
     conv, _, gemm, matmul = info.layers
     assert allowed_formats(conv) == (Format.FLOAT, Format.INT8, Format.PACKED)
-    assert allowed_formats(gemm) == (Format.FLOAT, Format.INT8, Format.PACKED, Format.NBITS)
-    assert allowed_formats(matmul) == (Format.FLOAT, Format.INT8, Format.PACKED, Format.NBITS)
+    both = (Format.FLOAT, Format.INT8, Format.PACKED, Format.NBITS, Format.DYNAMIC)
+    assert allowed_formats(gemm) == both and allowed_formats(matmul) == both
 
 
 def test_emission_follows_each_layers_format_and_report_reads_it_back(tmp_path):
@@ -109,7 +109,7 @@ def test_emission_follows_each_layers_format_and_report_reads_it_back(tmp_path):
     assert {r.name: r.weight_bits for r in rep.layers} == {c1: 8, c2: 4, gemm: 4, mm: 2}
     assert "format" in rep.table()
     recorded = json.loads(next(p.value for p in q.metadata_props if p.key == "mqtool.policy"))
-    assert recorded["version"] == 2 and recorded["layers"][gemm]["block_size"] == 16
+    assert recorded["version"] == 3 and recorded["layers"][gemm]["block_size"] == 16
 
 
 def test_storage_fills_formats_the_policy_lacks():
@@ -138,7 +138,7 @@ def test_a_format_the_layer_cannot_take_is_an_input_error():
         quantize_model(m, pol)
 
 
-@pytest.mark.parametrize("fmt", ["int8", "packed", "nbits"])
+@pytest.mark.parametrize("fmt", ["int8", "packed", "nbits", "dynamic"])
 def test_format_bytes_matches_the_file(fmt):
     """The difference in file size between two emissions that differ in one layer's (bits, format) is the
     difference of `format_bytes` (what a size budget sums), within the protobuf framing of a few tensors."""
@@ -172,7 +172,7 @@ def test_format_bytes_of_a_large_layer_within_one_percent():
     empty.CopyFrom(m)
     del empty.graph.initializer[:]
     base = empty.ByteSize()
-    for bits, fmt, block in ((4, "nbits", 32), (3, "packed", 0), (5, "int8", 0)):
+    for bits, fmt, block in ((4, "nbits", 32), (3, "packed", 0), (5, "int8", 0), (6, "dynamic", 0)):
         act = 8 if fmt == "int8" else 32
         pol = Policy({layer.name: LayerBits(bits, act, Format(fmt), block)})
         q = quantize_model(m, pol, data=data)

@@ -333,3 +333,16 @@ def test_predict_adds_the_layout_borders_of_convolutions():
     assert t.realised_key("a", mixed) == "packed/int8"
     assert t.border_sides(mixed) == {"nchwc": 2, "nhwc": 2}
     assert t.predict(mixed) == pytest.approx(0.1 + 2.0 + 1.0 + 0.5 + 2 * 0.11 + 2 * 0.02 + 0.005 + 0.01)
+
+
+def test_a_dynamic_layer_has_its_own_column_and_its_kernel_time_is_its_own():
+    # DynamicQuantizeMatMul carries the layer's name, so the profiler's event is the layer's, not the rest's
+    m = big_matmul(256, 512)
+    info = analyze(m)
+    t = measure_latency_table(m, info, {"fc": [(4, Format.DYNAMIC), (8, Format.DYNAMIC)]}, budget_s=0.5)
+    assert set(t.layers["fc"]) == {"float", "dynamic"}
+    dynamic = Policy({"fc": LayerBits(4, FLOAT, Format.DYNAMIC)})
+    assert t.measured["dynamic"]["layers"] == 1 and t.rest_ms == pytest.approx(0.0, abs=1e-6)
+    assert t.predict(dynamic) == pytest.approx(t.measured["dynamic"]["ms"], rel=1e-6)
+    assert t.layers["fc"]["dynamic"] == pytest.approx(t.measured["dynamic"]["ms"], rel=1e-6)
+    assert "DynamicQuantizeMatMul" in _optimized_ops(quantize_model(m, dynamic))

@@ -34,13 +34,17 @@ def test_formats_round_trip_and_version_1_files_still_load(tmp_path):
             "b": LayerBits(2, 32, Format.NBITS, 32),
             "c": LayerBits(32, 32, Format.FLOAT),
             "d": LayerBits(3, 32),
+            "e": LayerBits(6, 32, Format.DYNAMIC),
         }
     )
     doc = json.loads(p.dumps())
-    assert doc["version"] == 2
+    assert doc["version"] == 3
+    assert doc["layers"]["e"] == {"weight_bits": 6, "act_bits": 32, "format": "dynamic"}
     assert doc["layers"]["b"] == {"weight_bits": 2, "act_bits": 32, "format": "nbits", "block_size": 32}
     assert "format" not in doc["layers"]["d"]  # no format: the conversion's storage mode decides
-    assert Policy.from_json(doc, known=list("abcd")) == p
+    assert Policy.from_json(doc, known=list("abcde")) == p
+    v2 = {**doc, "version": 2, "layers": {k: v for k, v in doc["layers"].items() if k != "e"}}
+    assert Policy.from_json(v2).layers == {k: v for k, v in p.layers.items() if k != "e"}
     old = tmp_path / "v1.json"
     old.write_text(
         json.dumps(
@@ -64,7 +68,7 @@ def test_bitops_ratio():
     [
         ([], "object"),
         ({"format": "x", "version": 1, "layers": {}}, "format"),
-        ({"format": "mqtool.policy", "version": 3, "layers": {}}, "version"),
+        ({"format": "mqtool.policy", "version": 4, "layers": {}}, "version"),
         ({"format": "mqtool.policy", "version": "1", "layers": {}}, "version"),
         ({"format": "mqtool.policy", "version": 1, "layers": []}, "layers"),
         ({"format": "mqtool.policy", "version": 1, "layers": {"zz": {"weight_bits": 4}}}, "unknown layer"),
@@ -89,6 +93,14 @@ def test_bitops_ratio():
         (
             {"format": "mqtool.policy", "version": 2, "layers": {"a": {"format": "int8", "block_size": 32}}},
             "block_size needs",
+        ),
+        (
+            {"format": "mqtool.policy", "version": 3, "layers": {"a": {"format": "dynamic"}}},
+            "quantizes its float input at run time",
+        ),
+        (
+            {"format": "mqtool.policy", "version": 2, "layers": {"a": {"act_bits": 32, "format": "dynamic"}}},
+            "needs version 3",
         ),
         (
             {

@@ -289,3 +289,21 @@ class ActFakeQuant(nn.Module):
     def extra_repr(self) -> str:
         scale, zp = self.qparams()
         return f"bits={self.bits}, scale={scale:.6g}, zero_point={zp}"
+
+
+class DynamicActFakeQuant(nn.Module):
+    """ONNX DynamicQuantizeLinear + dequantization with STE gradients: uint8, one scale and zero point
+    computed from the tensor itself at every call (its range widened to include 0, as
+    `numerics.activation_qparams`), over the whole tensor as ORT computes it: the samples of a batch share
+    the range. What a `dynamic` layer (com.microsoft.DynamicQuantizeMatMul) does to its input."""
+
+    bits = 8
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            lo = torch.clamp(x.detach().min(), max=0.0)
+            hi = torch.clamp(x.detach().max(), min=0.0)
+            scale = torch.clamp((hi - lo) / 255.0, min=float(numerics.MIN_SCALE))
+            scale = torch.where(hi == lo, torch.ones_like(scale), scale)
+            zp = torch.round(-lo / scale).clamp_(0, 255)
+        return fake_quantize(x, scale.to(x.dtype), zp.to(x.dtype), 0, 255, None)

@@ -219,6 +219,16 @@ class OnnxModule(nn.Module):
         # Rebuilt lazily at the next forward: callers set dozens of quantizers per policy.
         self._plan_stale = True
 
+    def set_dynamic_inputs(self, layers: list[str]) -> None:
+        """Quantize the input of exactly these layers as ONNX DynamicQuantizeLinear does, at every call
+        (`DynamicActFakeQuant`: a `dynamic` layer's kernel); the other layers' inputs are left alone."""
+        from mqtool.backend.fake_quant import DynamicActFakeQuant
+
+        on = set(layers)
+        for name, layer in self.layers.items():
+            if (name in on) != isinstance(layer.input_quant, DynamicActFakeQuant):
+                layer.input_quant = DynamicActFakeQuant() if name in on else None
+
     def clear_act_quant(self) -> None:
         """Remove every activation quantizer."""
         for tensor in list(self.act_quantizers):

@@ -7,6 +7,7 @@ it uses is
 
     w = weight_override if set, else weight
     w = weight_quant(w)  if a weight quantizer is set
+    x = input_quant(x)   if an input quantizer is set (a `dynamic` layer's own run-time quantization)
 
 `weight_override` is how a hyper-network (MetaQuantNet) injects generated weights: gradients flow back to
 whatever produced the tensor. The caller clears it (or uses `OnnxModule.override_weights`).
@@ -52,6 +53,7 @@ class QuantLayer(nn.Module):
         self.bias = None if bias is None else nn.Parameter(torch.from_numpy(np.array(bias, dtype=np.float32)))
         self.weight_override: Tensor | None = None
         self.weight_quant: nn.Module | None = None
+        self.input_quant: nn.Module | None = None
         self._fn = fn
         # Positions in the node's input list: the runtime inputs fill the remaining slots, in order.
         self._weight_pos = weight_pos
@@ -83,6 +85,8 @@ class QuantLayer(nn.Module):
 
     def forward(self, *inputs: Tensor) -> Tensor:
         w = self.effective_weight()
+        if self.input_quant is not None:
+            inputs = (self.input_quant(inputs[0]), *inputs[1:])
         if self._simple:
             if self._bias_pos is None:
                 return self._fn(inputs[0], w, *inputs[1:])

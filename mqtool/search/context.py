@@ -390,20 +390,19 @@ class SearchContext:
             self._act_plan_cache[key] = plan_model(self.model, self.info, pol).merged().bits
         return self._act_plan_cache[key]
 
-    def set_activation_quant(self, abits: tuple[int, ...] | None) -> None:
-        """Fake-quantize exactly the activation tensors the emitter will put Q/DQ on (None: all float)."""
+    def set_activation_quant(self, abits: tuple[int, ...] | None, dynamic: tuple[bool, ...] = ()) -> None:
+        """Fake-quantize exactly the activation tensors the emitter will put Q/DQ on (None: all float), and
+        the inputs of the layers flagged in `dynamic` (format `dynamic`) as their kernel does at run time."""
         from mqtool.backend.fake_quant import ActFakeQuant
 
+        self.net.set_dynamic_inputs([n for n, on in zip(self.names, dynamic) if on])
         plan = self.act_plan(abits) if abits is not None else {}
         key = tuple(sorted(plan.items()))
         if key == self._act_key:
             return  # every GA candidate without search_act shares one plan: nothing to rebuild
-        missing = [t for t in plan if t not in self.act_ranges]
-        if missing:
+        if missing := [t for t in plan if t not in self.act_ranges]:
             log.warning(
-                "no calibrated range for %d planned tensors (e.g. %s): simulated float",
-                len(missing),
-                missing[0],
+                "no calibrated range for %d planned tensors (e.g. %s): float", len(missing), missing[0]
             )
         for tensor in self.act_ranges:
             if tensor in plan:

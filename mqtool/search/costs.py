@@ -4,7 +4,8 @@ file and ONNX Runtime latency (per layer, the (bits, format) chosen, plus what i
 Size and latency depend on each layer's storage format as much as on its bits (a 4-bit weight in an INT8
 container costs what an 8-bit one does), so under those budgets the GA also chooses each layer's format
 among what the layer can be emitted as (`passes.qdq_plan.allowed_formats`), each with the activation bits
-it implies: `int8` runs integer kernels on a quantized input, `packed` and `nbits` are weight-only.
+it implies: `int8` runs integer kernels on a quantized input, `packed` and `nbits` are weight-only,
+`dynamic` runs integer kernels on an input it quantizes itself at run time (float in the graph).
 """
 
 from __future__ import annotations
@@ -18,8 +19,15 @@ from mqtool.search.context import SearchContext
 from mqtool.weight_layers import WEIGHT_ONLY_OPS
 
 # Format codes of the GA's format genes (0: none chosen, the emitter's storage mode decides).
-FORMATS = {1: Format.INT8, 2: Format.PACKED, 3: Format.NBITS}
+FORMATS = {1: Format.INT8, 2: Format.PACKED, 3: Format.NBITS, 4: Format.DYNAMIC}
 FORMAT_CODES = {f: c for c, f in FORMATS.items()}
+
+
+def dynamic_flags(g) -> tuple[bool, ...]:
+    """Per layer, whether genome `g` puts it in format `dynamic` (its input then quantized at run time)."""
+    return tuple(FORMATS.get(c) is Format.DYNAMIC for c in g.fmts)
+
+
 # Bytes kept free under a size budget for what the policy's metadata gains after the check (the finetuned
 # fitness, the max-drop record) and is written into the file with it.
 _META_SLACK = 512
@@ -95,7 +103,8 @@ class BudgetCosts:
     def format_options(self) -> list[list[tuple[int, int]]]:
         """Per layer, the (format code, activation bits) the GA may choose under a size or latency budget:
         `int8` (integer kernels, input quantized) first, then the weight-only formats (`packed`, `nbits`:
-        input float), as `passes.qdq_plan.allowed_formats` allows them."""
+        input float) and `dynamic` (input float in the graph, quantized by the kernel), as
+        `passes.qdq_plan.allowed_formats` allows them."""
         from passes.qdq_plan import allowed_formats
 
         ctx = self.ctx
@@ -104,7 +113,7 @@ class BudgetCosts:
         for layer in ctx.info.layers:
             allowed = allowed_formats(layer, nodes.get(layer.name), ctx.model.graph)
             opts = []
-            for f in (Format.INT8, Format.PACKED, Format.NBITS):
+            for f in (Format.INT8, Format.PACKED, Format.NBITS, Format.DYNAMIC):
                 if f in allowed:
                     weight_only = f is not Format.INT8 or layer.op_type in WEIGHT_ONLY_OPS
                     opts.append((FORMAT_CODES[f], FLOAT if weight_only else self.ctx.cfg.space.act_bits))

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from mqtool import numerics
-from mqtool.policy import FLOAT, Policy
+from mqtool.policy import FLOAT, Format, Policy
 from mqtool.search import distributed
 from mqtool.search.context import SearchContext
 from mqtool.search.metaquantnet import MetaQuantNet, stored_bits, weight_quant_ste
@@ -99,7 +99,7 @@ def finetune(
     wbits = [policy.get(n).weight_bits for n in ctx.names]
     abits = ctx.policy_abits(policy)
     stored = stored_bits(wbits, abits, ctx.reduce8)
-    ctx.set_activation_quant(abits)
+    ctx.set_activation_quant(abits, tuple(policy.get(n).format is Format.DYNAMIC for n in ctx.names))
     starts = [start] if start != "auto" else ["metaquantnet", "ptq"] if mqn is not None else ["ptq"]
     tried: dict[str, float] = {}
     for name in starts:  # one candidate start at a time: never more than one extra copy of the weights

@@ -19,6 +19,7 @@ from mqtool import numerics
 from mqtool.search import distributed
 from mqtool.search.config import ScoringConfig
 from mqtool.search.context import SearchContext
+from mqtool.search.costs import dynamic_flags
 from mqtool.search.ga import Genome
 from mqtool.search.metaquantnet import MetaQuantNet
 
@@ -205,7 +206,7 @@ class Scorer:
         become a parent, which is all the GA uses fitness for."""
         ctx = self.ctx
         n = plan[-1].stop
-        ctx.set_activation_quant(None if self.float_screen else g.abits)
+        ctx.set_activation_quant(*((None,) if self.float_screen else (g.abits, dynamic_flags(g))))
         parts: list[np.ndarray] = []
         done = 0
         self.race_stats["scored"] += 1
@@ -285,7 +286,7 @@ class Scorer:
         def score(gs: list[Genome]) -> list[np.ndarray]:
             out = []
             for g in gs:
-                ctx.set_activation_quant(g.abits)
+                ctx.set_activation_quant(g.abits, dynamic_flags(g))
                 with ctx.net.override_weights(self.mqn.generate(list(g.wbits), abits=g.abits)):
                     out.append(self.full_terms())
             return out
