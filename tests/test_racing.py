@@ -205,7 +205,7 @@ def _search_recording_activations(eng: SearchEngine, budget) -> tuple[list, obje
     seen: list = []
     eng.sensitivity()  # computed once per run, with float activations; not part of the screening recorded
     real = eng.ctx.set_activation_quant
-    eng.ctx.set_activation_quant = lambda abits: (seen.append(abits), real(abits))[1]
+    eng.ctx.set_activation_quant = lambda abits, *dyn: (seen.append(abits), real(abits, *dyn))[1]
     try:
         return seen, eng.search(budget)
     finally:
