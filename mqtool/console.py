@@ -153,6 +153,13 @@ class Console:
                 f"takes): kept at {d['unreached_bits']} bits, outside an average-bits budget ({', '.join(names[:3])}{more})"
             )
 
+    def _on_ceiling(self, d: dict) -> None:
+        left = self.started + d["budget_s"] - time.monotonic()
+        self.line(
+            f"time budget {d['budget_s'] / 60:g} min: ETA {clock(left)} at most (every stage is sized to fit; "
+            "the plan and its own ETA follow the setup)"
+        )
+
     def _on_plan(self, d: dict) -> None:
         self.plan = dict(d["stages"])
         end = self.started + sum(self.plan.values())

@@ -221,3 +221,24 @@ def test_small_data_still_makes_optimizer_steps(tmp_path) -> None:
     assert batch(120)[0] == 8  # never under 8 samples
     assert batch(5000)[0] == 128  # enough data: the configured mini-batch
     assert batch(320, batch_size=128, fixed=frozenset({"batch_size"}))[0] == 128  # set by the user: kept
+
+
+def test_a_time_budget_announces_its_ceiling_before_the_setup(capsys) -> None:
+    import time
+
+    from mqtool.console import Console
+    from mqtool.search.api import _announce_ceiling
+    from mqtool.search.config import PlanConfig
+
+    events: list = []
+    _announce_ceiling(SearchConfig(plan=PlanConfig(time_budget=5)), lambda e, d: events.append((e, d)))
+    assert events == [("ceiling", {"budget_s": 300.0})]
+    # an option the user set may outlast the budget: no ceiling is promised then
+    events.clear()
+    fixed = PlanConfig(time_budget=5, fixed=frozenset({"epochs"}))
+    _announce_ceiling(SearchConfig(plan=fixed), lambda e, d: events.append((e, d)))
+    _announce_ceiling(SearchConfig(), lambda e, d: events.append((e, d)))
+    assert events == []
+    Console(time.monotonic() - 60, tty=False)("ceiling", {"budget_s": 300.0})
+    err = capsys.readouterr().err
+    assert "time budget 5 min: ETA 4:00 at most" in err or "ETA 3:59 at most" in err
