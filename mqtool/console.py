@@ -237,6 +237,12 @@ class Console:
             f"and the search runs again (attempt {d['attempt']})"
         )
 
+    def _on_latency_retry(self, d: dict) -> None:
+        self.line(
+            f"  {d['budget']}: the pick runs at {d['ms']:.3f} ms ({d['how']}); the latency estimate is corrected "
+            f"and the search runs again (attempt {d['attempt']})"
+        )
+
     def _on_max_drop_probe(self, d: dict) -> None:
         self.line(
             f"max-drop probe {d['budget']}: {d['bytes']:,} bytes, drop {d['drop']:.2f} points ({d['measure']}) "

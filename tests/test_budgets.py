@@ -149,3 +149,40 @@ def test_max_drop_adds_a_margin_for_the_changed_answers(monkeypatch):
     one = maxdrop.wilson_upper(1 / 256, 256) - 1 / 256
     assert one > np.sqrt((1 / 256) * (255 / 256) / 256) and 100 * (1 / 256 + one) > 1.0
     assert maxdrop.wilson_upper(0.0, 256) > 0.0  # none changed: still not proof of a zero drop
+
+
+def test_a_latency_pick_is_timed_and_searched_again_when_it_runs_over():
+    """`fit_latency`: a pick the table predicts within the budget but ORT times over it makes the estimate
+    rise by the difference (+3%) and the search run again; the next pick, timed within, is kept."""
+    from types import SimpleNamespace
+
+    from mqtool.search.budgets import Budget
+    from mqtool.search.costs import fit_latency
+
+    budget = Budget("latency", 8.0)
+    picks = iter([SimpleNamespace(policy=Policy({}, meta={"pick": 2}))])
+    timings = {1: 8.4, 2: 7.5}  # pick 1 runs over on ORT, pick 2 within
+    corrections, events = [], []
+
+    class Costs:
+        def predicted_latency(self, policy):
+            return 7.9  # both picks look fine in the table
+
+        def measured_latency(self, policy):
+            return timings[policy.meta["pick"]]
+
+        def estimate(self, b, policy):
+            return 7.8
+
+        def correct_latency(self, extra):
+            corrections.append(extra)
+
+    engine = SimpleNamespace(
+        costs=Costs(),
+        progress=lambda e, d: events.append((e, d)),
+        _search=lambda b, tag="": next(picks),
+    )
+    res = fit_latency(engine, budget, SimpleNamespace(policy=Policy({}, meta={"pick": 1})))
+    assert res.policy.meta["pick"] == 2 and res.policy.meta["measured_latency_ms"] == 7.5
+    assert corrections == [pytest.approx(8.4 - 7.8 + 0.03 * 8.0)]
+    assert [(e, d["how"], d["ms"]) for e, d in events] == [("latency_retry", "timed", 8.4)]
