@@ -299,6 +299,8 @@ def summarize(args, rows: list[dict], seconds: dict, s: dict, note: str = "") ->
     )
     if (args.lo, args.hi) != (2.3, 2.5):  # another budget: its own section next to the 2.5-bit one
         name += f"_{args.lo:g}_{args.hi:g}".replace(".", "p")
+    if args.mqn_epochs != 4:  # MetaQuantNet trained longer or shorter: next to the default's section
+        name += f"_mqn{args.mqn_epochs}"
     common.finish(name, "bench_proxy.py", args, result, body, extra)
 
 
