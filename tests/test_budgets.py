@@ -152,19 +152,26 @@ def test_max_drop_adds_a_margin_for_the_changed_answers(monkeypatch):
 
 
 def test_a_latency_pick_is_timed_and_searched_again_when_it_runs_over():
-    """`fit_latency`: a pick the table predicts within the budget but ORT times over it makes the estimate
-    rise by the difference (+3%) and the search run again; the next pick, timed within, is kept."""
+    """`fit_latency`: the GA aims 5% under the budget; a pick the table predicts within the budget but ORT
+    times over it makes the estimate rise by the difference (+3%) and the search run again; the next
+    pick, timed within, is kept, recorded against the budget the user gave."""
     from types import SimpleNamespace
 
     from mqtool.search.budgets import Budget
     from mqtool.search.costs import fit_latency
+    from mqtool.search.driver import BudgetResult
+
+    def result(pick: int, b: Budget) -> BudgetResult:
+        return BudgetResult(b, Policy({}, meta={"pick": pick}), 0.1, 4.0, 0.5, 10, 1.0)
 
     budget = Budget("latency", 8.0)
-    picks = iter([SimpleNamespace(policy=Policy({}, meta={"pick": 2}))])
     timings = {1: 8.4, 2: 7.5}  # pick 1 runs over on ORT, pick 2 within
-    corrections, events = [], []
+    searched, corrections, events = [], [], []
 
     class Costs:
+        def check(self, b):
+            return (5.0, 20.0)
+
         def predicted_latency(self, policy):
             return 7.9  # both picks look fine in the table
 
@@ -177,12 +184,23 @@ def test_a_latency_pick_is_timed_and_searched_again_when_it_runs_over():
         def correct_latency(self, extra):
             corrections.append(extra)
 
-    engine = SimpleNamespace(
-        costs=Costs(),
-        progress=lambda e, d: events.append((e, d)),
-        _search=lambda b, tag="": next(picks),
-    )
-    res = fit_latency(engine, budget, SimpleNamespace(policy=Policy({}, meta={"pick": 1})))
+    def search(b: Budget, tag: str = "") -> BudgetResult:
+        searched.append(b.value)
+        return result(len(searched), b)
+
+    engine = SimpleNamespace(costs=Costs(), progress=lambda e, d: events.append((e, d)), _search=search)
+    res = fit_latency(engine, budget)
+    assert searched == [pytest.approx(7.6), pytest.approx(7.6)]  # 5% under the budget, twice
     assert res.policy.meta["pick"] == 2 and res.policy.meta["measured_latency_ms"] == 7.5
+    assert res.budget == budget and res.policy.meta["budget"] == {
+        "kind": "latency",
+        "value": 8.0,
+        "aimed": 7.6,
+    }
     assert corrections == [pytest.approx(8.4 - 7.8 + 0.03 * 8.0)]
     assert [(e, d["how"], d["ms"]) for e, d in events] == [("latency_retry", "timed", 8.4)]
+    # a budget within 5% of the fastest policy: the GA aims at that policy, not below what is feasible
+    Costs.check = lambda self, b: (7.9, 20.0)
+    searched.clear()
+    fit_latency(engine, budget)
+    assert searched[0] == pytest.approx(7.9)

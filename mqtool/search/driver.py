@@ -165,11 +165,11 @@ class SearchEngine:
         A size budget is checked against the file the policy really emits: when the estimate was short (it
         counts activation Q/DQ pairs approximately), the search runs again with the limit lowered by the
         overshoot, so the file meets the budget."""
+        if budget.kind == "latency":
+            return fit_latency(self, budget)
         if budget.kind == "size":
             price_metadata(self, budget)
         res = self._search(budget)
-        if budget.kind == "latency":
-            return fit_latency(self, budget, res)
         if budget.kind == "size":
             return fit_size(self, budget, res)
         return res
