@@ -266,6 +266,9 @@ def doc_body(result: dict) -> str:
                 f"included): {emb['searched']['bytes']:,} bytes ({emb['fraction_of_fp32']:.1%} of fp32), held-out "
                 f"cosine mean {emb['cosine']['mean_cosine']:.4f} / min {emb['cosine']['min_cosine']:.4f}, "
                 f"self-check: {emb['searched'].get('self_check', '?')}."]  # fmt: skip
+    if result.get("rerun"):
+        parts = "; ".join(f"{k}: {v}" for k, v in result["rerun"].items())
+        out += ["", f"Re-run with `--parts ... --merge` (the other parts are from the full run): {parts}."]
     return "\n".join(out)
 
 
