@@ -101,8 +101,9 @@ def test_a_time_budgeted_run_prints_its_plan_and_a_summary(tmp_path, small) -> N
     assert code in (0, 3), err
     lines = err.splitlines()
     plan = next(x for x in lines if x.startswith("plan (time budget 3 min)"))
-    # every option was given explicitly, so nothing was reduced to fit
+    # every option was given explicitly, so nothing was reduced to fit, and no ceiling was promised
     assert "ETA" in plan and "reduced to fit" not in plan
+    assert not any(x.startswith("time budget 3 min: ETA") for x in lines)
     assert any(x.startswith("objective: ce (+ cross-entropy on labels)") for x in lines)
     assert any("output logits: logits" in x for x in lines)
     assert any(x.startswith("fitness scale (bits-3): 0 = uniform 8-bit PTQ") for x in lines)
@@ -120,3 +121,16 @@ def test_a_time_budgeted_run_prints_its_plan_and_a_summary(tmp_path, small) -> N
     # then against uniform 3-bit PTQ on the same held-out samples, in task terms (labels: top-1 accuracy)
     against = next(x for x in lines if "against uniform 3-bit PTQ on the same held-out samples" in x)
     assert "top-1 accuracy" in against and ("searched" in against) and ("uniform" in against)
+
+
+def test_a_run_the_plan_may_size_promises_its_ceiling_before_the_setup(tmp_path, small) -> None:
+    code, _, err = run(
+        "convert", example_path("mnist_cnn"), "-o", tmp_path / "q.onnx", "--target-bits", "4", "--data", small,
+        "--workdir", tmp_path / "wd", "--time-budget", "0.5",
+    )  # fmt: skip
+    assert code in (0, 3), err
+    lines = err.splitlines()
+    first = next(i for i, x in enumerate(lines) if x.startswith("time budget 0.5 min: ETA 0:"))
+    assert "at most" in lines[first]
+    assert first < next(i for i, x in enumerate(lines) if x.startswith("objective:"))
+    assert first < next(i for i, x in enumerate(lines) if x.startswith("plan (time budget 0.5 min)"))

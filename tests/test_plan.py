@@ -233,6 +233,13 @@ def test_a_time_budget_announces_its_ceiling_before_the_setup(capsys) -> None:
     events: list = []
     _announce_ceiling(SearchConfig(plan=PlanConfig(time_budget=5)), lambda e, d: events.append((e, d)))
     assert events == [("ceiling", {"budget_s": 300.0})]
+    # the CLI lists every option typed: only a sizing one withholds the ceiling
+    events.clear()
+    typed = PlanConfig(
+        time_budget=5, fixed=frozenset({"model", "data", "output", "target_bits", "time_budget"})
+    )
+    _announce_ceiling(SearchConfig(plan=typed), lambda e, d: events.append((e, d)))
+    assert events == [("ceiling", {"budget_s": 300.0})]
     # an option the user set may outlast the budget: no ceiling is promised then
     events.clear()
     fixed = PlanConfig(time_budget=5, fixed=frozenset({"epochs"}))

@@ -62,8 +62,13 @@ def _announce_ceiling(config: SearchConfig, progress: Progress | None) -> None:
     may size every stage: the plan, with its own ETA, comes only after the setup, which on large inputs
     alone takes minutes (a layout detector on 800 x 608 pages: 2 min). Runs that fill their budget (every
     zoo model whose setup is long) end within a few percent of it."""
-    if progress is not None and config.plan.time_budget is not None and not config.plan.fixed:
-        progress("ceiling", {"budget_s": 60 * config.plan.time_budget})
+    if progress is None or config.plan.time_budget is None or config.plan.fixed & _SIZED:
+        return
+    progress("ceiling", {"budget_s": 60 * config.plan.time_budget})
+
+
+# What the time plan sizes (`plan.plan`); a typed one keeps its value and may outlast the budget.
+_SIZED = frozenset({"epochs", "population", "generations", "fitness_samples", "rerank", "finetune_epochs"})
 
 
 def search_policies(
