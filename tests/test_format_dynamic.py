@@ -148,3 +148,20 @@ def test_a_transformer_shaped_input_of_three_axes():
         0
     ]
     np.testing.assert_allclose(got, dynamic_quantize(x) @ (qw * s), rtol=1e-4, atol=1e-4)
+
+
+def test_the_search_offers_dynamic_under_latency_budgets_only():
+    # under a size budget `packed` takes no more bytes and keeps the input float: dynamic only widens the GA
+    from types import SimpleNamespace
+
+    from mqtool.search import SearchConfig
+    from mqtool.search.costs import FORMAT_CODES, BudgetCosts
+
+    m = mlp()
+    costs = BudgetCosts(SimpleNamespace(model=m, info=analyze(m), cfg=SearchConfig()))
+    code = FORMAT_CODES[Format.DYNAMIC]
+    for layer_opts in costs.format_options("latency"):
+        assert (code, FLOAT) in layer_opts
+    for layer_opts in costs.format_options("size"):
+        assert code not in [c for c, _ in layer_opts]
+        assert (FORMAT_CODES[Format.PACKED], FLOAT) in layer_opts

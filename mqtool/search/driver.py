@@ -180,7 +180,7 @@ class SearchEngine:
         t0 = time.time()
         lo, hi = self.check_budget(budget)
         cost = self.costs.cost(budget)
-        options = self.costs.format_options() if budget.kind in TABLE_KINDS else None
+        options = self.costs.format_options(budget.kind) if budget.kind in TABLE_KINDS else None
         top = max(ctx.widths)
         wtop = tuple(ctx.pins.get(i, top) for i in range(ctx.n))
         if options is not None:  # the highest widths in each layer's first (fastest) format
