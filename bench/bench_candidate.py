@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import os
 import statistics
 import sys
@@ -417,6 +418,9 @@ def main() -> None:
     )
     ap.add_argument("--repeats", type=int, default=3, help="timed passes per scorer (fewer on slow models)")
     ap.add_argument("--breakdown", type=int, default=4, help="candidates the time breakdown is measured on")
+    ap.add_argument(
+        "--merge", action="store_true", help="keep the recorded rows of models not run (candidate.json)"
+    )
     args = ap.parse_args()
     common.setup_torch()
     if args.quick:
@@ -435,6 +439,15 @@ def main() -> None:
         print(f"{name}: done in {rows[-1]['wall_s']:.0f} s", flush=True)
     extra = "" if args.quick else _extra(args)
     settings = {"bits": BITS, "genomes": args.genomes, "max_samples": args.max_samples, "epochs": 1}
+    if args.merge and not args.quick:
+        with open(os.path.join(args.out_dir, "candidate.json"), encoding="utf-8") as f:
+            old = json.load(f)
+        fresh = {r["model"] for r in rows}
+        for r in old["rows"]:
+            r.setdefault("commit", old.get("commit"))
+        rows = [r for r in old["rows"] if r["model"] not in fresh] + [
+            {**r, "commit": common.git_commit()} for r in rows
+        ]
     result = {"commit": common.git_commit(), "settings": settings, "rows": rows}
     common.finish("candidate", "bench_candidate.py", args, result, doc_body(result), extra)
 
@@ -442,6 +455,7 @@ def main() -> None:
 def _extra(args) -> str:
     """The non-default options, for the command line the doc section shows."""
     out = f" --models {' '.join(args.models)}" if args.models else ""
+    out += " --merge" if args.merge else ""
     for flag, value, default in (
         ("--genomes", args.genomes, 24),
         ("--max-samples", args.max_samples, None),
