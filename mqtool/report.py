@@ -481,9 +481,9 @@ def _dequantized_view(model: onnx.ModelProto) -> onnx.ModelProto:
             ins = [n.input[0], weight]
             out = list(n.output)
             if len(n.input) > 4 and n.input[4]:  # its bias input
-                ins_out = f"{n.name}.mm"
-                keep.append(onnx.helper.make_node("MatMul", ins, [ins_out], n.name))
-                keep.append(onnx.helper.make_node("Add", [ins_out, n.input[4]], out, f"{n.name}.bias"))
+                product = f"{n.name}.mm"
+                keep.append(onnx.helper.make_node("MatMul", ins, [product], n.name))
+                keep.append(onnx.helper.make_node("Add", [product, n.input[4]], out, f"{n.name}.bias"))
             else:
                 keep.append(onnx.helper.make_node("MatMul", ins, out, n.name))
             replaced = True

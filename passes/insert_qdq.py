@@ -241,7 +241,7 @@ def _quantize_layer(g, namer, inits, node, layer, tag, btag, bits, ws, qparams, 
         scale = weight_scale(w, stored, axis, method="mse")
     q, scale = quantize_weight(w, stored, axis, scale=np.asarray(scale, dtype=np.float32))
     if ws is not None and ws.format is Format.DYNAMIC:
-        _dynamic_quantize_matmul(g, namer, inits, node, layer, tag, btag, q.astype(np.int8), scale, over.bias)
+        _dynamic_quantize_matmul(g, namer, node, layer, tag, btag, q.astype(np.int8), scale, over.bias)
         return
     # An explicit zero point 0 (ORT's convention): ORT fuses a Gemm - also one it makes from a 2-D
     # MatMul + bias Add - into QGemm only when the weight DQ has one. Identical all-zero zero points
@@ -292,7 +292,7 @@ def _quantize_recurrent(g, namer, inits, node, layer, tag, bits, stored, ws, ove
     node.input[2] = _add_dq(g, namer, f"{tag}r", qr, sr, axis, np.zeros(len(sr), np.int8))
 
 
-def _dynamic_quantize_matmul(g, namer, inits, node, layer, tag, btag, q, scale, bias_override) -> None:
+def _dynamic_quantize_matmul(g, namer, node, layer, tag, btag, q, scale, bias_override) -> None:
     """The MatMul or Gemm `node` becomes com.microsoft.DynamicQuantizeMatMul under the same name: its float
     input quantized by the kernel at run time (uint8, one scale and zero point over the whole tensor, as
     ONNX DynamicQuantizeLinear), the weight `q` as int8 [K, N] (a transB Gemm's transposed) with per-column

@@ -45,6 +45,12 @@ def dynamic_quantize(x: np.ndarray) -> np.ndarray:
     return ((np.clip(np.rint(x / s) + z, 0, 255) - z) * s).astype(np.float32)
 
 
+def run_ort(q: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    return ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x}
+    )[0]
+
+
 def emitted_weight(q: onnx.ModelProto, layer: str) -> tuple[np.ndarray, np.ndarray, int]:
     """(int8 weight [K, N], per-column scale, distinct values) of a DynamicQuantizeMatMul layer."""
     node = next(n for n in q.graph.node if n.name == layer)
@@ -72,9 +78,7 @@ def test_dynamic_layers_compute_what_numpy_says_and_report_reads_them_back():
     b2 = next(v for k, v in inits.items() if v.shape == (8,))
     h = np.maximum(dynamic_quantize(x) @ (qa * sa) + b1, 0)
     want = dynamic_quantize(h) @ (qb * sb) + b2
-    got = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[
-        0
-    ]
+    got = run_ort(q, x)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     rep = {r.name: r for r in report(q).layers}
     assert {n: (r.format, r.weight_bits, r.act_bits) for n, r in rep.items()} == {
@@ -89,9 +93,7 @@ def test_the_simulation_quantizes_a_dynamic_layers_input_as_ort_does():
     pol = Policy({a: LayerBits(6, FLOAT, Format.DYNAMIC), b: LayerBits(5, FLOAT, Format.DYNAMIC)})
     x = np.random.default_rng(2).normal(size=(20, 16)).astype(np.float32)
     q = quantize_model(m, pol, data={"x": x})
-    ort_y = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-        None, {"x": x}
-    )[0]
+    ort_y = run_ort(q, x)
     net = to_torch(m, analyze(m))
     qa, sa, _ = emitted_weight(q, a)
     qb, sb, _ = emitted_weight(q, b)
@@ -144,9 +146,7 @@ def test_a_transformer_shaped_input_of_three_axes():
     onnx.checker.check_model(q, full_check=True)
     qw, s, distinct = emitted_weight(q, name)
     assert distinct <= 8
-    got = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[
-        0
-    ]
+    got = run_ort(q, x)
     np.testing.assert_allclose(got, dynamic_quantize(x) @ (qw * s), rtol=1e-4, atol=1e-4)
 
 

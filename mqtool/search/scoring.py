@@ -206,7 +206,10 @@ class Scorer:
         become a parent, which is all the GA uses fitness for."""
         ctx = self.ctx
         n = plan[-1].stop
-        ctx.set_activation_quant(*((None,) if self.float_screen else (g.abits, dynamic_flags(g))))
+        if self.float_screen:
+            ctx.set_activation_quant(None)
+        else:
+            ctx.set_activation_quant(g.abits, dynamic_flags(g))
         parts: list[np.ndarray] = []
         done = 0
         self.race_stats["scored"] += 1
